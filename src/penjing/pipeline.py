@@ -1,0 +1,154 @@
+"""The Deep Compression pipeline: prune → fine-tune → share weights → train the centroids.
+
+Storage (relative indices, codebooks, Huffman) is `penjing.codec.save`; this module leaves
+the model with exactly the zeros and shared values that the codec then stores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from penjing.prune.magnitude import check_sparsity, magnitude_
+from penjing.prune.masks import finalize_, select_layers
+from penjing.prune.schedule import iterative
+from penjing.quant.kmeans import INITS, check_bits
+from penjing.quant.shared import kmeans_
+from penjing.train import evaluate, fit
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is compressed."""
+
+    sparsity: float  # fraction of weights pruned
+    bits: int  # codebook index width: 2^bits − 1 shared values plus the pruned zero
+    index_bits: int  # width of the relative index (gap) before Huffman coding
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        check_bits(self.bits)
+        check_bits(self.index_bits, "index_bits")
+
+
+@dataclass(frozen=True)
+class DeepCompression:
+    """The whole recipe: per-layer plans and the training budget of each stage."""
+
+    layers: dict[str, LayerPlan]
+    prune_rounds: int = 3  # prune → fine-tune rounds on the way to the target sparsity
+    finetune_epochs: int = 4  # per round
+    finetune_lr: float = 5e-4
+    init: str = "linear"  # k-means centroid initialisation: linear, density or forgy
+    quant_epochs: int = 3  # training of the shared centroids
+    quant_lr: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("a Deep Compression recipe needs at least one layer plan")
+        if self.init not in INITS:
+            raise ValueError(f"unknown k-means init {self.init!r}; choose one of {INITS}")
+        if self.prune_rounds < 1:
+            raise ValueError(f"prune_rounds must be >= 1, got {self.prune_rounds}")
+        for name in ("finetune_epochs", "quant_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def index_bits(self) -> dict[str, int]:
+        """Gap width per weight tensor, as `penjing.codec.save` takes it."""
+        return {f"{name}.weight": plan.index_bits for name, plan in self.layers.items()}
+
+
+# The per-layer settings of the paper's tables (Han et al. 2016, Tables 2 and 3).
+PAPER_RECIPES: dict[str, DeepCompression] = {
+    "lenet300": DeepCompression(
+        layers={
+            "fc1": LayerPlan(sparsity=0.92, bits=6, index_bits=5),
+            "fc2": LayerPlan(sparsity=0.91, bits=6, index_bits=5),
+            "fc3": LayerPlan(sparsity=0.74, bits=6, index_bits=5),
+        }
+    ),
+    "lenet5": DeepCompression(
+        layers={
+            "conv1": LayerPlan(sparsity=0.34, bits=8, index_bits=5),
+            "conv2": LayerPlan(sparsity=0.88, bits=8, index_bits=5),
+            "fc1": LayerPlan(sparsity=0.92, bits=5, index_bits=4),
+            "fc2": LayerPlan(sparsity=0.81, bits=5, index_bits=4),
+        }
+    ),
+}
+
+
+@dataclass
+class StageRecord:
+    """Accuracy after each stage and the layer weights to plot, by stage name."""
+
+    accuracy: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+
+def _snapshot(model: nn.Module, names: Iterable[str]) -> dict[str, np.ndarray]:
+    modules = dict(model.named_modules())
+    return {n: modules[n].weight.detach().cpu().numpy().ravel().copy() for n in names}
+
+
+def deep_compression_(
+    model: nn.Module,
+    train_loader: Iterable,
+    recipe: DeepCompression,
+    *,
+    test_loader: Iterable | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> StageRecord:
+    """Run pruning, fine-tuning, weight sharing and centroid training on `model` in place.
+
+    On return the model is finalized: plain weights with exactly the recipe's zeros and at
+    most 2^bits − 1 distinct non-zero values per layer, ready for `penjing.codec.save`.
+    """
+    names = list(select_layers(model, list(recipe.layers)))
+    record = StageRecord()
+    say = log or (lambda _msg: None)
+
+    def checkpoint(stage: str) -> None:
+        record.weights[stage] = _snapshot(model, names)
+        if test_loader is not None:
+            record.accuracy[stage] = evaluate(model, test_loader)
+            say(f"{stage:<10} accuracy {record.accuracy[stage]:.4f}")
+
+    checkpoint("dense")
+    schedules = {
+        name: iterative(plan.sparsity, recipe.prune_rounds) for name, plan in recipe.layers.items()
+    }
+    for round_ in range(recipe.prune_rounds):
+        magnitude_(model, {name: s[round_] for name, s in schedules.items()})
+        fit(
+            model,
+            train_loader,
+            epochs=recipe.finetune_epochs,
+            lr=recipe.finetune_lr,
+            seed=recipe.seed + round_,
+            progress=progress,
+            desc=f"prune round {round_ + 1}/{recipe.prune_rounds}",
+        )
+    checkpoint("pruned")
+
+    kmeans_(model, {name: plan.bits for name, plan in recipe.layers.items()}, init=recipe.init)
+    checkpoint("shared")
+    fit(
+        model,
+        train_loader,
+        epochs=recipe.quant_epochs,
+        lr=recipe.quant_lr,
+        seed=recipe.seed + recipe.prune_rounds,
+        progress=progress,
+        desc="train centroids",
+    )
+    finalize_(model)
+    checkpoint("quantized")
+    return record

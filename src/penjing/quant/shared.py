@@ -1,0 +1,107 @@
+"""Weight sharing (Deep Compression step 2) and trained quantization (step 3).
+
+Each layer's weight becomes `table[codes]`, where `table = [0, c_1, ..., c_k]` holds the
+layer's k-means centroids after a fixed zero and `codes` is a buffer of small integers.
+Code 0 is the pruned zero, so a pruned weight stays exactly zero however the centroids
+move. The centroids are the only trainable part: autograd's backward of the gather sums
+the gradients of all members of a cluster into their centroid, which is the paper's
+centroid update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from penjing.prune.masks import get_mask, select_layers
+from penjing.quant.kmeans import check_bits, kmeans_1d
+
+
+class SharedWeights(nn.Module):
+    """Parametrization `weight -> [0, *centroids][codes]`; the original weight is not used."""
+
+    def __init__(self, centroids: torch.Tensor, codes: torch.Tensor) -> None:
+        super().__init__()
+        self.centroids = nn.Parameter(centroids)
+        self.register_buffer("codes", codes)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([self.centroids.new_zeros(1), self.centroids])
+        return table[self.codes].to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class SharingInfo:
+    """What weight sharing did to one layer."""
+
+    clusters: int  # centroids in use (≤ 2^bits − 1 when the layer is pruned, else ≤ 2^bits)
+    bits: int
+    iterations: int
+    mse: float  # mean squared change of the surviving weights
+
+
+def get_shared(module: nn.Module) -> SharedWeights | None:
+    """The weight-sharing parametrization of `module`, or None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations.weight:
+        if isinstance(p, SharedWeights):
+            return p
+    return None
+
+
+def kmeans_(
+    model: nn.Module,
+    bits: int | dict[str, int] = 5,
+    *,
+    init: str = "linear",
+    layers: list[str] | None = None,
+    seed: int = 0,
+) -> dict[str, SharingInfo]:
+    """Share weights in place: each layer's weights become one of its k-means centroids.
+
+    `bits` is per layer (a dict {layer name: bits}) or for all. A pruned layer gets
+    2^bits − 1 centroids over its surviving weights, so that those plus the pruned zero
+    fit in `bits` bits; an unpruned layer gets 2^bits. The mask is baked in; the layer's
+    zeros are kept by code 0. Train afterwards to fine-tune the centroids.
+
+    >>> pj.quant.kmeans_(model, bits={"conv1": 8, "conv2": 8, "fc1": 5, "fc2": 5})
+    """
+    if isinstance(bits, dict):
+        if layers is not None:
+            raise ValueError("give layers either as the keys of bits or as layers=, not both")
+        layers = list(bits)
+    chosen = select_layers(model, layers)
+    infos = {}
+    for name, module in chosen.items():
+        layer_bits = check_bits(bits[name] if isinstance(bits, dict) else bits, f"bits of {name!r}")
+        if get_shared(module) is not None:
+            raise ValueError(f"layer {name!r} already shares its weights; finalize_ it first")
+        mask = get_mask(module)
+        with torch.no_grad():
+            weight = module.weight.detach().clone()
+            if mask is not None:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+                alive = mask != 0
+                k = 2**layer_bits - 1
+            else:
+                alive = torch.ones_like(weight, dtype=torch.bool)
+                k = 2**layer_bits
+            survivors = weight[alive]
+            codes = torch.zeros(weight.shape, dtype=torch.long)
+            if survivors.numel() == 0:
+                centroids, iterations, mse = torch.zeros(0), 0, 0.0
+            else:
+                result = kmeans_1d(survivors, k if k >= 1 else 1, init=init, seed=seed)
+                centroids = torch.from_numpy(result.centroids).to(weight.dtype)
+                labels = torch.from_numpy(result.labels)
+                codes[alive] = labels + 1
+                iterations = result.iterations
+                mse = float((survivors - centroids[labels]).double().square().mean())
+        module.weight.requires_grad_(False)  # the original no longer shapes the output
+        parametrize.register_parametrization(module, "weight", SharedWeights(centroids, codes))
+        infos[name] = SharingInfo(int(centroids.numel()), layer_bits, iterations, mse)
+    return infos

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import penjing as pj
+from penjing.errors import FormatError
+from penjing.train import evaluate, fit, load_checkpoint, save_checkpoint
+
+
+def test_fit_learns_and_repeats_exactly(mnist):
+    test = DataLoader(mnist.test, batch_size=500)
+    runs = []
+    for _ in range(2):
+        loader = DataLoader(Subset(mnist.train, range(0, 4000, 4)), batch_size=50, shuffle=True,
+                            generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(1)
+        model = pj.models.create("lenet300")
+        history = fit(model, loader, epochs=2, test_loader=test, progress=False, seed=0)
+        runs.append((history, model.state_dict()))
+    (h1, s1), (h2, s2) = runs
+    assert h1.loss == h2.loss
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert h1.loss[-1] < h1.loss[0]
+    assert h1.accuracy[-1] > 0.8  # 1,000 images, 2 epochs: far above the 10 % of chance
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = pj.models.create("lenet5")
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    fresh = load_checkpoint(tmp_path / "m.safetensors", pj.models.create("lenet5"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 fresh.state_dict().values(), strict=True))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left
+
+
+def test_checkpoint_refuses_pickle(tmp_path):
+    path = tmp_path / "m.pt"
+    torch.save(pj.models.create("lenet300").state_dict(), path)
+    with pytest.raises(FormatError, match="safetensors"):
+        load_checkpoint(path)
+
+
+def test_evaluate_empty_loader():
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(pj.models.create("lenet300"), [])
