@@ -7,8 +7,18 @@ from collections.abc import Callable
 from torch import nn
 
 from penjing.models.lenet import LeNet5, LeNet300
+from penjing.models.mobilenet import MobileNetV2
+from penjing.models.resnet import ResNet, resnet20, resnet56
+from penjing.models.vgg import SmallVGG
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"lenet300": LeNet300, "lenet5": LeNet5}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet300": LeNet300,
+    "lenet5": LeNet5,
+    "vgg": SmallVGG,
+    "resnet20": resnet20,
+    "resnet56": resnet56,
+    "mobilenetv2": MobileNetV2,
+}
 
 
 def create(name: str, **kwargs) -> nn.Module:
@@ -18,4 +28,14 @@ def create(name: str, **kwargs) -> nn.Module:
     return MODELS[name](**kwargs)
 
 
-__all__ = ["MODELS", "LeNet300", "LeNet5", "create"]
+__all__ = [
+    "MODELS",
+    "LeNet300",
+    "LeNet5",
+    "MobileNetV2",
+    "ResNet",
+    "SmallVGG",
+    "create",
+    "resnet20",
+    "resnet56",
+]
