@@ -1,0 +1,314 @@
+"""The .pjz file format: `save` a pruned, weight-shared state_dict small; `load` it back exact.
+
+Layout (little-endian):
+
+    offset 0    4 B  magic b"PJZ\\x00"
+           4    u16  format version (1)
+           6    u16  flags (0, reserved)
+           8    u64  manifest length M
+          16    u32  CRC32 of the manifest
+          20    M B  manifest: zlib-compressed UTF-8 JSON
+                       {"format": "pjz", "data_bytes": D, "tensors": [...]}
+        20+M    D B  every tensor's sections, in manifest order
+
+Each manifest entry gives a tensor's name, dtype, shape, encoding and its sections as
+[kind, length, crc32]. The manifest CRC covers all section CRCs, so a flipped byte anywhere
+is caught. Loading never unpickles: it reads JSON, integers and raw little-endian bytes.
+The manifest is compressed because on a small model its JSON is a few percent of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from penjing.codec.encoding import (
+    ENCODINGS,
+    SECTIONS,
+    check_tensor,
+    decode_tensor,
+    dtype_from_name,
+    encode_tensor,
+)
+from penjing.codec.relindex import check_index_bits
+from penjing.codec.report import CompressionReport, layer_report
+from penjing.errors import FormatError
+from penjing.io import atomic_write_bytes
+
+MAGIC = b"PJZ\x00"
+FORMAT_VERSION = 1
+# A manifest inflating beyond this is hostile or broken: ~180 B per tensor allows 500 k tensors.
+MAX_MANIFEST_BYTES = 100 * 2**20
+MAX_CODEBOOK = 65535  # codes 1..65535 plus 0 for "zero" are 16-bit Huffman symbols
+_HEADER = struct.Struct("<4sHHQI")
+_FIX = "re-create it with penjing.codec.save"
+
+
+def _error(path: str | os.PathLike, problem: str, fix: str = _FIX) -> FormatError:
+    return FormatError(f"{os.fspath(path)}: {problem}; {fix}")
+
+
+def _state_dict(obj: object) -> dict:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, dict):
+        raise TypeError(
+            f"save expects an nn.Module or a dict[str, torch.Tensor], got {type(obj).__name__}; "
+            "pass the model or model.state_dict()"
+        )
+    for name in obj:
+        if not isinstance(name, str):
+            raise TypeError(f"state_dict keys must be str, got {name!r} ({type(name).__name__})")
+    return obj
+
+
+def default_index_bits(tensor: torch.Tensor) -> int:
+    """Gap width Deep Compression uses: 8 bits for conv weights (ndim >= 3), 5 for the rest."""
+    return 8 if tensor.ndim >= 3 else 5
+
+
+def _index_bits_map(index_bits: int | dict[str, int] | None, names: list[str]) -> dict:
+    if index_bits is None:
+        return {}
+    if isinstance(index_bits, dict):
+        unknown = sorted(set(index_bits) - set(names))
+        if unknown:
+            raise ValueError(
+                f"index_bits names tensors that are not in the state_dict: {unknown[:5]}; "
+                f"known tensors include {names[:5]}"
+            )
+        return {name: check_index_bits(b) for name, b in index_bits.items()}
+    b = check_index_bits(index_bits)
+    return dict.fromkeys(names, b)
+
+
+def _build(
+    obj: object, index_bits: int | dict[str, int] | None, max_codebook: int
+) -> tuple[list[bytes], list]:
+    """Encode everything in memory: (file parts in order, per-tensor reports)."""
+    state = _state_dict(obj)
+    if isinstance(max_codebook, bool) or not isinstance(max_codebook, int):
+        raise TypeError(f"max_codebook must be an int, got {type(max_codebook).__name__}")
+    if not 0 <= max_codebook <= MAX_CODEBOOK:
+        raise ValueError(f"max_codebook must be in 0..{MAX_CODEBOOK}, got {max_codebook}")
+    bits = _index_bits_map(index_bits, list(state))
+    encoded = []
+    for name, tensor in state.items():
+        t = check_tensor(name, tensor)
+        b = bits.get(name, default_index_bits(t))
+        encoded.append(encode_tensor(name, t, b, max_codebook))
+    data = [section for e in encoded for _, section in e.sections]
+    manifest = zlib.compress(
+        json.dumps(
+            {
+                "format": "pjz",
+                "data_bytes": sum(map(len, data)),
+                "tensors": [e.entry for e in encoded],
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode("utf-8"),
+        9,
+    )
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest), zlib.crc32(manifest))
+    return [header, manifest, *data], [e.report for e in encoded]
+
+
+def save(
+    obj: nn.Module | dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    index_bits: int | dict[str, int] | None = None,
+    max_codebook: int = MAX_CODEBOOK,
+) -> CompressionReport:
+    """Write a model's state_dict as a .pjz file (atomically) and report what it cost.
+
+    `index_bits` is the relative-index gap width: None for 8 (conv) / 5 (fc), one int for
+    all tensors, or {name: bits}. Float tensors with at most `max_codebook` distinct
+    non-zero values are codebook-coded; the rest are stored raw.
+
+        report = penjing.codec.save(model, "lenet.pjz")
+        print(report)
+    """
+    parts, layers = _build(obj, index_bits, max_codebook)
+    atomic_write_bytes(path, b"".join(parts))
+    return CompressionReport.from_layers(layers, os.path.getsize(path))
+
+
+def report_size(
+    obj: nn.Module | dict[str, torch.Tensor],
+    index_bits: int | dict[str, int] | None = None,
+    *,
+    max_codebook: int = MAX_CODEBOOK,
+) -> CompressionReport:
+    """What `save` would report, byte for byte, without writing a file."""
+    parts, layers = _build(obj, index_bits, max_codebook)
+    return CompressionReport.from_layers(layers, sum(map(len, parts)))
+
+
+def _read_header(head: bytes, path: str | os.PathLike, file_size: int) -> tuple[int, int]:
+    """Check magic, version and flags; return (manifest length, manifest CRC)."""
+    head = bytes(head)
+    if file_size == 0:
+        raise _error(path, "the file is empty, not a .pjz file")
+    if len(head) < len(MAGIC) and MAGIC.startswith(head):
+        raise _error(path, f"the file is truncated: {file_size} bytes, a partial header")
+    if head[: len(MAGIC)] != MAGIC:
+        raise _error(
+            path,
+            f"not a .pjz file: it starts with {head[:8]!r}, a .pjz starts with {MAGIC!r}",
+            "pass a file written by penjing.codec.save",
+        )
+    if len(head) < _HEADER.size:
+        raise _error(
+            path,
+            f"the file is truncated: {file_size} bytes, shorter than the "
+            f"{_HEADER.size}-byte header",
+        )
+    _, version, flags, length, crc = _HEADER.unpack(head)
+    if version != FORMAT_VERSION:
+        raise _error(
+            path,
+            f".pjz format version {version} is unknown, this penjing reads "
+            f"version {FORMAT_VERSION}",
+            "upgrade penjing, or " + _FIX,
+        )
+    if flags != 0:
+        raise _error(path, f"header flags are {flags:#06x}, expected 0: the header is corrupt")
+    if length > file_size - _HEADER.size:
+        raise _error(
+            path,
+            f"the file is truncated or its header corrupt: the manifest needs {length} bytes, only "
+            f"{file_size - _HEADER.size} follow the header",
+        )
+    return length, crc
+
+
+def _read_manifest(blob: bytes, crc: int, path: str | os.PathLike, data_size: int) -> dict:
+    """Parse and check the manifest against the `data_size` bytes that follow it."""
+    if zlib.crc32(blob) != crc:
+        raise _error(path, "the manifest fails its CRC32 check: the file is corrupt")
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(bytes(blob), MAX_MANIFEST_BYTES)
+    except zlib.error as err:
+        raise _error(path, f"the manifest does not decompress ({err})") from err
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise _error(path, f"the manifest is cut short or over {MAX_MANIFEST_BYTES:,} bytes")
+    try:
+        manifest = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise _error(path, f"the manifest is not valid UTF-8 JSON ({err})") from err
+    try:
+        _check_manifest(manifest)
+    except (ValueError, TypeError, KeyError) as err:
+        raise _error(path, f"the manifest is malformed: {err}") from err
+    expected = manifest["data_bytes"]
+    if data_size < expected:
+        raise _error(
+            path,
+            f"the file is truncated: {expected} bytes of tensor data expected, {data_size} present",
+        )
+    if data_size > expected:
+        raise _error(path, f"the file has {data_size - expected} unexpected bytes after its end")
+    return manifest
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_manifest(manifest: object) -> None:
+    """Raise ValueError unless the manifest has the shape `_build` writes."""
+    if not isinstance(manifest, dict) or manifest.get("format") != "pjz":
+        raise ValueError("it is not a pjz manifest")
+    tensors, total = manifest.get("tensors"), manifest.get("data_bytes")
+    if not isinstance(tensors, list) or not _is_count(total):
+        raise ValueError("'tensors' must be a list and 'data_bytes' a count")
+    names, summed = set(), 0
+    for entry in tensors:
+        name = entry["name"]
+        if not isinstance(name, str) or name in names:
+            raise ValueError(f"tensor name {name!r} is not a str or is repeated")
+        names.add(name)
+        dtype_from_name(entry["dtype"])
+        shape, encoding = entry["shape"], entry["encoding"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ValueError(f"tensor {name!r} has shape {shape!r}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"tensor {name!r} has unknown encoding {encoding!r}")
+        sections = entry["sections"]
+        kinds = [s[0] for s in sections] if isinstance(sections, list) else None
+        if kinds != list(SECTIONS[encoding]) or not all(
+            len(s) == 3 and _is_count(s[1]) and _is_count(s[2]) for s in sections
+        ):
+            raise ValueError(f"tensor {name!r} has sections {sections!r}")
+        if not _is_count(entry["nonzero"]):
+            raise ValueError(f"tensor {name!r} has nonzero count {entry['nonzero']!r}")
+        if encoding != "raw" and not _is_count(entry["codebook"]):
+            raise ValueError(f"tensor {name!r} has codebook size {entry['codebook']!r}")
+        if encoding == "sparse":
+            check_index_bits(entry["index_bits"])
+            if not (_is_count(entry["entries"]) and _is_count(entry["padding"])):
+                raise ValueError(f"tensor {name!r} has bad entry or padding counts")
+        summed += sum(s[1] for s in sections)
+    if summed != total:
+        raise ValueError(f"sections add up to {summed} bytes, 'data_bytes' says {total}")
+
+
+def load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a .pjz file back into a state_dict, bit-exact; any damage is a FormatError.
+
+    Every section's CRC32 is checked before it is decoded, and nothing partial is returned.
+    """
+    data = memoryview(Path(path).read_bytes())
+    head = data[: _HEADER.size]
+    length, crc = _read_header(head, path, len(data))
+    start = _HEADER.size + length
+    manifest = _read_manifest(data[_HEADER.size : start], crc, path, len(data) - start)
+    # Check every CRC before decoding anything: damage is reported fast and nothing is
+    # decoded from bytes that are not what `save` wrote.
+    offset, pending = start, []
+    for entry in manifest["tensors"]:
+        sections = {}
+        for kind, size, section_crc in entry["sections"]:
+            chunk = data[offset : offset + size]
+            if zlib.crc32(chunk) != section_crc:
+                raise _error(
+                    path,
+                    f"section {kind!r} of tensor {entry['name']!r} (bytes "
+                    f"{offset}..{offset + size}) fails its CRC32 check: the file "
+                    "is corrupt",
+                )
+            sections[kind] = chunk
+            offset += size
+        pending.append((entry, sections))
+    state: dict[str, torch.Tensor] = {}
+    for entry, sections in pending:
+        try:
+            state[entry["name"]] = decode_tensor(entry, sections)
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as err:
+            raise _error(path, f"tensor {entry['name']!r} cannot be decoded: {err}") from err
+    return state
+
+
+def inspect(path: str | os.PathLike) -> CompressionReport:
+    """Per-tensor sizes and encodings read from the header and manifest only (cheap).
+
+    Section CRCs are not checked and entropies are None; `load` verifies everything.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length, crc = _read_header(f.read(_HEADER.size), path, size)
+        manifest = _read_manifest(f.read(length), crc, path, size - _HEADER.size - length)
+    layers = [
+        layer_report(entry, dtype_from_name(entry["dtype"]).itemsize)
+        for entry in manifest["tensors"]
+    ]
+    return CompressionReport.from_layers(layers, size)

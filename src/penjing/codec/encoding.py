@@ -1,0 +1,247 @@
+"""How one tensor becomes byte sections of a .pjz file, and back, bit-exactly.
+
+A float tensor with few distinct values (pruned, then weight-shared) is stored as a
+codebook of its distinct non-zero values plus a code per element (0 = zero weight), and
+the codes either densely (Huffman over every position) or sparsely (relative-index gaps
+and values, both Huffman-coded). Whichever of dense, sparse and raw bytes is smallest wins.
+Everything else (integer buffers, bool masks, dense biases) is stored raw, little-endian.
+
+Coded tensors round-trip bit-exactly except for the sign of zero: -0.0 (what `w * mask`
+leaves for a pruned negative weight) is a zero like +0.0 and loads as +0.0, otherwise
+every pruned weight would cost an entry. NaN payloads and all other values are kept.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import zlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from penjing.codec import huffman, relindex
+from penjing.codec.report import LayerReport, layer_report
+
+ENCODINGS = ("raw", "dense", "sparse")
+SECTIONS = {
+    "raw": ("raw",),
+    "dense": ("codebook", "codes"),
+    "sparse": ("codebook", "gaps", "values"),
+}
+
+# Codebooks hold bit patterns, not values, so NaN payloads come back bit-exact.
+_PATTERN = {
+    torch.float16: (torch.int16, "<i2"),
+    torch.bfloat16: (torch.int16, "<i2"),
+    torch.float32: (torch.int32, "<i4"),
+    torch.float64: (torch.int64, "<i8"),
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: object) -> torch.dtype:
+    """The torch dtype a manifest names; anything else (e.g. 'load') is a ValueError."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+@dataclass
+class EncodedTensor:
+    """A tensor ready to write: its manifest entry, its sections in order, and its row."""
+
+    entry: dict
+    sections: list[tuple[str, bytes]]
+    report: LayerReport
+
+
+def check_tensor(name: str, tensor: object) -> torch.Tensor:
+    """A detached, contiguous CPU copy of a storable tensor, or a TypeError saying why not."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(
+            f"state_dict entry {name!r} must be a torch.Tensor, got {type(tensor).__name__}; "
+            "store only tensors (convert Python numbers with torch.tensor)"
+        )
+    if tensor.layout != torch.strided:
+        raise TypeError(f"tensor {name!r} has layout {tensor.layout}; call .to_dense() first")
+    if tensor.is_quantized:
+        raise TypeError(f"tensor {name!r} is a quantized tensor; call .dequantize() first")
+    if tensor.device.type == "meta":
+        raise TypeError(f"tensor {name!r} is on the meta device and holds no data")
+    return tensor.detach().cpu().contiguous()
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    data = flat.view(torch.uint8).numpy()
+    if sys.byteorder == "big" and t.element_size() > 1:
+        data = data.reshape(-1, t.element_size())[:, ::-1]
+    return data.tobytes()
+
+
+def _from_raw(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    numel = math.prod(shape)
+    if len(data) != numel * dtype.itemsize:
+        raise ValueError(
+            f"raw section has {len(data)} bytes, shape {shape} needs {numel * dtype.itemsize}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    arr = np.frombuffer(data, dtype=np.uint8).copy()
+    if sys.byteorder == "big" and dtype.itemsize > 1:
+        arr = np.ascontiguousarray(arr.reshape(-1, dtype.itemsize)[:, ::-1]).reshape(-1)
+    return torch.from_numpy(arr).view(dtype).reshape(shape)
+
+
+def _zero_patterns(patterns: np.ndarray) -> np.ndarray:
+    """Which float bit patterns are +0.0 or -0.0 (only the sign bit set)."""
+    return (patterns == 0) | (patterns == np.iinfo(patterns.dtype).min)
+
+
+def _count_nonzero(t: torch.Tensor, raw: bytes) -> int:
+    """Elements that are not zero: the entries a sparse format has to store."""
+    if t.numel() == 0:
+        return 0
+    if t.dtype in _PATTERN:
+        patterns = t.reshape(-1).view(_PATTERN[t.dtype][0]).numpy()
+        return int(t.numel() - np.count_nonzero(_zero_patterns(patterns)))
+    return int(np.frombuffer(raw, dtype=np.uint8).reshape(t.numel(), -1).any(axis=1).sum())
+
+
+def _pattern_values(patterns: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The float values of bit patterns, only to sort the codebook by value."""
+    if dtype == torch.bfloat16:
+        return (patterns.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return patterns.view(
+        {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    )
+
+
+def _codebook(t: torch.Tensor, max_codebook: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(codebook bit patterns sorted by value, uint16 codes with 0 = zero) or None if too many."""
+    pattern, _ = _PATTERN[t.dtype]
+    bits = t.reshape(-1).view(pattern).numpy()
+    # A dense float tensor has millions of distinct values; a strided sample shows that
+    # without sorting all of it (a sample never has more distinct values than the whole).
+    step = max(1, bits.size // (1 << 18))
+    if step > 1 and np.unique(bits[::step]).size > max_codebook + 2:
+        return None
+    uniq = np.unique(bits)
+    nonzero = np.flatnonzero(~_zero_patterns(uniq))
+    if nonzero.size > max_codebook:
+        return None
+    # Searching the few distinct values beats np.unique's return_inverse (a full argsort).
+    inverse = np.searchsorted(uniq, bits)
+    order = np.argsort(_pattern_values(uniq[nonzero], t.dtype), kind="stable")
+    code_of = np.zeros(uniq.size, dtype=np.uint16)
+    code_of[nonzero[order]] = np.arange(1, nonzero.size + 1)
+    return uniq[nonzero][order], code_of[inverse]
+
+
+class _Choice(NamedTuple):
+    """One way to store a tensor: its sections, manifest fields and stream entropies."""
+
+    sections: list[tuple[str, bytes]]
+    fields: dict
+    index_entropy: float | None = None
+    weight_entropy: float | None = None
+
+    @property
+    def size(self) -> int:
+        return sum(len(data) for _, data in self.sections)
+
+
+def _coded_choices(
+    patterns: np.ndarray, codes: np.ndarray, dtype: torch.dtype, index_bits: int
+) -> list[_Choice]:
+    """The dense and the sparse way to store a codebook and its codes."""
+    book = ("codebook", patterns.astype(_PATTERN[dtype][1]).tobytes())
+    fields = {"codebook": int(patterns.size)}
+    dense = _Choice(
+        [book, ("codes", huffman.encode(codes))],
+        {"encoding": "dense", **fields},
+        weight_entropy=huffman.entropy_bits(codes),
+    )
+    gaps, values = relindex.encode(codes, index_bits)
+    sparse = _Choice(
+        [book, ("gaps", huffman.encode(gaps)), ("values", huffman.encode(values))],
+        {
+            "encoding": "sparse",
+            **fields,
+            "index_bits": index_bits,
+            "entries": int(gaps.size),
+            "padding": int(gaps.size - np.count_nonzero(codes)),
+        },
+        index_entropy=huffman.entropy_bits(gaps),
+        weight_entropy=huffman.entropy_bits(values),
+    )
+    return [dense, sparse]
+
+
+def encode_tensor(
+    name: str, tensor: torch.Tensor, index_bits: int, max_codebook: int
+) -> EncodedTensor:
+    """Encode one tensor in the smallest of raw, dense and sparse form (raw wins ties)."""
+    t = check_tensor(name, tensor)
+    raw = _raw_bytes(t)
+    choices = [_Choice([("raw", raw)], {"encoding": "raw"})]
+    book = _codebook(t, max_codebook) if t.dtype in _PATTERN and t.numel() else None
+    if book is not None:
+        choices += _coded_choices(*book, t.dtype, index_bits)
+    best = min(choices, key=lambda c: c.size)
+    entry = {
+        "name": name,
+        "dtype": dtype_name(t.dtype),
+        "shape": list(t.shape),
+        **best.fields,
+        "nonzero": _count_nonzero(t, raw),
+        "sections": [[kind, len(data), zlib.crc32(data)] for kind, data in best.sections],
+    }
+    report = layer_report(
+        entry,
+        t.element_size(),
+        index_entropy=best.index_entropy,
+        weight_entropy=best.weight_entropy,
+    )
+    return EncodedTensor(entry, best.sections, report)
+
+
+def decode_tensor(entry: dict, sections: dict[str, memoryview]) -> torch.Tensor:
+    """Rebuild a tensor from its manifest entry and section bytes; corrupt input is ValueError."""
+    dtype = dtype_from_name(entry["dtype"])
+    shape = tuple(entry["shape"])
+    numel = math.prod(shape)
+    encoding = entry["encoding"]
+    if encoding == "raw":
+        return _from_raw(sections["raw"], dtype, shape)
+    if dtype not in _PATTERN:
+        raise ValueError(
+            f"encoding {encoding!r} needs a float16/bfloat16/float32/float64 "
+            f"tensor, the manifest says {dtype}"
+        )
+    size = entry["codebook"]
+    _, little = _PATTERN[dtype]
+    cb_bytes = sections["codebook"]
+    if not isinstance(size, int) or len(cb_bytes) != size * np.dtype(little).itemsize:
+        raise ValueError(f"codebook section has {len(cb_bytes)} bytes for {size!r} entries")
+    if encoding == "dense":
+        codes = huffman.decode(sections["codes"])
+        if codes.size != numel:
+            raise ValueError(f"code stream has {codes.size} codes for {numel} elements")
+    else:
+        gaps, values = huffman.decode(sections["gaps"]), huffman.decode(sections["values"])
+        codes = relindex.decode(gaps, values, numel, entry["index_bits"])
+    if codes.size and int(codes.max()) > size:
+        raise ValueError(f"code {int(codes.max())} points past a codebook of {size} entries")
+    table = np.zeros(size + 1, dtype=np.dtype(little).newbyteorder("="))
+    table[1:] = np.frombuffer(cb_bytes, dtype=little)
+    return torch.from_numpy(table[codes]).view(dtype).reshape(shape)
