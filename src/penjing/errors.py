@@ -1,4 +1,4 @@
-"""Errors penjing raises on bad input: each message says the rule, what we got, and how to fix it."""
+"""Errors penjing raises on bad input; each message says the rule, what we got, how to fix it."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import os
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch import nn

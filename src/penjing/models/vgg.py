@@ -1,4 +1,5 @@
-"""A small VGG with BatchNorm for 28×28 inputs: the plain conv stack structured pruning speeds up most."""
+"""A small VGG with BatchNorm for 28×28 inputs: the plain conv stack that channel pruning
+speeds up most."""
 
 from __future__ import annotations
 

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import penjing as pj
+from penjing.pipeline import DeepCompression, LayerPlan, deep_compression_
+
+
+def test_pipeline_leaves_exact_sparsity_and_few_values(mnist):
+    loader = DataLoader(Subset(mnist.train, range(0, 4000, 8)), batch_size=50)
+    model = pj.models.create("lenet300")
+    recipe = DeepCompression(
+        layers={"fc1": LayerPlan(0.9, 4, 5), "fc2": LayerPlan(0.8, 3, 5)},
+        prune_rounds=2, finetune_epochs=1, quant_epochs=1,
+    )
+    record = deep_compression_(model, loader, recipe, test_loader=loader, progress=False)
+    assert list(record.accuracy) == ["dense", "pruned", "shared", "quantized"]
+    assert not any("parametrizations" in k for k in model.state_dict())
+    for layer, plan in ((model.fc1, recipe.layers["fc1"]), (model.fc2, recipe.layers["fc2"])):
+        w = layer.weight
+        assert int((w == 0).sum()) == round(plan.sparsity * w.numel())
+        assert torch.unique(w).numel() <= 2**plan.bits
+    assert torch.unique(model.fc3.weight).numel() > 100  # untouched layer stays dense
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0, "bits": 5, "index_bits": 5}, r"sparsity must be in \[0, 1\)"),
+        ({"sparsity": 0.5, "bits": 0, "index_bits": 5}, r"bits must be in 1\.\.16"),
+        ({"sparsity": 0.5, "bits": 5, "index_bits": 17}, r"index_bits must be in 1\.\.16"),
+    ],
+)
+def test_bad_layer_plans(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LayerPlan(**kwargs)
+
+
+def test_recipe_on_a_layer_type_we_cannot_handle(mnist):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10),
+                                torch.nn.BatchNorm1d(10))
+    recipe = DeepCompression(layers={"2": LayerPlan(0.5, 4, 5)})
+    with pytest.raises(pj.errors.UnsupportedLayerError, match="BatchNorm1d"):
+        deep_compression_(model, [], recipe, progress=False)
