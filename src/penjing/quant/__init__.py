@@ -1,17 +1,70 @@
-"""Quantization: k-means weight sharing and trained quantization."""
+"""Quantization: linear (PTQ, QAT, weight-only, BN folding) and k-means weight sharing."""
 
 from __future__ import annotations
 
+from penjing.quant.config import QUANTIZABLE, QuantConfig, int8, select, weight_only
+from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_qparams
+from penjing.quant.fold import fold_bn_
 from penjing.quant.kmeans import INITS, KMeansResult, check_bits, kmeans_1d
+from penjing.quant.linear import (
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    qparams,
+    quantize,
+    sqnr,
+)
+from penjing.quant.observers import OBSERVERS, Observer, make_observer
+from penjing.quant.ptq import (
+    activation_quantizers,
+    calibrate_,
+    freeze_,
+    prepare,
+    ptq,
+    qat,
+    quantize_,
+)
 from penjing.quant.shared import SharedWeights, SharingInfo, get_shared, kmeans_
 
 __all__ = [
     "INITS",
+    "OBSERVERS",
+    "QUANTIZABLE",
+    "ActQuant",
     "KMeansResult",
+    "Observer",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
+    "QuantConfig",
+    "QuantSpec",
     "SharedWeights",
     "SharingInfo",
+    "WeightQuant",
+    "activation_quantizers",
+    "calibrate_",
     "check_bits",
+    "dequantize",
+    "fake_quantize",
+    "fold_bn_",
+    "freeze_",
     "get_shared",
+    "get_weight_quant",
+    "int8",
     "kmeans_",
     "kmeans_1d",
+    "make_observer",
+    "prepare",
+    "ptq",
+    "qat",
+    "qparams",
+    "quantize",
+    "quantize_",
+    "select",
+    "sqnr",
+    "weight_only",
+    "weight_qparams",
 ]

@@ -1,0 +1,151 @@
+"""Export a model to an ONNX file: FP32 as is, fake-quantized models as QDQ INT8.
+
+We use PyTorch's TorchScript-based exporter (`dynamo=False`): it needs no package beyond
+torch and onnx, and it writes `torch.fake_quantize_per_{tensor,channel}_affine` as the
+QuantizeLinear / DequantizeLinear pairs ONNX Runtime fuses into integer kernels.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from penjing.errors import UnsupportedLayerError
+from penjing.io import atomic_write_bytes
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        return tuple(example_inputs)
+    raise TypeError(
+        "example_inputs must be a tensor or a tuple of tensors, got "
+        f"{type(example_inputs).__name__}"
+    )
+
+
+def _module_using(model: nn.Module, args: tuple, op: str) -> str | None:
+    """The dotted name of the module whose forward calls `op`, found by tracing."""
+    base = op.split("::")[-1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, args, check_trace=False)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    for node in traced.inlined_graph.nodes():
+        kind = node.kind().split("::")[-1]
+        if kind == base or kind.endswith("_" + base):
+            scope = node.scopeName().split("/")[-1]
+            return scope.removeprefix("__module").lstrip(".") or "<the model itself>"
+    return None
+
+
+def _unsupported(err: Exception, model: nn.Module, args: tuple) -> UnsupportedLayerError:
+    """Name the op and the module that uses it."""
+    text = str(err).strip()
+    op = re.search(r"operator '([^']+)'", text)
+    op_name = op.group(1) if op else "an operator"
+    module = _module_using(model, args, op_name) if op else None
+    where = f" used in module {module!r}" if module else ""
+    first = text.splitlines()[-1] if text else type(err).__name__
+    return UnsupportedLayerError(
+        f"cannot export {op_name}{where} to ONNX: {first}. Replace that op with one ONNX "
+        "supports, or keep the module out of the exported model"
+    )
+
+
+def _check_quantizers(model: nn.Module) -> None:
+    """QDQ in ONNX opset 17 holds at most 8 bits: name the first activation quantizer
+    that needs more, or that was never calibrated."""
+    from penjing.quant.fakequant import ActQuant
+
+    for name, module in model.named_modules():
+        if not isinstance(module, ActQuant):
+            continue
+        if module.spec.bits > 8:
+            raise ValueError(
+                f"activation quantizer {name!r} uses {module.spec.bits} bits; ONNX QDQ export "
+                "holds at most 8; quantize activations to 8 bits or fewer, or export FP32"
+            )
+        if not module.frozen:
+            raise ValueError(
+                f"activation quantizer {name!r} is not calibrated yet; run "
+                "penjing.quant.calibrate_ and freeze_ (or ptq) before exporting"
+            )
+
+
+def onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs,
+    *,
+    opset: int = 17,
+    dynamic_batch: bool = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> str:
+    """Write `model` to `path` as ONNX and return the path.
+
+    A plain model exports as FP32. A model quantized by `penjing.quant.ptq` / `qat`
+    exports as QDQ: int8 weights (per channel) behind DequantizeLinear, int32 biases,
+    activations as QuantizeLinear/DequantizeLinear pairs (uint8 by default), which ONNX
+    Runtime turns into integer kernels. Weight-only quantization below 8 bits exports
+    the dequantized float weights. The batch axis is dynamic unless `dynamic_batch=False`.
+
+    >>> pj.export.onnx(model, "model.onnx", torch.randn(1, 1, 28, 28))
+    """
+    import onnx as onnx_lib
+
+    from penjing.export.qdq import finish_qdq
+
+    if opset < 13:
+        raise ValueError(f"opset must be >= 13 (per-channel QuantizeLinear), got {opset}")
+    args = _as_tuple(example_inputs)
+    _check_quantizers(model)
+    n_in = len(args)
+    input_names = list(input_names or (["input"] if n_in == 1 else [f"input{i}" for i in range(n_in)]))
+    if len(input_names) != n_in:
+        raise ValueError(f"{len(input_names)} input_names for {n_in} example inputs")
+    was_training = model.training
+    model.eval()
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad():
+            outputs = model(*args)
+        n_out = len(outputs) if isinstance(outputs, tuple | list) else 1
+        output_names = list(
+            output_names or (["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)])
+        )
+        axes = None
+        if dynamic_batch:
+            axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
+        with warnings.catch_warnings():
+            # the TorchScript exporter is deprecated in favour of one that needs onnxscript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX.*")
+            torch.onnx.export(
+                model, args, buffer, dynamo=False, opset_version=opset,
+                input_names=input_names, output_names=output_names,
+                dynamic_axes=axes, do_constant_folding=True,
+            )
+    except torch.onnx.errors.UnsupportedOperatorError as err:
+        raise _unsupported(err, model, args) from err
+    except torch.onnx.errors.SymbolicValueError as err:
+        raise _unsupported(err, model, args) from err
+    finally:
+        model.train(was_training)
+    proto = onnx_lib.load_from_string(buffer.getvalue())
+    if any(node.op_type == "QuantizeLinear" for node in proto.graph.node):
+        finish_qdq(proto)
+    onnx_lib.checker.check_model(proto)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return str(path)

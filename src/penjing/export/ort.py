@@ -1,0 +1,114 @@
+"""Run and time ONNX files in ONNX Runtime on the CPU, in this process."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from penjing.errors import MissingDependencyError
+
+Inputs = torch.Tensor | np.ndarray | Sequence | Mapping
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as err:  # pragma: no cover - onnxruntime is a dependency
+        raise MissingDependencyError(
+            "running ONNX files needs onnxruntime; install it with `pip install onnxruntime`"
+        ) from err
+    return onnxruntime
+
+
+def session(path: str | os.PathLike, threads: int = 2):
+    """An ONNX Runtime CPU session on `path` with `threads` intra-op threads, all graph
+    optimizations on (that is where QDQ pairs become integer kernels)."""
+    ort = _onnxruntime()
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings about unused initializers are noise here
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feed(sess, inputs: Inputs) -> dict[str, np.ndarray]:
+    """Map `inputs` (one tensor, a sequence in graph order, or a dict by name) to a feed dict."""
+    names = [i.name for i in sess.get_inputs()]
+    if isinstance(inputs, Mapping):
+        values = dict(inputs)
+    else:
+        if isinstance(inputs, torch.Tensor | np.ndarray):
+            inputs = [inputs]
+        if len(inputs) != len(names):
+            raise ValueError(
+                f"the ONNX graph takes {len(names)} input(s) {names}, got {len(inputs)}"
+            )
+        values = dict(zip(names, inputs, strict=True))
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown input name(s) {unknown}; the graph takes {names}")
+    return {
+        k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+        for k, v in values.items()
+    }
+
+
+def ort_run(path: str | os.PathLike, inputs: Inputs, threads: int = 2) -> list[np.ndarray]:
+    """The outputs of the ONNX file at `path` on `inputs`, computed by ONNX Runtime."""
+    sess = session(path, threads)
+    return sess.run(None, _feed(sess, inputs))
+
+
+def ort_latency(
+    path: str | os.PathLike,
+    inputs: Inputs,
+    threads: int = 2,
+    repeats: int = 50,
+    warmup: int = 5,
+) -> float:
+    """Median wall time in seconds of one ONNX Runtime run of `path` on `inputs`.
+
+    Runs `warmup` untimed calls first (allocations, kernel selection), then `repeats`
+    timed ones; the median resists the odd slow run on a shared machine.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    sess = session(path, threads)
+    feed = _feed(sess, inputs)
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cpu_saturates_int8() -> bool:
+    """True on x86 CPUs without VNNI, where ONNX Runtime's u8×s8 kernels add products in
+    pairs into int16 with saturation, so full-range int8 weights can overflow. Quantize
+    with `pj.quant.int8(reduce_range=True)` there to make integer results exact."""
+    import platform
+
+    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686"}:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return not any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))

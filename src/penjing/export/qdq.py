@@ -1,0 +1,146 @@
+"""Make an exported QDQ graph one that ONNX Runtime fuses into integer kernels.
+
+The PyTorch exporter writes weights as float initializers followed by QuantizeLinear,
+and biases as float. ORT's QDQ fusions (QLinearConv, QGemm, ...) want the weight stored
+as int8 behind a DequantizeLinear and, where a bias exists, an int32 bias quantized with
+scale s_x·s_w. This pass does both with numpy, exactly as QuantizeLinear would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Ops whose input 2 is a bias that ORT's fused integer kernels expect as int32.
+_BIAS_OPS = {"Conv", "Gemm"}
+_INT32_MAX = 2**31 - 1
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    for node in graph.node:  # the exporter shares equal constants through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def _axis(node: onnx.NodeProto) -> int:
+    for attr in node.attribute:
+        if attr.name == "axis":
+            return attr.i
+    return 1  # ONNX's default
+
+
+def _broadcast(param: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    if param.ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis % ndim] = param.size
+    return param.reshape(shape)
+
+
+def quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int = 1):
+    """ONNX QuantizeLinear in numpy: round half to even, saturate to the zero point's type."""
+    info = np.iinfo(zero_point.dtype)
+    s = _broadcast(scale.astype(np.float32), x.ndim, axis)
+    z = _broadcast(zero_point.astype(np.int64), x.ndim, axis)
+    q = np.rint(x.astype(np.float32) / s).astype(np.int64) + z
+    return np.clip(q, info.min, info.max).astype(zero_point.dtype)
+
+
+def fold_weight_quantizers(model: onnx.ModelProto) -> int:
+    """Replace QuantizeLinear(float constant) by its integer result; return how many."""
+    graph = model.graph
+    consts = _constants(graph)
+    keep, new_inits, folded = [], [], 0
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and all(i in consts for i in node.input[:3]):
+            if len(node.input) < 3:
+                keep.append(node)
+                continue
+            x, scale, zp = (consts[i] for i in node.input[:3])
+            q = quantize_linear(x, scale, zp, _axis(node))
+            new_inits.append(numpy_helper.from_array(q, name=node.output[0]))
+            folded += 1
+            continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(new_inits)
+    return folded
+
+
+def quantize_biases(model: onnx.ModelProto) -> int:
+    """Store float biases of Conv/Gemm fed by DequantizeLinear as int32 + DequantizeLinear."""
+    graph = model.graph
+    consts = _constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    new_nodes, new_inits, done = [], [], 0
+    for node in graph.node:
+        if node.op_type not in _BIAS_OPS or len(node.input) < 3 or node.input[2] not in consts:
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+            continue
+        if node.op_type == "Gemm" and any(
+            a.name == "transB" and a.i == 0 for a in node.attribute
+        ):
+            continue  # per-channel weight scales would not run along the bias
+        s_x = consts.get(dq_x.input[1])
+        s_w = consts.get(dq_w.input[1])
+        if s_x is None or s_w is None or s_x.size != 1:
+            continue
+        if s_w.size != 1 and _axis(dq_w) != 0:
+            continue
+        bias = consts[node.input[2]].astype(np.float64)
+        scale = (np.float64(s_x.reshape(())) * s_w.astype(np.float64)).astype(np.float32)
+        scale = np.broadcast_to(scale, bias.shape).copy() if scale.size != 1 else scale
+        q = np.rint(bias / scale.astype(np.float64))
+        if np.abs(q).max(initial=0) > _INT32_MAX:
+            continue
+        name = f"{node.input[2]}_int32"
+        new_inits += [
+            numpy_helper.from_array(q.astype(np.int32), name=name),
+            numpy_helper.from_array(scale.reshape(scale.shape), name=f"{name}_scale"),
+            numpy_helper.from_array(np.zeros(scale.shape, np.int32), name=f"{name}_zero"),
+        ]
+        axis = [helper.make_attribute("axis", 0)] if scale.size != 1 else []
+        dq = helper.make_node(
+            "DequantizeLinear", [name, f"{name}_scale", f"{name}_zero"], [f"{name}_dq"],
+            name=f"{node.name}_bias_dq",
+        )
+        dq.attribute.extend(axis)
+        new_nodes.append((node, dq))
+        node.input[2] = f"{name}_dq"
+        done += 1
+    for consumer, dq in new_nodes:
+        index = list(graph.node).index(consumer)
+        graph.node.insert(index, dq)
+    graph.initializer.extend(new_inits)
+    return done
+
+
+def prune_unused(model: onnx.ModelProto) -> None:
+    """Drop initializers and Constant nodes that no node or graph output reads any more."""
+    graph = model.graph
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    nodes = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def finish_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Integer weights, int32 biases, no dead constants: the graph ORT's QDQ fusions expect."""
+    fold_weight_quantizers(model)
+    quantize_biases(model)
+    prune_unused(model)
+    return model

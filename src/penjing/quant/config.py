@@ -1,0 +1,122 @@
+"""What to quantize: a small frozen config, presets, and the choice of layers by type and name."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from torch import nn
+
+from penjing.errors import UnsupportedLayerError
+from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec
+
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weights and activations of which layers, at which precision, calibrated how.
+
+    `layers` is an ordered map {regex: False | True | QuantSpec} over module names
+    (fullmatch): the first matching pattern wins; False leaves a layer in float, a
+    QuantSpec replaces the weight spec for that layer (e.g. 8-bit first layer in INT4).
+    `first` / `last` say whether the first and last quantizable layers (in forward order)
+    are quantized. Accumulators are assumed 32-bit, as in every integer kernel we export to.
+    """
+
+    # int8 symmetric per output channel: the weight format integer kernels take
+    weight: QuantSpec | None = field(
+        default_factory=lambda: QuantSpec(8, symmetric=True, signed=True, granularity=PerChannel(0))
+    )
+    # uint8 asymmetric per tensor: ONNX Runtime's fast x86 path (u8 activations × s8 weights)
+    activation: QuantSpec | None = field(
+        default_factory=lambda: QuantSpec(8, symmetric=False, signed=False, granularity=PerTensor())
+    )
+    observer: str | Callable = "minmax"  # activations: see penjing.quant.observers.OBSERVERS
+    weight_range: str | Callable = "minmax"  # weights: 'minmax' or 'mse'
+    types: tuple[type[nn.Module], ...] = QUANTIZABLE
+    layers: Mapping[str, bool | QuantSpec] = field(default_factory=dict)
+    first: bool = True
+    last: bool = True
+    learnable: bool = False  # QAT: learn scales with LSQ instead of tracking min/max
+
+    def __post_init__(self) -> None:
+        if self.weight is None and self.activation is None:
+            raise ValueError("a QuantConfig needs a weight spec, an activation spec, or both")
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+        for pattern, value in self.layers.items():
+            if not isinstance(value, bool | QuantSpec):
+                raise TypeError(
+                    f"layers[{pattern!r}] must be True, False or a QuantSpec, got {value!r}"
+                )
+
+
+def int8(
+    per_channel: bool = True,
+    observer: str | Callable = "minmax",
+    reduce_range: bool = False,
+    **kwargs,
+) -> QuantConfig:
+    """INT8 weights (symmetric, per channel or per tensor) and uint8 activations.
+
+    `reduce_range=True` keeps weights in [-64, 63] (stored as int8): x86 CPUs without
+    VNNI multiply u8 × s8 pairs into int16 with saturation, which full-range weights can
+    overflow; see `penjing.export.cpu_saturates_int8()`.
+    """
+    granularity = PerChannel(0) if per_channel else PerTensor()
+    bits = 7 if reduce_range else 8
+    return QuantConfig(weight=QuantSpec(bits, True, True, granularity), observer=observer, **kwargs)
+
+
+def weight_only(bits: int = 8, group_size: int | None = None, **kwargs) -> QuantConfig:
+    """Weights only, symmetric, per channel or in groups of `group_size` (32/64/128)."""
+    granularity = PerGroup(group_size) if group_size else PerChannel(0)
+    return QuantConfig(weight=QuantSpec(bits, True, True, granularity), activation=None, **kwargs)
+
+
+def select(
+    model: nn.Module, config: QuantConfig, order: list[str] | None = None
+) -> dict[str, QuantSpec | None]:
+    """{layer name: weight spec (None = activations only)} for the layers `config` picks.
+
+    `order` lists module names in forward order (from a trace) for `first` / `last`;
+    without it the registration order is used.
+    """
+    modules = dict(model.named_modules())
+    candidates = [n for n, m in modules.items() if n and isinstance(m, config.types)]
+    for pattern in config.layers:
+        regex = re.compile(pattern)
+        hits = [n for n in modules if n and regex.fullmatch(n)]
+        if not hits:
+            raise ValueError(
+                f"layers pattern {pattern!r} matches no module; quantizable layers: {candidates}"
+            )
+        for name in hits:
+            if config.layers[pattern] is not False and not isinstance(modules[name], config.types):
+                raise UnsupportedLayerError(
+                    f"layer {name!r} is a {type(modules[name]).__name__}, which linear "
+                    f"quantization does not handle; quantizable types: "
+                    f"{[t.__name__ for t in config.types]}"
+                )
+    if order is not None:  # layers inside a leaf (e.g. attention's out_proj) are not called
+        candidates = [n for n in order if n in candidates]
+    chosen: dict[str, QuantSpec | None] = {}
+    for i, name in enumerate(candidates):
+        if (i == 0 and not config.first) or (i == len(candidates) - 1 and not config.last):
+            continue
+        spec: bool | QuantSpec = True
+        for pattern, value in config.layers.items():
+            if re.fullmatch(pattern, name):
+                spec = value
+                break
+        if spec is False:
+            continue
+        chosen[name] = spec if isinstance(spec, QuantSpec) else config.weight
+    if not chosen:
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} has no layer to quantize with this config "
+            f"(types {[t.__name__ for t in config.types]}, layers {dict(config.layers)})"
+        )
+    return chosen

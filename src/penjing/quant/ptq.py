@@ -1,0 +1,177 @@
+"""Post-training quantization and quantization-aware training: one config, three verbs.
+
+- `quantize_(model, config)`: weight fake quantization in place (weight-only INT8/INT4).
+- `ptq(model, calib_loader, config)`: fold BatchNorm, insert activation quantizers,
+  calibrate, freeze. Returns a quantized copy; the input model is left as it was.
+- `qat(model, train_loader, config, epochs=...)`: the same copy, trained with fake
+  quantization in the loop (straight-through estimator; LSQ scales when learnable).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from penjing.quant.config import QuantConfig, select
+from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant
+from penjing.quant.fold import fold_bn_
+from penjing.quant.graph import insert_quantizers, layer_order, trace
+from penjing.quant.shared import get_shared
+
+
+def _check_config(config: QuantConfig) -> None:
+    if not isinstance(config, QuantConfig):
+        raise TypeError(
+            f"config must be a penjing.quant.QuantConfig (e.g. pj.quant.int8()), got "
+            f"{type(config).__name__}"
+        )
+
+
+def quantize_(
+    model: nn.Module, config: QuantConfig, *, qat: bool = False, order: list[str] | None = None
+) -> dict[str, WeightQuant]:
+    """Fake-quantize the weights of the layers `config` picks, in place (a parametrization
+    after any pruning mask). Returns the quantizers by layer name.
+
+    >>> pj.quant.quantize_(model, pj.quant.weight_only(bits=4, group_size=32))
+    """
+    _check_config(config)
+    modules = dict(model.named_modules())
+    added = {}
+    for name, spec in select(model, config, order).items():
+        if spec is None:
+            continue
+        module = modules[name]
+        if get_weight_quant(module) is not None or get_shared(module) is not None:
+            raise ValueError(
+                f"layer {name!r} already has quantized or shared weights; finalize_ it first"
+            )
+        try:
+            quant = WeightQuant(module.weight, spec, config.weight_range, config.learnable, qat)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from err
+        parametrize.register_parametrization(module, "weight", quant)
+        added[name] = quant
+    return added
+
+
+def prepare(model: nn.Module, config: QuantConfig, *, qat: bool = False) -> fx.GraphModule:
+    """A traced copy of `model` with fake-quantized weights and observing activation
+    quantizers, ready for `calibrate_`. BatchNorm is folded first (the copy is put in
+    eval mode for that)."""
+    _check_config(config)
+    model = copy.deepcopy(model).eval()
+    fold_bn_(model)
+    order = layer_order(model, config) if config.activation is not None else None
+    weights = quantize_(model, config, qat=qat, order=order)
+    if config.activation is None:
+        return model
+    layers = list(select(model, config, order))
+    gm = trace(model, config.types)
+    insert_quantizers(gm, layers, config)
+    del weights
+    return gm
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, ActQuant]:
+    """Every activation quantizer of `model`, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
+
+
+def _inputs(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch:
+        return batch[0]
+    raise TypeError(f"a calibration batch must be a tensor or (inputs, labels), got {type(batch).__name__}")
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, loader: Iterable, batches: int | None = None) -> int:
+    """Run `loader` (or its first `batches` batches) through `model` so the observers see
+    the activations; return the number of batches seen."""
+    if batches is not None and batches < 1:
+        raise ValueError(f"batches must be >= 1 or None, got {batches}")
+    was_training = model.training
+    model.eval()
+    seen = 0
+    for batch in itertools.islice(loader, batches):
+        model(_inputs(batch))
+        seen += 1
+    model.train(was_training)
+    if seen == 0:
+        raise ValueError(
+            "calibration needs at least one batch, got an empty loader; give ptq a loader "
+            "over a few hundred training images"
+        )
+    return seen
+
+
+def freeze_(model: nn.Module, learnable: bool = False) -> dict[str, ActQuant]:
+    """Fix every activation quantizer from its observer and every QAT weight range."""
+    quantizers = activation_quantizers(model)
+    for name, q in quantizers.items():
+        if not q.frozen:
+            q.freeze_(name, learnable)
+    for module in model.modules():
+        wq = get_weight_quant(module)
+        if wq is not None and wq.dynamic:
+            with torch.no_grad():
+                wq.freeze_(module.parametrizations.weight.original)
+    return quantizers
+
+
+def ptq(
+    model: nn.Module,
+    calib_loader: Iterable | None,
+    config: QuantConfig | None = None,
+    *,
+    batches: int | None = None,
+) -> nn.Module:
+    """Post-training quantization: a quantized copy of `model`, calibrated on `calib_loader`.
+
+    >>> q = pj.quant.ptq(model, calib_loader, pj.quant.int8(observer="entropy"))
+    """
+    config = config or QuantConfig()
+    q = prepare(model, config)
+    if config.activation is not None:
+        if calib_loader is None:
+            raise ValueError("quantizing activations needs a calib_loader; pass one or set activation=None")
+        calibrate_(q, calib_loader, batches)
+        freeze_(q)
+    return q
+
+
+def qat(
+    model: nn.Module,
+    train_loader: Iterable,
+    config: QuantConfig | None = None,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    calib_batches: int = 8,
+    **fit_kwargs,
+) -> nn.Module:
+    """Quantization-aware training: a quantized copy of `model`, fine-tuned with fake
+    quantization for `epochs` epochs (penjing.train.fit; extra keywords go to it).
+
+    Activation ranges come from `calib_batches` batches of `train_loader` and then stay
+    fixed, or are learned (LSQ) with `config.learnable`. Weight ranges follow the weights.
+    """
+    from penjing.train import fit
+
+    config = config or QuantConfig()
+    q = prepare(model, config, qat=True)
+    if config.activation is not None:
+        calibrate_(q, train_loader, calib_batches)
+        for name, quantizer in activation_quantizers(q).items():
+            quantizer.freeze_(name, config.learnable)
+    fit(q, train_loader, epochs=epochs, lr=lr, **fit_kwargs)
+    freeze_(q)
+    q.eval()
+    return q

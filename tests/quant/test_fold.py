@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import penjing as pj
+from penjing.quant import fold_bn_
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "pairs"),
+    [("vgg", {"width": 0.25}, 6), ("resnet20", {"width": 0.5}, 21)],
+)
+def test_folding_keeps_outputs_and_removes_every_batchnorm(name, kwargs, pairs):
+    model = pj.models.create(name, **kwargs).eval()
+    _randomise_bn(model)
+    x = torch.randn(4, 1, 28, 28)
+    before = model(x)
+    folded = fold_bn_(model)
+    assert len(folded) == pairs
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_linear_batchnorm1d_and_formula():
+    lin, bn = nn.Linear(3, 2), nn.BatchNorm1d(2)
+    _randomise_bn(bn)
+    model = nn.Sequential(lin, bn).eval()
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    a = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    expected_b = (b - bn.running_mean) * a + bn.bias.detach()
+    x = torch.randn(5, 3)
+    before = model(x)
+    assert fold_bn_(model) == [("0", "1")]
+    torch.testing.assert_close(lin.weight.detach(), w * a[:, None])
+    torch.testing.assert_close(lin.bias.detach(), expected_b)
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_zeros_stay_zero_after_folding():
+    model = pj.models.create("vgg", width=0.25).eval()
+    _randomise_bn(model)
+    pj.prune.magnitude_(model, sparsity=0.5)
+    zeros = (model.features[0].weight == 0).sum()
+    x = torch.randn(2, 1, 28, 28)
+    before = model(x)
+    fold_bn_(model)
+    assert (model.features[0].weight == 0).sum() == zeros
+    torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_batchnorm_not_after_a_layer_is_left_alone():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 3)).eval()
+    assert fold_bn_(model) == []
+    assert isinstance(model[0], nn.BatchNorm1d)
