@@ -1,0 +1,109 @@
+"""Channel labels: which prunable channel each entry of an activation belongs to.
+
+Every output channel of a conv or linear layer is an *element* with an integer id. While the
+dependency graph runs a model, each activation carries a label tensor: an int64 tensor of
+the activation's rank whose entries are element ids, kept small by storing size 1 along
+every dim where the labels do not vary (a conv output's labels vary along the channel dim
+only). Ops that move data (view, permute, cat, chunk, getitem, ...) are simply replayed on
+the label tensor, so concat, flatten→linear and channel shuffles need no special code.
+Ops that combine tensors (add, mul) unite the elements they line up: those channels must be
+pruned together. Element 0, PIN, stands for "must be kept": model inputs, outputs, constants
+and anything whose channels an op mixes are united with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PIN = 0
+
+
+class UnionFind:
+    """Disjoint sets over element ids 0..n-1 (0 is PIN), grown as layers create channels."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = [PIN]
+
+    def new(self, count: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + count))
+        return np.arange(start, start + count, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:  # path compression keeps later finds O(1)
+            parent[a], a = root, parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        # PIN stays the root of its set so "is pinned" is find(x) == PIN.
+        if rb == PIN or (ra != PIN and rb < ra):
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Unite a[i] with b[i] for every i (arrays broadcast against each other)."""
+        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
+        pairs = np.unique(np.stack([a.ravel(), b.ravel()], axis=1), axis=0)
+        for x, y in pairs:
+            if x != y:
+                self.union(int(x), int(y))
+
+    def pin(self, labels: np.ndarray | torch.Tensor) -> None:
+        values = labels.numpy() if isinstance(labels, torch.Tensor) else labels
+        for x in np.unique(values):
+            self.union(PIN, int(x))
+
+    def roots(self, labels: np.ndarray) -> np.ndarray:
+        flat = np.asarray(labels).ravel()
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        found = np.array([self.find(int(x)) for x in uniq], dtype=np.int64)
+        return found[inverse].reshape(np.shape(labels))
+
+
+def pinned(ndim: int) -> torch.Tensor:
+    """Labels of a tensor none of whose channels may be removed."""
+    return torch.zeros([1] * ndim, dtype=torch.int64)
+
+
+def compress(labels: torch.Tensor) -> torch.Tensor:
+    """Shrink every dim along which the labels are constant to size 1."""
+    out = labels
+    for d in range(out.dim()):
+        if out.shape[d] > 1:
+            first = out.narrow(d, 0, 1)
+            if bool((out == first).all()):
+                out = first
+    return out.contiguous()
+
+
+def varying(labels: torch.Tensor) -> list[int]:
+    """The dims along which labels change."""
+    return [d for d in range(labels.dim()) if labels.shape[d] > 1]
+
+
+def full(labels: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The labels materialized to an activation's real shape, for replaying a data-movement op."""
+    return labels.expand(shape).contiguous()
+
+
+def vector(labels: torch.Tensor, dim: int, size: int) -> np.ndarray:
+    """The 1-D labels along `dim` (constant along every other dim), of length `size`."""
+    index = [0] * labels.dim()
+    index[dim] = slice(None)
+    line = labels[tuple(index)].reshape(-1).numpy()
+    return np.broadcast_to(line, (size,)).copy() if line.size == 1 else line.copy()
+
+
+def along(values: np.ndarray, dim: int, ndim: int) -> torch.Tensor:
+    """A label tensor of rank `ndim` that varies along `dim` only."""
+    shape = [1] * ndim
+    shape[dim] = len(values)
+    return compress(torch.as_tensor(values, dtype=torch.int64).reshape(shape))

@@ -1,0 +1,164 @@
+"""Structured pruning that physically removes channels: trace → group → score → select → cut.
+
+    small = pj.prune.channels(model, example_inputs=x, ratio=0.5, criterion="l1")
+
+The result is an ordinary, smaller dense nn.Module: for the channels kept it computes
+exactly what the original computed, so it is faster on every runtime. `channels_` does the
+same in place and returns the replayable list of changes (see `penjing.prune.surgery`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from penjing.prune.criteria import Criterion, resolve
+from penjing.prune.graph import dependency_graph
+from penjing.prune.groups import Group
+from penjing.prune.surgery import Change, apply_, plan
+
+
+def groups(model: nn.Module, example_inputs: Any) -> list[Group]:
+    """Every group of coupled channels in `model` that could be pruned."""
+    return dependency_graph(model, example_inputs).groups()
+
+
+def _check_ratio(ratio: float, what: str = "ratio") -> None:
+    if not isinstance(ratio, int | float) or not 0 <= ratio < 1:
+        raise ValueError(f"{what} must be a fraction of channels to remove in [0, 1), got "
+                         f"{ratio!r}")
+
+
+def _rounded_keep(n: int, keep: int, round_to: int) -> int:
+    """Kept count rounded up to a multiple of `round_to` (never more than the group has)."""
+    keep = max(1, keep)
+    if round_to > 1:
+        keep = max(round_to, math.ceil(keep / round_to) * round_to)
+    return min(n, keep)
+
+
+def _is_ignored(fqn: str, ignored: list[str]) -> bool:
+    return any(fqn == i or fqn.startswith(i + ".") or i == "" for i in ignored)
+
+
+def select(
+    scored: list[tuple[Group, torch.Tensor]],
+    ratio: float,
+    *,
+    global_ranking: bool = False,
+    round_to: int = 1,
+    ratios: Mapping[str, float] | None = None,
+    max_ratio: float = 0.9,
+    normalize: bool = True,
+) -> list[int]:
+    """The channel ids to remove from each scored group.
+
+    Per-group: the lowest-scoring `ratio` of each group (or `ratios[fqn]` for a group one of
+    whose producer layers is named there). Global: scores are divided by their group's mean
+    (unless `normalize=False`) so layers of different scale compare, the lowest `ratio` of
+    all channels go, and no group loses more than `max_ratio`. Kept counts are then rounded
+    up to `round_to`.
+    """
+    ratios = dict(ratios or {})
+    counts: dict[int, int] = {}
+    if global_ranking:
+        pool = []
+        for gi, (_, scores) in enumerate(scored):
+            norm = scores / scores.mean().clamp_min(1e-12) if normalize else scores
+            pool += [(float(v), gi) for v in norm]
+        budget = int(ratio * len(pool))
+        caps = [int(max_ratio * len(g)) for g, _ in scored]
+        counts = dict.fromkeys(range(len(scored)), 0)
+        for _, gi in sorted(pool, key=lambda t: t[0]):
+            if budget == 0:
+                break
+            if counts[gi] < caps[gi]:
+                counts[gi] += 1
+                budget -= 1
+    else:
+        for gi, (group, _) in enumerate(scored):
+            named = [ratios[f] for f in group.producers if f in ratios]
+            if len(set(named)) > 1:
+                raise ValueError(f"ratios gives different values {named} to coupled layers "
+                                 f"{group.producers}; give them one ratio")
+            r = named[0] if named else ratio
+            _check_ratio(r, f"ratio for {group.producers}")
+            counts[gi] = int(r * len(group))
+    removed = []
+    for gi, (group, scores) in enumerate(scored):
+        n = len(group)
+        drop = n - _rounded_keep(n, n - counts[gi], round_to) if counts[gi] else 0
+        if drop > 0:
+            order = torch.argsort(scores, stable=True)[:drop]
+            removed += [group.channels[int(i)] for i in order]
+    return removed
+
+
+def channels_(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ratio: float = 0.5,
+    criterion: str | Criterion = "l1",
+    global_ranking: bool = False,
+    round_to: int = 1,
+    ignored_layers: Iterable[str | nn.Module] = (),
+    ratios: Mapping[str, float] | None = None,
+    max_ratio: float = 0.9,
+    normalize: bool = True,
+) -> list[Change]:
+    """Remove `ratio` of the channels of every prunable group of `model`, in place.
+
+    `criterion`: "l1", "l2", "bn", "random", `penjing.prune.taylor(batches)` or any
+    `(model, group) -> scores` callable. `ignored_layers` (module names or modules) keep
+    their output channels. `global_ranking` ranks all channels together instead of `ratio`
+    per group (`ratios` maps producer layer names to their own ratio in per-group mode).
+    Returns the changes, which `penjing.prune.apply_` replays.
+    """
+    _check_ratio(ratio)
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int (1, 8, 16, 64), got {round_to!r}")
+    _check_ratio(max_ratio, "max_ratio")
+    score = resolve(criterion)
+    names = {m: n for n, m in model.named_modules()}
+    ignored = []
+    for item in ignored_layers:
+        name = names.get(item) if isinstance(item, nn.Module) else item
+        if name is None or name not in dict(model.named_modules()):
+            raise ValueError(f"ignored layer {item!r} is not a module of "
+                             f"{type(model).__name__}; give a name from model.named_modules()")
+        ignored.append(name)
+    graph = dependency_graph(model, example_inputs)
+    scored = []
+    for group in graph.groups():
+        if any(_is_ignored(f, ignored) for f in group.producers):
+            continue
+        scores = score(model, group)
+        if scores is None:
+            continue
+        scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
+        if scores.shape != (len(group),):
+            raise ValueError(f"criterion returned scores of shape {tuple(scores.shape)} for a "
+                             f"group of {len(group)} channels; return one score per channel")
+        scored.append((group, scores))
+    removed = select(scored, ratio, global_ranking=global_ranking, round_to=round_to,
+                     ratios=ratios, max_ratio=max_ratio, normalize=normalize)
+    changes = plan(graph, removed)
+    apply_(model, changes)
+    return changes
+
+
+def channels(model: nn.Module, example_inputs: Any, **kwargs) -> nn.Module:
+    """A pruned copy of `model` (the original is left untouched); options as in `channels_`."""
+    names = {m: n for n, m in model.named_modules()}
+    if "ignored_layers" in kwargs:  # modules of the original name the same layers in the copy
+        kwargs["ignored_layers"] = [names.get(i, i) if isinstance(i, nn.Module) else i
+                                    for i in kwargs["ignored_layers"]]
+    pruned = copy.deepcopy(model)
+    channels_(pruned, example_inputs, **kwargs)
+    return pruned

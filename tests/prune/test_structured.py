@@ -1,0 +1,206 @@
+"""Channel pruning across penjing's models and a zoo of standard architectures."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import penjing as pj
+from penjing.analysis.stats import count_macs, count_params
+from penjing.prune.criteria import l1
+from penjing.prune.graph import dependency_graph
+from penjing.prune.structured import channels, channels_, select
+from penjing.prune.surgery import apply_, plan
+
+_spec = importlib.util.spec_from_file_location("prune_zoo", Path(__file__).with_name("zoo.py"))
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
+ZOO = zoo.ZOO
+
+
+def small_model(name: str) -> nn.Module:
+    params = inspect.signature(pj.models.MODELS[name]).parameters
+    width = 0.25 if name == "resnet56" else 0.5
+    kwargs = {"width": width} if "width" in params or name.startswith("resnet") else {}
+    return pj.models.create(name, **kwargs)
+
+
+CASES = [(f"models.{n}", lambda n=n: small_model(n), (2, 1, 28, 28)) for n in pj.models.MODELS]
+CASES += [(f"zoo.{n}", cls, (2, 3, 16, 16)) for n, cls in ZOO.items()]
+
+
+def pruned_and_reference(model: nn.Module, x: torch.Tensor, ratio: float):
+    """The pruned model, and the original with every consumer of a removed channel zeroed.
+
+    Removing a channel must equal ignoring it downstream: the two agree up to float rounding.
+    """
+    graph = dependency_graph(model, x)
+    removed = select([(g, l1(model, g)) for g in graph.groups()], ratio)
+    small = copy.deepcopy(model)
+    apply_(small, plan(graph, removed))
+    reference = copy.deepcopy(model)
+    for slot in graph.slots.values():
+        if slot.role == "in":
+            idx = np.nonzero(np.isin(graph.sets.roots(slot.labels), removed))[0]
+            weight = getattr(reference.get_submodule(slot.fqn), slot.name)
+            weight.data.index_fill_(slot.dim, torch.as_tensor(idx, dtype=torch.long), 0.0)
+    return small, reference
+
+
+@pytest.mark.parametrize("name,make,shape", CASES, ids=[c[0] for c in CASES])
+def test_half_the_channels_removed_computes_the_same_for_kept_channels(name, make, shape):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(shape)
+    small, reference = pruned_and_reference(model, x, 0.5)
+    small.eval()
+    out = small(x)
+    assert out.shape == model(x).shape
+    torch.testing.assert_close(out, reference(x), atol=1e-5, rtol=1e-4)
+    params, macs = count_params(model), count_macs(model, x[:1])
+    # Conv nets lose about 3/4 of their MACs; the ViT only its MLP hidden units (its
+    # residual stream goes through LayerNorm, which pins it).
+    bound = 0.9 if name in ("zoo.vit", "models.lenet300", "models.mlp30") else 0.5
+    assert count_macs(small, x[:1]) < bound * macs, name
+    assert count_params(small) < bound * params, name
+
+
+NOOP = [c for c in CASES if c[0] in ("models.vgg", "models.mobilenetv2", "models.lenet5",
+                                      "zoo.densenet", "zoo.shufflenet", "zoo.vit")]
+
+
+@pytest.mark.parametrize("name,make,shape", NOOP, ids=[c[0] for c in NOOP])
+def test_zero_ratio_is_bit_identical(name, make, shape):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(shape)
+    small = channels(model, x, ratio=0.0)
+    assert torch.equal(small.eval()(x), model(x))
+    assert count_params(small) == count_params(model)
+
+
+def test_kept_filters_of_the_first_conv_give_identical_outputs():
+    torch.manual_seed(0)
+    model = pj.models.create("vgg", width=0.25).eval()
+    x = torch.randn(2, 1, 28, 28)
+    small = copy.deepcopy(model)
+    changes = channels_(small, x, ratio=0.5)
+    (kept,) = [c.kept for c in changes if (c.fqn, c.name, c.dim) == ("features.0", "weight", 0)]
+    assert len(kept) == 4
+    torch.testing.assert_close(small.features[0](x), model.features[0](x)[:, list(kept)],
+                               atol=0, rtol=0)
+
+
+def test_the_original_is_untouched_and_in_place_returns_changes():
+    model = pj.models.create("resnet20", width=0.25).eval()
+    x = torch.randn(1, 1, 28, 28)
+    before = model(x)
+    channels(model, x, ratio=0.5)
+    assert torch.equal(model(x), before)
+    changes = channels_(model, x, ratio=0.5)
+    assert changes and model.conv1.out_channels == 2
+    assert any(c.fqn == "fc" and c.dim == 1 for c in changes)
+
+
+def test_mobilenet_depthwise_is_scored_with_its_pointwise_conv():
+    model = pj.models.create("mobilenetv2", width=0.5)
+    groups = pj.prune.groups(model, torch.randn(1, 1, 28, 28))
+    dw = "features.2.block.1.0"
+    (group,) = [g for g in groups if dw in g.modules]
+    roles = {(s.fqn, s.dim): s.role for s in group.slices if s.name == "weight"}
+    assert roles[(dw, 0)] == "dw"
+    assert roles[("features.2.block.0.0", 0)] == "out"  # the 1×1 expand making the channels
+    assert roles[("features.2.block.2.0", 1)] == "in"  # the 1×1 project reading them
+
+
+def test_grouped_conv_keeps_equal_groups():
+    model = ZOO["resnext"]().eval()
+    x = torch.randn(1, 3, 16, 16)
+    small = channels(model, x, ratio=0.5)
+    conv = small.layers[0].conv2
+    assert conv.groups == 4 and conv.in_channels % 4 == 0 and conv.in_channels < 8
+    assert small(x).shape == (1, 10)
+
+
+def test_residual_add_prunes_both_sides_together():
+    model = pj.models.create("resnet20", width=0.5).eval()
+    small = channels(model, torch.randn(1, 1, 28, 28), ratio=0.5)
+    stage = [small.conv1.out_channels] + [b.conv2.out_channels for b in small.layer1]
+    assert len(set(stage)) == 1 and stage[0] == 4  # 8 channels on the residual path → 4
+
+
+def test_round_to_keeps_multiples():
+    model = pj.models.create("vgg")
+    small = channels(model, torch.randn(1, 1, 28, 28), ratio=0.6, round_to=8)
+    for m in small.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels % 8 == 0
+    assert small.features[0].out_channels == 16  # 32 · 0.4 = 12.8 → 13 kept → 16
+
+
+def test_ignored_layers_keep_their_channels():
+    model = pj.models.create("vgg", width=0.5)
+    small = channels(model, torch.randn(1, 1, 28, 28), ratio=0.5,
+                     ignored_layers=["features.0", model.classifier[0]])
+    assert small.features[0].out_channels == 16
+    assert small.classifier[0].out_features == 256
+    assert small.features[3].out_channels == 8
+
+
+def test_global_ranking_removes_the_asked_share():
+    model = pj.models.create("vgg", width=0.5)
+    x = torch.randn(1, 1, 28, 28)
+    total = sum(len(g) for g in pj.prune.groups(model, x))
+    small = channels(model, x, ratio=0.5, global_ranking=True)
+    kept = sum(len(g) for g in pj.prune.groups(small, x))
+    assert kept == total - int(0.5 * total)
+
+
+def test_per_layer_ratios():
+    model = pj.models.create("vgg", width=0.5)
+    small = channels(model, torch.randn(1, 1, 28, 28), ratio=0.0,
+                     ratios={"features.0": 0.75, "classifier.0": 0.5})
+    assert small.features[0].out_channels == 4
+    assert small.classifier[0].out_features == 128
+    assert small.features[3].out_channels == 16
+
+
+def test_pruned_model_is_rebuilt_from_changes_and_weights(tmp_path):
+    model = pj.models.create("mobilenetv2", width=0.5).eval()
+    x = torch.randn(2, 1, 28, 28)
+    changes = channels_(model, x, ratio=0.5)
+    pj.prune.save_pruned(model, changes, tmp_path / "small.safetensors")
+    rebuilt = pj.prune.load_pruned(pj.models.create("mobilenetv2", width=0.5),
+                                   tmp_path / "small.safetensors").eval()
+    assert torch.equal(rebuilt(x), model(x))
+
+
+def test_bad_ratio_and_round_to_are_errors():
+    model = pj.models.create("lenet5")
+    x = torch.randn(1, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"ratio must be .* \[0, 1\), got 1.0"):
+        channels(model, x, ratio=1.0)
+    with pytest.raises(ValueError, match="round_to must be a positive int"):
+        channels(model, x, round_to=0)
+    with pytest.raises(ValueError, match="ignored layer 'nope' is not a module"):
+        channels(model, x, ignored_layers=["nope"])
+    with pytest.raises(ValueError, match="unknown criterion 'l3'"):
+        channels(model, x, criterion="l3")
+    with pytest.raises(ValueError, match="'taylor' needs data"):
+        channels(model, x, criterion="taylor")
+
+
+def test_graph_of_a_56_layer_resnet_takes_seconds():
+    import time
+
+    model = pj.models.create("resnet56")
+    start = time.perf_counter()
+    channels(model, torch.randn(1, 1, 28, 28), ratio=0.5)
+    assert time.perf_counter() - start < 30
