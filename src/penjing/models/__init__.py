@@ -9,6 +9,7 @@ from torch import nn
 from penjing.models.lenet import LeNet5, LeNet300
 from penjing.models.mobilenet import MobileNetV2
 from penjing.models.resnet import ResNet, resnet20, resnet56
+from penjing.models.students import MLP, ThinLeNet5
 from penjing.models.vgg import SmallVGG
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -18,6 +19,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet56": resnet56,
     "mobilenetv2": MobileNetV2,
+    "mlp30": MLP,
+    "lenet5_thin": ThinLeNet5,
 }
 
 
@@ -32,9 +35,11 @@ __all__ = [
     "MODELS",
     "LeNet300",
     "LeNet5",
+    "MLP",
     "MobileNetV2",
     "ResNet",
     "SmallVGG",
+    "ThinLeNet5",
     "create",
     "resnet20",
     "resnet56",

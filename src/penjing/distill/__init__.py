@@ -1,0 +1,44 @@
+"""Knowledge distillation: soft targets, hints, ensembles, mutual and data distillation."""
+
+from __future__ import annotations
+
+from penjing.distill.command import DistillSummary, distill_named
+from penjing.distill.data_distillation import (
+    DataDistillation,
+    PseudoLabels,
+    data_distill,
+    pseudo_label,
+)
+from penjing.distill.ensemble import Ensemble
+from penjing.distill.hints import build_regressor, capture, hint_loss, regressor, train_hints_
+from penjing.distill.kd import distill
+from penjing.distill.losses import SOFT_LOSSES, kd_loss, logit_mse, soft_target
+from penjing.distill.mutual import mutual_, mutual_losses
+from penjing.distill.transforms import LABEL_PRESERVING, TRANSFORMS, rotate, scale, shift
+
+__all__ = [
+    "LABEL_PRESERVING",
+    "SOFT_LOSSES",
+    "TRANSFORMS",
+    "DataDistillation",
+    "DistillSummary",
+    "Ensemble",
+    "PseudoLabels",
+    "build_regressor",
+    "capture",
+    "data_distill",
+    "distill",
+    "distill_named",
+    "hint_loss",
+    "kd_loss",
+    "logit_mse",
+    "mutual_",
+    "mutual_losses",
+    "pseudo_label",
+    "regressor",
+    "rotate",
+    "scale",
+    "shift",
+    "soft_target",
+    "train_hints_",
+]
