@@ -108,22 +108,26 @@ def streams_section(results: dict) -> list[str]:
     return lines
 
 
-def beyond_section(name: str, loaders, workdir, base: dict, grid) -> list[str]:
+def beyond_section(name: str, loaders, workdir, results: dict, grid) -> list[str]:
+    """Tighten penjing's recipe step by step; the best ratio within 0.5 points wins."""
     lines = [
         "",
         f"### How far beyond the paper: {name}",
         "",
-        "Every layer keeps a fraction of the paper's kept weights and/or uses fewer bits; "
-        "the same training budget. Within budget = loaded accuracy no more than 0.5 points "
-        "below the dense model.",
+        "Every layer keeps a fraction of the weights penjing's recipe keeps and/or uses fewer "
+        "bits; the same training budget. Within budget = loaded accuracy no more than 0.5 "
+        "points below the dense model. The two recipes above compete too.",
         "",
-        "| kept × paper | bits | kept | loaded acc | Δ points | ratio | within 0.5 pt |",
+        "| kept × penjing | bits | kept | loaded acc | Δ points | ratio | within 0.5 pt |",
         "|---|---|---|---|---|---|---|",
     ]
-    best = (base["report"].ratio, "the paper's recipe")
-    recipe = PAPER_RECIPES[name]
+    candidates = [
+        (results[name, label]["report"].ratio, f"{label}'s recipe")
+        for label in ("paper", "penjing")
+        if results[name, label]["loaded"] - results[name, label]["dense"] >= -0.005
+    ]
     for keep_scale, bits_delta in grid:
-        r = compress(name, tighter(recipe, keep_scale, bits_delta), loaders, workdir)
+        r = compress(name, tighter(RECIPES[name], keep_scale, bits_delta), loaders, workdir)
         rep = r["report"]
         kept = sum(x.nonzero for x in rep.layers if x.name.endswith("weight")) / sum(
             x.numel for x in rep.layers if x.name.endswith("weight")
@@ -134,13 +138,17 @@ def beyond_section(name: str, loaders, workdir, base: dict, grid) -> list[str]:
             f"| {keep_scale:.2f} | {bits_delta:+d} | {kept:.2%} | {r['loaded']:.2%} | "
             f"{delta:+.1f} | {rep.ratio:.1f}× | {'yes' if ok else 'no'} |"
         )
-        if ok and rep.ratio > best[0]:
-            best = (rep.ratio, f"kept × {keep_scale:.2f}, bits {bits_delta:+d}")
-    lines += [
-        "",
-        f"Largest ratio within 0.5 points: **{best[0]:.1f}×** ({best[1]}), "
-        f"{best[0] / PAPER_RATIO[name]:.2f}× the paper's {PAPER_RATIO[name]:.0f}×.",
-    ]
+        if ok:
+            candidates.append((rep.ratio, f"kept × {keep_scale:.2f}, bits {bits_delta:+d}"))
+    if candidates:
+        ratio, how = max(candidates)
+        lines += [
+            "",
+            f"Largest ratio within 0.5 points: **{ratio:.1f}×** ({how}), "
+            f"{ratio / PAPER_RATIO[name]:.2f}× the paper's {PAPER_RATIO[name]:.0f}×.",
+        ]
+    else:
+        lines += ["", "No setting stayed within 0.5 points of the dense model."]
     return lines
 
 
@@ -203,13 +211,9 @@ def main() -> None:
                 print(f"{name} {label}: {r['report'].ratio:.1f}× in {seconds:.0f} s", flush=True)
         lines = paper_section(results) + streams_section(results)
         if not args.quick:
-            lines += beyond_section(
-                "lenet300", loaders, workdir, results["lenet300", "paper"],
-                [(0.75, 0), (0.5, 0), (1.0, -1), (0.75, -1), (0.5, -1), (0.5, -2)],
-            )
-            lines += beyond_section(
-                "lenet5", loaders, workdir, results["lenet5", "paper"], [(0.5, -2), (0.4, -3)]
-            )
+            grid = [(0.85, 0), (0.75, 0), (1.0, -1), (0.85, -1), (0.75, -1), (0.5, -1)]
+            for name in ("lenet300", "lenet5"):
+                lines += beyond_section(name, loaders, workdir, results, grid)
     sizes = [100_000] if args.quick else [1_000_000, 10_000_000]
     lines += kmeans_section(sizes, [32, 256])
     write_section("deep_compression", "\n".join(lines), "make bench")
