@@ -101,7 +101,8 @@ def test_smaller_groups_quantize_better():
     errors = []
     for g in (256, 64, 32):
         spec = QuantSpec(4, granularity=PerGroup(g))
-        errors.append(sqnr(w, fake_quantize(w, *qparams(*reduce_range(w, spec.granularity), spec), spec)))
+        scale, zero = qparams(*reduce_range(w, spec.granularity), spec)
+        errors.append(sqnr(w, fake_quantize(w, scale, zero, spec)))
     assert errors[0] < errors[1] < errors[2]
 
 

@@ -21,7 +21,7 @@ def test_every_observer_gives_a_range_inside_min_max(name):
     for x in _heavy_tailed():
         obs(x)
     lo, hi = obs.range()
-    assert 0 <= float(lo) and 0 < float(hi) <= 40.0 + 1e-4
+    assert float(lo) >= 0 and 0 < float(hi) <= 40.0 + 1e-4
     scale, zero = obs.qparams()
     assert float(scale) > 0 and 0 <= int(zero) <= 255
 
@@ -108,3 +108,53 @@ def test_mse_range_has_no_more_error_than_minmax():
         obs(data)
         errors[name] = float((fake_quantize(data, *obs.qparams(), spec) - data).square().sum())
     assert errors["mse"] < 0.5 * errors["minmax"]
+
+
+def test_entropy_keeps_a_one_sided_minimum_spike():
+    """Regression: an image's background (most pixels at one negative value) once pulled
+    the KL threshold down to |background|, clipping every stroke pixel."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.linspace(-0.42, 2.82, 256)  # normalised 8-bit pixels
+    background = torch.full((80_000,), -0.42)
+    strokes = levels[torch.randint(1, 256, (20_000,), generator=g)]
+    obs = make_observer("entropy", U8)
+    obs(torch.cat([background, strokes]))
+    lo, hi = obs.range()
+    assert float(lo) == pytest.approx(-0.42) and float(hi) > 2.0
+
+
+def test_entropy_is_not_pulled_down_by_relu_zeros():
+    """Regression: half the values exactly zero (after ReLU) once made the smallest
+    threshold win; exact zeros cost nothing at any threshold."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g).clamp_min(0)
+    obs = make_observer("entropy", U8)
+    obs(x)
+    assert obs.zeros == int((x == 0).sum())
+    assert float(obs.range()[1]) > 0.6 * float(x.max())
+
+
+def test_percentile_counts_exact_zeros():
+    x = torch.cat([torch.zeros(9_000), torch.linspace(0.001, 1, 1_000)])
+    obs = OBSERVERS["percentile"](U8, percentile=95.0)
+    obs(x)
+    assert float(obs.range()[1]) == pytest.approx(0.5, abs=0.01)  # 95 % of 10,000 values
+
+
+def test_entropy_clips_at_most_a_thousandth_of_a_spiky_histogram(mnist):
+    """Regression: a first conv over digit images gives one repeated value per channel
+    (the convolved background); KL charged those spikes so much that it clipped a fifth
+    of the values. The search now starts where at most 0.1 % are clipped."""
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(1, 32, 3, padding=1)
+    with torch.no_grad():
+        y = torch.relu(conv(mnist.train.tensors[0][:256]))
+    clipped = {}
+    for limit in (0.999, 0.001):  # no limit: TensorRT's plain search; the default
+        obs = OBSERVERS["entropy"](U8, max_clipped=limit)
+        obs(y)
+        clipped[limit] = float((y > obs.range()[1]).float().mean())
+    assert clipped[0.999] > 0.1
+    assert clipped[0.001] <= 0.001
+    with pytest.raises(ValueError, match="max_clipped must be in"):
+        OBSERVERS["entropy"](U8, max_clipped=1.0)

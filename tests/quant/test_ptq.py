@@ -8,6 +8,7 @@ from torch import nn
 
 import penjing as pj
 from penjing.errors import UnsupportedLayerError
+from penjing.models.encoder import TinyEncoder
 from penjing.quant import (
     OBSERVERS,
     ActQuant,
@@ -133,44 +134,44 @@ def test_bad_input_gives_clear_errors(lenet5_trained):
         QuantConfig(weight=None, activation=None)
 
 
-class _Encoder(nn.Module):
-    """A two-block pre-norm encoder: one block with plain attention, one with nn.MultiheadAttention."""
-
-    def __init__(self, dim: int = 32, heads: int = 4, tokens: int = 8) -> None:
-        super().__init__()
-        self.embed = nn.Linear(16, dim)
-        self.pos = nn.Parameter(torch.randn(tokens, dim) * 0.1)
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff1 = nn.Linear(dim, 2 * dim)
-        self.ff2 = nn.Linear(2 * dim, dim)
-        self.head = nn.Linear(dim, 10)
-        self.heads = heads
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        h = self.embed(x) + self.pos
-        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
-        q, k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
-        att = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
-        h = h + self.proj((att @ v).transpose(1, 2).reshape(b, t, -1))
-        n = self.norm2(h)
-        h = h + self.mha(n, n, n, need_weights=False)[0]
-        h = h + self.ff2(torch.nn.functional.gelu(self.ff1(self.norm3(h))))
-        return self.head(h.mean(dim=1))
-
-
 def test_transformer_encoder_quantizes_its_linears():
     torch.manual_seed(0)
-    model = _Encoder().eval()
-    calib = [torch.randn(16, 8, 16) for _ in range(4)]
+    model = TinyEncoder().eval()
+    calib = [torch.randn(16, 1, 28, 28) for _ in range(4)]
     q = ptq(model, calib, int8())
     quantized = {n for n, m in q.named_modules() if get_weight_quant(m) is not None}
-    assert quantized == {"embed", "qkv", "proj", "ff1", "ff2", "head"}  # MHA stays float
+    assert quantized == {"embed", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.fc1",
+                         "blocks.0.fc2", "blocks.1.attn.out_proj", "blocks.1.fc1",
+                         "blocks.1.fc2", "head"}
+    # nn.MultiheadAttention: int8 projection weights, float activations inside it
+    mha = q.get_submodule("blocks.1.attn")
+    wq = get_weight_quant(mha, "in_proj_weight")
+    assert wq.scale.shape == (3 * 32,) and sqnr(wq(mha.in_proj_weight), mha.in_proj_weight) == \
+        float("inf")  # already on the grid: quantizing again changes nothing
+    assert not any(n.startswith("blocks_1_attn") for n in activation_quantizers(q))
     assert all(isinstance(m, ActQuant) and m.frozen for m in activation_quantizers(q).values())
-    x = torch.randn(32, 8, 16)
+    x = torch.randn(32, 1, 28, 28)
     assert sqnr(model(x), q(x)) > 25
+
+
+def test_a_layer_called_twice_gets_a_quantizer_per_call():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.tanh(self.fc(x)))
+
+    q = ptq(Twice(), [torch.randn(4, 8)], int8())
+    assert set(activation_quantizers(q)) == {"fc_input_quant", "fc_output_quant",
+                                             "fc_input_quant_1", "fc_output_quant_1"}
+
+
+def test_activation_axis_that_does_not_exist_names_the_quantizer(lenet5_trained):
+    model, _, _, calib, _ = lenet5_trained
+    cfg = QuantConfig(activation=QuantSpec(8, False, False, pj.quant.PerChannel(5)))
+    with pytest.raises(ValueError, match="'conv1_input_quant': axis 5 does not exist"):
+        ptq(model, calib, cfg)
+    with pytest.raises(ValueError, match="'conv1_input_quant': activation observers work per"):
+        ptq(model, calib, QuantConfig(activation=QuantSpec(8, granularity=PerGroup(8))))

@@ -97,8 +97,11 @@ def onnx(
     A plain model exports as FP32. A model quantized by `penjing.quant.ptq` / `qat`
     exports as QDQ: int8 weights (per channel) behind DequantizeLinear, int32 biases,
     activations as QuantizeLinear/DequantizeLinear pairs (uint8 by default), which ONNX
-    Runtime turns into integer kernels. Weight-only quantization below 8 bits exports
-    the dequantized float weights. The batch axis is dynamic unless `dynamic_batch=False`.
+    Runtime turns into integer kernels (QLinearConv, QGemm, ...). Weights without
+    quantized inputs (weight-only INT8, nn.MultiheadAttention's projections) stay int8
+    behind DequantizeLinear. Weights in groups or wider than 8 bits, which QDQ in opset
+    17 cannot hold, are written as their dequantized floats. The batch axis is dynamic
+    unless `dynamic_batch=False`.
 
     >>> pj.export.onnx(model, "model.onnx", torch.randn(1, 1, 28, 28))
     """
@@ -111,7 +114,8 @@ def onnx(
     args = _as_tuple(example_inputs)
     _check_quantizers(model)
     n_in = len(args)
-    input_names = list(input_names or (["input"] if n_in == 1 else [f"input{i}" for i in range(n_in)]))
+    default_names = ["input"] if n_in == 1 else [f"input{i}" for i in range(n_in)]
+    input_names = list(input_names or default_names)
     if len(input_names) != n_in:
         raise ValueError(f"{len(input_names)} input_names for {n_in} example inputs")
     was_training = model.training

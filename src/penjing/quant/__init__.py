@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from penjing.quant.checkpoint import load_quantized, save_quantized
 from penjing.quant.config import QUANTIZABLE, QuantConfig, int8, select, weight_only
 from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_qparams
 from penjing.quant.fold import fold_bn_
@@ -27,6 +28,7 @@ from penjing.quant.ptq import (
     qat,
     quantize_,
 )
+from penjing.quant.report import LayerStats, format_layers, layer_report
 from penjing.quant.shared import SharedWeights, SharingInfo, get_shared, kmeans_
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "QUANTIZABLE",
     "ActQuant",
     "KMeansResult",
+    "LayerStats",
     "Observer",
     "PerChannel",
     "PerGroup",
@@ -50,12 +53,15 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fold_bn_",
+    "format_layers",
     "freeze_",
     "get_shared",
     "get_weight_quant",
     "int8",
     "kmeans_",
     "kmeans_1d",
+    "layer_report",
+    "load_quantized",
     "make_observer",
     "prepare",
     "ptq",
@@ -63,6 +69,7 @@ __all__ = [
     "qparams",
     "quantize",
     "quantize_",
+    "save_quantized",
     "select",
     "sqnr",
     "weight_only",

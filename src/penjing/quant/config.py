@@ -12,7 +12,8 @@ from torch import nn
 from penjing.errors import UnsupportedLayerError
 from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec
 
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# nn.MultiheadAttention: its projection weights only (its activations stay float inside)
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,12 @@ def select(
     without it the registration order is used.
     """
     modules = dict(model.named_modules())
-    candidates = [n for n, m in modules.items() if n and isinstance(m, config.types)]
+    attention = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+    candidates = [  # nn.MultiheadAttention quantizes its own out_proj
+        n for n, m in modules.items()
+        if n and isinstance(m, config.types)
+        and not any(n.startswith(f"{a}.") for a in attention if a)
+    ]
     for pattern in config.layers:
         regex = re.compile(pattern)
         hits = [n for n in modules if n and regex.fullmatch(n)]

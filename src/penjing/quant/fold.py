@@ -45,9 +45,12 @@ def _pairs_by_order(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _fold_one(layer: nn.Module, bn: nn.Module) -> None:
+def _fold_one(layer: nn.Module, bn: nn.Module, names: tuple[str, str]) -> None:
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+        raise ValueError(
+            f"cannot fold BatchNorm {names[1]!r} into {names[0]!r}: it keeps no running "
+            "statistics (track_running_stats=False); train with running statistics to fold it"
+        )
     with torch.no_grad():
         a = bn.running_var.add(bn.eps).rsqrt()
         if bn.weight is not None:
@@ -57,8 +60,8 @@ def _fold_one(layer: nn.Module, bn: nn.Module) -> None:
             chain = layer.parametrizations.weight
             if not all(isinstance(p, Mask) for p in chain):
                 raise ValueError(
-                    f"{type(layer).__name__}.weight carries a parametrization other than a "
-                    "pruning mask (fake quantization? shared weights?); fold BatchNorm first"
+                    f"{names[0]!r}.weight carries a parametrization other than a pruning "
+                    "mask (fake quantization? shared weights?); fold BatchNorm first"
                 )
             chain.original.mul_(a.reshape(shape))  # a mask stays valid: zeros stay zero
         else:
@@ -94,7 +97,7 @@ def fold_bn_(model: nn.Module) -> list[tuple[str, str]]:
             continue
         if layer.weight.shape[0] != bn.num_features:
             continue  # e.g. a Linear over the wrong axis; not a per-channel affine pair
-        _fold_one(layer, bn)
+        _fold_one(layer, bn, (layer_name, bn_name))
         parent_name, _, child = bn_name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         setattr(parent, child, nn.Identity())

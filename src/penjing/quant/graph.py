@@ -9,6 +9,7 @@ whole chain in integers.
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
@@ -71,7 +72,9 @@ def layer_order(model: nn.Module, config: QuantConfig) -> list[str]:
     return [n.target for n in gm.graph.nodes if n.op == "call_module"]
 
 
-def insert_quantizers(gm: fx.GraphModule, layers: list[str], config: QuantConfig) -> dict[str, ActQuant]:
+def insert_quantizers(
+    gm: fx.GraphModule, layers: list[str], config: QuantConfig
+) -> dict[str, ActQuant]:
     """Add ActQuant modules around `layers` in `gm` (in place); return them by name."""
     graph, spec = gm.graph, config.activation
     for node in list(graph.nodes):  # folded BatchNorms: drop them so ReLU follows its layer
@@ -85,7 +88,12 @@ def insert_quantizers(gm: fx.GraphModule, layers: list[str], config: QuantConfig
     def new_quantizer(base: str, after: fx.Node, observe: bool = True, target: str | None = None):
         if target is None:
             target = base.replace(".", "_")
-            module = ActQuant(spec, config.observer)
+            taken = dict(gm.named_modules())
+            for i in itertools.count(1):  # a layer called twice gets a quantizer per call
+                if target not in taken:
+                    break
+                target = f"{base.replace('.', '_')}_{i}"
+            module = ActQuant(spec, config.observer, name=target)
             gm.add_submodule(target, module)
             added[target] = module
         with graph.inserting_after(after):

@@ -27,6 +27,10 @@ class PerChannel:
 
     axis: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            raise TypeError(f"channel axis must be an int, got {self.axis!r}")
+
 
 @dataclass(frozen=True)
 class PerGroup:
@@ -37,7 +41,7 @@ class PerGroup:
     size: int = 128
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 1:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"group size must be a positive int, got {self.size!r}")
 
 

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from penjing.quant.config import QuantConfig, select
-from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant
+from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_tensors
 from penjing.quant.fold import fold_bn_
 from penjing.quant.graph import insert_quantizers, layer_order, trace
 from penjing.quant.shared import get_shared
@@ -46,17 +46,21 @@ def quantize_(
     for name, spec in select(model, config, order).items():
         if spec is None:
             continue
-        module = modules[name]
-        if get_weight_quant(module) is not None or get_shared(module) is not None:
-            raise ValueError(
-                f"layer {name!r} already has quantized or shared weights; finalize_ it first"
-            )
-        try:
-            quant = WeightQuant(module.weight, spec, config.weight_range, config.learnable, qat)
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from err
-        parametrize.register_parametrization(module, "weight", quant)
-        added[name] = quant
+        for path, tensor in weight_tensors(modules[name]):
+            owner = modules[name].get_submodule(path)
+            key = ".".join(p for p in (name, path) if p)
+            key += "" if tensor == "weight" else f".{tensor}"
+            if get_weight_quant(owner, tensor) is not None or get_shared(owner) is not None:
+                raise ValueError(
+                    f"layer {key!r} already has quantized or shared weights; finalize_ it first"
+                )
+            try:
+                quant = WeightQuant(getattr(owner, tensor), spec, config.weight_range,
+                                    config.learnable, qat)
+            except ValueError as err:
+                raise ValueError(f"layer {key!r}: {err}") from err
+            parametrize.register_parametrization(owner, tensor, quant)
+            added[key] = quant
     return added
 
 
@@ -71,7 +75,11 @@ def prepare(model: nn.Module, config: QuantConfig, *, qat: bool = False) -> fx.G
     weights = quantize_(model, config, qat=qat, order=order)
     if config.activation is None:
         return model
-    layers = list(select(model, config, order))
+    modules = dict(model.named_modules())
+    layers = [  # attention keeps float activations: it returns a tuple, not one tensor
+        n for n in select(model, config, order)
+        if not isinstance(modules[n], nn.MultiheadAttention)
+    ]
     gm = trace(model, config.types)
     insert_quantizers(gm, layers, config)
     del weights
@@ -83,12 +91,14 @@ def activation_quantizers(model: nn.Module) -> dict[str, ActQuant]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
 
 
-def _inputs(batch):
+def _inputs(batch: object) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, list | tuple) and batch:
         return batch[0]
-    raise TypeError(f"a calibration batch must be a tensor or (inputs, labels), got {type(batch).__name__}")
+    raise TypeError(
+        f"a calibration batch must be a tensor or (inputs, labels), got {type(batch).__name__}"
+    )
 
 
 @torch.no_grad()
@@ -113,16 +123,29 @@ def calibrate_(model: nn.Module, loader: Iterable, batches: int | None = None) -
 
 
 def freeze_(model: nn.Module, learnable: bool = False) -> dict[str, ActQuant]:
-    """Fix every activation quantizer from its observer and every QAT weight range."""
+    """Fix every activation quantizer from its observer (then learn its scale if
+    `learnable`), or, if already frozen, keep its learned scale; fix every QAT weight
+    range or learned weight scale."""
     quantizers = activation_quantizers(model)
     for name, q in quantizers.items():
         if not q.frozen:
             q.freeze_(name, learnable)
+        elif not learnable:
+            q.bake_scale_()
     for module in model.modules():
-        wq = get_weight_quant(module)
-        if wq is not None and wq.dynamic:
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor, chain in module.parametrizations.items():
+            wq = get_weight_quant(module, tensor)
+            if wq is None:
+                continue
             with torch.no_grad():
-                wq.freeze_(module.parametrizations.weight.original)
+                value = chain.original  # what reaches the quantizer: after any mask
+                for p in chain:
+                    if p is wq:
+                        break
+                    value = p(value)
+                wq.freeze_(value)
     return quantizers
 
 
@@ -141,7 +164,10 @@ def ptq(
     q = prepare(model, config)
     if config.activation is not None:
         if calib_loader is None:
-            raise ValueError("quantizing activations needs a calib_loader; pass one or set activation=None")
+            raise ValueError(
+                "quantizing activations needs a calib_loader, got None; pass a loader over a "
+                "few hundred training images, or set activation=None for weights only"
+            )
         calibrate_(q, calib_loader, batches)
         freeze_(q)
     return q

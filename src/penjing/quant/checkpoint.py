@@ -1,0 +1,214 @@
+"""Save a linearly quantized model as safetensors with integer weights, and load it back.
+
+The file holds the state of the model `ptq` / `qat` returned, with every fake-quantized
+weight stored as its integers (int8 up to 8 bits, int16 above) instead of floats, plus
+the QuantConfig and a SHA-256 of the tensors in the metadata. Loading rebuilds the
+quantized model from a fresh float model of the same architecture: `prepare` with the
+stored config, then the stored scales, zero points and integers. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from penjing.errors import FormatError
+from penjing.io import atomic_write_bytes
+from penjing.quant.config import QuantConfig
+from penjing.quant.fakequant import ActQuant, WeightQuant
+from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec, dequantize, quantize
+
+FORMAT = "penjing.quantized/1"
+_INT_SUFFIX = ".int"  # key suffix of a weight stored as integers
+
+
+def _spec_to_dict(spec: QuantSpec | None) -> dict | None:
+    if spec is None:
+        return None
+    g = spec.granularity
+    granularity = (
+        {"kind": "tensor"} if isinstance(g, PerTensor)
+        else {"kind": "channel", "axis": g.axis} if isinstance(g, PerChannel)
+        else {"kind": "group", "size": g.size}
+    )
+    return {"bits": spec.bits, "symmetric": spec.symmetric, "signed": spec.signed,
+            "granularity": granularity}
+
+
+def _spec_from_dict(d: dict | None) -> QuantSpec | None:
+    if d is None:
+        return None
+    g = d["granularity"]
+    granularity = {"tensor": lambda: PerTensor(), "channel": lambda: PerChannel(g["axis"]),
+                   "group": lambda: PerGroup(g["size"])}[g["kind"]]()
+    return QuantSpec(d["bits"], d["symmetric"], d["signed"], granularity)
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _type_from_name(name: str) -> type:
+    module, _, qualname = name.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def config_to_dict(config: QuantConfig) -> dict:
+    """A JSON-able form of `config`; a callable observer or weight range is stored by name
+    ('custom'): it only matters while calibrating, and a stored model is calibrated."""
+    def name(v: Any) -> str:
+        return v if isinstance(v, str) else "custom"
+
+    return {
+        "weight": _spec_to_dict(config.weight),
+        "activation": _spec_to_dict(config.activation),
+        "observer": name(config.observer),
+        "weight_range": name(config.weight_range),
+        "types": [_type_name(t) for t in config.types],
+        "layers": {k: v if isinstance(v, bool) else _spec_to_dict(v)
+                   for k, v in config.layers.items()},
+        "first": config.first,
+        "last": config.last,
+        "learnable": config.learnable,
+    }
+
+
+def config_from_dict(d: dict) -> QuantConfig:
+    """Undo `config_to_dict`."""
+    def name(v: str) -> str:
+        return "minmax" if v == "custom" else v
+
+    return QuantConfig(
+        weight=_spec_from_dict(d["weight"]),
+        activation=_spec_from_dict(d["activation"]),
+        observer=name(d["observer"]),
+        weight_range=name(d["weight_range"]),
+        types=tuple(_type_from_name(t) for t in d["types"]),
+        layers={k: v if isinstance(v, bool) else _spec_from_dict(v)
+                for k, v in d["layers"].items()},
+        first=d["first"],
+        last=d["last"],
+        learnable=d["learnable"],
+    )
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _integer_weights(model: nn.Module) -> dict[str, WeightQuant]:
+    """{state key of a float weight: its quantizer} for every parametrized tensor whose
+    only parametrization is a WeightQuant (a pruning mask before it keeps floats)."""
+    found = {}
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor, chain in module.parametrizations.items():
+            if len(chain) == 1 and isinstance(chain[0], WeightQuant):
+                prefix = f"{name}." if name else ""
+                found[f"{prefix}parametrizations.{tensor}.original"] = chain[0]
+    return found
+
+
+def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLike) -> int:
+    """Write the quantized `model` (from `ptq` / `qat` with `config`) to `path`; return
+    the file size in bytes. Weights are stored as integers, the rest as float32."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for key, quant in _integer_weights(model).items():
+        ints = quantize(state.pop(key).float(), quant.scale.detach(), quant.zero_point,
+                        quant.spec)
+        state[key + _INT_SUFFIX] = ints.to(torch.int8 if quant.spec.bits <= 8 else torch.int16)
+    for name, module in model.named_modules():
+        if isinstance(module, ActQuant) and not module.frozen:
+            raise ValueError(
+                f"activation quantizer {name!r} is not calibrated yet; save the model that "
+                "ptq / qat returned"
+            )
+    from safetensors.torch import save
+
+    metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config)),
+                "sha256": _digest(state)}
+    data = save(state, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"quantized checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError) as err:
+        raise FormatError(f"cannot read {str(path)!r} as safetensors ({err})") from err
+    if metadata.get("format") != FORMAT:
+        raise FormatError(
+            f"{str(path)!r} is not a penjing quantized checkpoint (format "
+            f"{metadata.get('format')!r}, expected {FORMAT!r}); write one with save_quantized"
+        )
+    if _digest(tensors) != metadata.get("sha256"):
+        raise FormatError(f"{str(path)!r} is corrupt: its tensors do not match their SHA-256")
+    return tensors, metadata
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """The quantized model stored at `path`, rebuilt on `model` (a float model of the same
+    architecture, e.g. fresh from penjing.models.create; it is left unchanged)."""
+    from penjing.quant.ptq import prepare
+
+    tensors, metadata = _read(path)
+    config = config_from_dict(json.loads(metadata["config"]))
+    q = prepare(model, replace(config, learnable=False))  # learned scales are stored baked
+    for name, module in q.named_modules():
+        if isinstance(module, ActQuant):
+            prefix = f"{name}."
+            try:
+                module.register_buffer("scale", tensors[prefix + "scale"])
+                module.register_buffer("zero_point", tensors[prefix + "zero_point"])
+            except KeyError as err:
+                raise FormatError(
+                    f"{str(path)!r} holds no {err} for activation quantizer {name!r}: it was "
+                    "saved from a different model or config"
+                ) from err
+            module.frozen = True
+    state = {}
+    integer = _integer_weights(q)
+    for key, value in tensors.items():
+        if key.endswith(_INT_SUFFIX):
+            float_key = key.removesuffix(_INT_SUFFIX)
+            if float_key not in integer:
+                raise FormatError(f"{str(path)!r}: integer weight {key!r} has no quantized layer")
+            quant = integer[float_key]
+            base = float_key.removesuffix("original")
+            scale, zero = tensors[base + "0.scale"], tensors[base + "0.zero_point"]
+            state[float_key] = dequantize(value.to(torch.int32), scale, zero, quant.spec)
+        else:
+            state[key] = value
+    try:
+        q.load_state_dict(state)
+    except RuntimeError as err:
+        raise FormatError(
+            f"{str(path)!r} does not fit this {type(model).__name__}: {err}"
+        ) from err
+    return q.eval()

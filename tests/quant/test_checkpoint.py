@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import penjing as pj
+from penjing.errors import FormatError
+from penjing.models.encoder import TinyEncoder
+from penjing.quant import (
+    PerGroup,
+    QuantConfig,
+    QuantSpec,
+    int8,
+    load_quantized,
+    prepare,
+    ptq,
+    save_quantized,
+    weight_only,
+)
+from penjing.quant.checkpoint import config_from_dict, config_to_dict
+
+
+def _vgg() -> nn.Module:
+    torch.manual_seed(0)
+    model = pj.models.create("vgg", width=0.25)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("make", "config"),
+    [(lambda: pj.models.create("lenet5"), int8()),
+     (_vgg, int8(observer="entropy", first=False)),
+     (_vgg, weight_only(bits=4, group_size=32)),
+     (TinyEncoder, int8(observer="percentile"))],
+)
+def test_round_trip_gives_the_very_same_outputs(tmp_path, make, config):
+    torch.manual_seed(0)
+    model = make().eval()
+    calib = [torch.randn(16, 1, 28, 28) for _ in range(2)]
+    q = ptq(model, calib, config)
+    size = save_quantized(q, config, tmp_path / "q.safetensors")
+    loaded = load_quantized(make(), tmp_path / "q.safetensors")  # fresh random weights
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.equal(loaded(x), q(x))
+    float_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
+    assert size < 0.5 * float_bytes  # int8 weights; biases, norms and scales stay float32
+
+
+def test_weights_are_stored_as_int8(tmp_path):
+    from safetensors.torch import load_file
+
+    model = pj.models.create("lenet5").eval()
+    q = ptq(model, [torch.randn(8, 1, 28, 28)], int8())
+    save_quantized(q, int8(), tmp_path / "q.safetensors")
+    tensors = load_file(tmp_path / "q.safetensors")
+    ints = {k: v for k, v in tensors.items() if k.endswith(".int")}
+    assert set(ints) == {f"{n}.parametrizations.weight.original.int"
+                         for n in ("conv1", "conv2", "fc1", "fc2")}
+    assert all(v.dtype == torch.int8 for v in ints.values())
+    assert int(ints["fc1.parametrizations.weight.original.int"].abs().max()) == 127
+
+
+def test_config_survives_json():
+    cfg = QuantConfig(
+        weight=QuantSpec(4, granularity=PerGroup(64)), observer="mse", weight_range="mse",
+        types=(nn.Linear,), layers={"fc1": False, "fc2": QuantSpec(8)}, first=False,
+        learnable=True,
+    )
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    model = pj.models.create("lenet5").eval()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_quantized(model, tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FormatError, match="cannot read"):
+        load_quantized(model, tmp_path / "junk.safetensors")
+    pj.train.save_checkpoint(model, tmp_path / "float.safetensors")
+    with pytest.raises(FormatError, match="not a penjing quantized checkpoint"):
+        load_quantized(model, tmp_path / "float.safetensors")
+    q = ptq(model, [torch.randn(8, 1, 28, 28)], int8())
+    path = tmp_path / "q.safetensors"
+    save_quantized(q, int8(), path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # flip bits inside the last tensor
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="corrupt"):
+        load_quantized(model, tmp_path / "bad.safetensors")
+    with pytest.raises(FormatError, match="saved from a different model or config"):
+        load_quantized(pj.models.create("lenet300"), path)
+
+
+def test_an_uncalibrated_model_is_not_saved(tmp_path):
+    q = prepare(pj.models.create("lenet5"), int8())
+    with pytest.raises(ValueError, match="'conv1_input_quant' is not calibrated yet"):
+        save_quantized(q, int8(), tmp_path / "q.safetensors")
+    assert not (tmp_path / "q.safetensors").exists()

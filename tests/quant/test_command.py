@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import penjing as pj
+from penjing.cli import main
+from penjing.quant import load_quantized
+from penjing.quant.command import make_config
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, lenet5_trained):
+    path = tmp_path_factory.mktemp("quantize") / "lenet5.safetensors"
+    pj.train.save_checkpoint(lenet5_trained[0], path)
+    return path
+
+
+def test_quantize_prints_the_layer_table_and_writes_both_files(
+    tmp_path, weights, lenet5_trained, capsys
+):
+    onnx_path, out = tmp_path / "q.onnx", tmp_path / "q.safetensors"
+    rc = main(["quantize", "lenet5", "--weights", str(weights), "--observer", "percentile",
+               "--calib-images", "128", "--onnx", str(onnx_path), "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    rows = {line.split()[0]: line.split() for line in text.splitlines()
+            if line.split() and line.split()[0] in {"conv1", "conv2", "fc1", "fc2"}}
+    assert list(rows) == ["conv1", "conv2", "fc1", "fc2"]
+    for cells in rows.values():
+        assert cells[2] == "int8/ch" and float(cells[6]) > 38 and float(cells[8]) > 30
+    assert rows["conv2"][9] == "25"  # 8 + 8 + ⌈log2(20·5·5)⌉ accumulator bits
+    fp32, quantized = (float(v) / 100 for v in re.search(
+        r"FP32 ([\d.]+)%, quantized ([\d.]+)%", text).groups())
+    assert fp32 == pytest.approx(lenet5_trained[4])
+    assert quantized >= fp32 - 0.01
+    ort_acc = float(re.search(r"ONNX Runtime accuracy ([\d.]+)%", text).group(1)) / 100
+    assert abs(ort_acc - quantized) <= 0.002  # ORT's integer model follows the simulation
+    assert "QLinearConv×2" in text and "QGemm×2" in text
+    # the checkpoint holds the same model
+    model = pj.models.create("lenet5")
+    loaded = load_quantized(model, out)
+    test = lenet5_trained[2]
+    assert pj.train.evaluate(loaded, test) == pytest.approx(quantized, abs=1e-9)
+    assert out.stat().st_size < 0.3 * weights.stat().st_size
+
+
+def test_int4_groups_weight_only(tmp_path, weights, capsys):
+    rc = main(["quantize", "lenet5", "--weights", str(weights), "--bits", "4",
+               "--granularity", "group", "--group-size", "32", "--weight-only"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "activations float" in text
+    assert text.count("int4/g32") == 1 + 4  # the setting line and every layer
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--bits", "9"], "bits must be one of"),
+     (["--act-bits", "1"], "bits must be one of"),
+     (["--granularity", "group"], "group_size goes with granularity 'group'"),
+     (["--group-size", "32"], "group_size goes with granularity 'group'"),
+     (["--calib-images", "0"], "calib_images must be >= 1, got 0"),
+     (["--skip", "conv9"], "layers pattern 'conv9' matches no module")],
+)
+def test_bad_options_are_clear_errors(weights, capsys, argv, message):
+    assert main(["quantize", "lenet5", "--weights", str(weights), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_weights_and_unknown_model(tmp_path, weights, capsys):
+    assert main(["quantize", "lenet5", "--weights", str(tmp_path / "none.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["quantize", "nosuch:thing", "--weights", str(weights)]) == 2
+    assert "cannot find model factory 'nosuch:thing'" in capsys.readouterr().err
+
+
+def test_make_config_maps_options_to_specs():
+    cfg = make_config(bits=4, granularity="tensor", act_bits=None, skip=("fc2",),
+                      skip_first=True)
+    assert cfg.weight.bits == 4 and cfg.activation is None and not cfg.first
+    assert dict(cfg.layers) == {"fc2": False}
+    with pytest.raises(ValueError, match="unknown observer 'kl'"):
+        make_config(observer="kl")
+    assert torch.equal(torch.tensor(make_config().activation.qmax), torch.tensor(255))
