@@ -45,6 +45,8 @@ def test_unknown_hint_layer_is_refused(teacher, small_train):
         distill(teacher, student, small_train, hints=("conv2", "fc7"))
     with pytest.raises(ValueError, match="pair"):
         distill(teacher, student, small_train, hints="conv2")
+    with pytest.raises(ValueError, match="pass the teacher itself"):
+        distill(pj.distill.CachedTeacher(teacher), student, small_train, hints=("conv2", "conv2"))
 
 
 def test_hint_training_moves_only_layers_up_to_the_hint(teacher, small_train):

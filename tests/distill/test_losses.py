@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from penjing.distill import Ensemble, kd_loss, logit_mse, soft_target
+from penjing.distill import UNLABELED, Ensemble, kd_loss, logit_mse, soft_target
 
 
 def softmax(row: list[float], t: float) -> list[float]:
@@ -70,6 +70,17 @@ def test_temperature_must_be_positive(temperature):
         soft_target(torch.randn(2, 3), torch.randn(2, 3), temperature)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         Ensemble([nn.Linear(3, 3)], temperature)
+
+
+def test_unlabelled_rows_get_only_the_soft_part():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    y = torch.tensor([3, UNLABELED, 7, UNLABELED])
+    soft = soft_target(s, t, 4.0)
+    hard = nn.functional.cross_entropy(s[[0, 2]], y[[0, 2]])
+    got = kd_loss(s, t, y, temperature=4.0, alpha=0.8)
+    assert float(got) == pytest.approx(float(0.8 * soft + 0.2 * hard), rel=1e-6)
+    nobody = torch.full((4,), UNLABELED)
+    assert float(kd_loss(s, t, nobody, alpha=0.8)) == pytest.approx(float(soft), rel=1e-6)
 
 
 def test_bad_weights_and_losses():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from penjing.distill.cache import CachedTeacher
 from penjing.distill.command import DistillSummary, distill_named
 from penjing.distill.data_distillation import (
     DataDistillation,
@@ -11,16 +12,27 @@ from penjing.distill.data_distillation import (
 )
 from penjing.distill.ensemble import Ensemble
 from penjing.distill.hints import build_regressor, capture, hint_loss, regressor, train_hints_
-from penjing.distill.kd import distill
-from penjing.distill.losses import SOFT_LOSSES, kd_loss, logit_mse, soft_target
+from penjing.distill.kd import DistillLoss, distill
+from penjing.distill.losses import SOFT_LOSSES, UNLABELED, kd_loss, logit_mse, soft_target
 from penjing.distill.mutual import mutual_, mutual_losses
-from penjing.distill.transforms import LABEL_PRESERVING, TRANSFORMS, rotate, scale, shift
+from penjing.distill.transforms import (
+    LABEL_PRESERVING,
+    TRANSFORMS,
+    Augmented,
+    rotate,
+    scale,
+    shift,
+)
 
 __all__ = [
     "LABEL_PRESERVING",
     "SOFT_LOSSES",
     "TRANSFORMS",
+    "UNLABELED",
+    "Augmented",
+    "CachedTeacher",
     "DataDistillation",
+    "DistillLoss",
     "DistillSummary",
     "Ensemble",
     "PseudoLabels",

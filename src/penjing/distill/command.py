@@ -1,12 +1,28 @@
-"""`penjing distill` as one function: models by name, a teacher from a checkpoint or trained."""
+"""`penjing distill` as one function: teacher(s) and student by name or `module:function`.
+
+A model is either a penjing model name (`penjing.models.MODELS`, built for the data set's
+classes) or `package.module:function`, a function of no arguments that returns an
+`nn.Module`. Weights are safetensors files (`penjing.train.save_checkpoint`). A teacher
+without weights is trained first. Weights that are exactly zero in the student's
+checkpoint stay zero: a pruned student comes back pruned.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from torch import nn
+
 from penjing import data, models
+from penjing.distill.cache import CachedTeacher
+from penjing.distill.ensemble import Ensemble
 from penjing.distill.kd import distill
+from penjing.distill.losses import check_temperature, check_weight
+from penjing.prune.masks import PRUNABLE, finalize_, set_mask_
 from penjing.train import evaluate, fit, load_checkpoint, save_checkpoint, seed_everything
 
 
@@ -14,63 +30,190 @@ from penjing.train import evaluate, fit, load_checkpoint, save_checkpoint, seed_
 class DistillSummary:
     """Accuracies measured in one `distill_named` run."""
 
-    teacher: str
+    teachers: tuple[tuple[str, float], ...]  # (spec, test accuracy) per teacher
     student: str
-    teacher_accuracy: float
+    student_before: float | None  # the student's accuracy from its checkpoint, if given
     student_accuracy: float
+    sparsity: float | None  # fraction of zeros kept in the student's prunable weights
     saved_to: str | None
 
     def format(self) -> str:
-        lines = [
-            f"{'model':<10} {'name':<14} {'test accuracy':>13}",
-            f"{'teacher':<10} {self.teacher:<14} {self.teacher_accuracy:>13.4f}",
-            f"{'student':<10} {self.student:<14} {self.student_accuracy:>13.4f}",
-        ]
+        width = max(14, *(len(name) for name, _ in self.teachers), len(self.student))
+        lines = [f"{'model':<16} {'name':<{width}} {'test accuracy':>13}"]
+        for i, (name, acc) in enumerate(self.teachers):
+            role = "teacher" if len(self.teachers) == 1 else f"teacher {i + 1}"
+            lines.append(f"{role:<16} {name:<{width}} {acc:>13.4f}")
+        if self.student_before is not None:
+            lines.append(f"{'student before':<16} {self.student:<{width}} "
+                         f"{self.student_before:>13.4f}")
+        lines.append(f"{'student':<16} {self.student:<{width}} {self.student_accuracy:>13.4f}")
+        if self.sparsity:
+            lines.append(f"student sparsity kept: {self.sparsity:.2%} of prunable weights are zero")
         if self.saved_to:
             lines.append(f"student weights written to {self.saved_to}")
         return "\n".join(lines)
 
 
+def _import(spec: str, what: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{what} {spec!r} must be 'package.module:function'")
+    cwd = os.getcwd()
+    added = cwd not in sys.path  # the `penjing` script does not put it there itself
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"cannot import module {module_name!r} for {what} {spec!r}: {err}; it must be "
+            "importable from the current directory or the Python path"
+        ) from err
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if not hasattr(module, attr):
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from {what} {spec!r})")
+    return getattr(module, attr)
+
+
+def model_factory(spec: str, role: str = "model") -> Callable[[int], nn.Module]:
+    """Check a model spec without building anything; return num_classes -> fresh model."""
+    if ":" not in spec:
+        if spec not in models.MODELS:
+            raise ValueError(
+                f"unknown {role} model {spec!r}; give one of {sorted(models.MODELS)} or your "
+                "own as 'package.module:function' (a function returning an nn.Module)"
+            )
+        return lambda num_classes: models.create(spec, num_classes=num_classes)
+    factory = _import(spec, f"{role} model")
+    if not callable(factory):
+        raise TypeError(f"{role} model {spec!r} must name a function, got {type(factory).__name__}")
+
+    def build(_num_classes: int) -> nn.Module:  # the user's function fixes its own classes
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{role} model {spec!r} must give an nn.Module, got {type(model).__name__}"
+            )
+        return model
+
+    return build
+
+
+def load_split(spec: str) -> data.DataSplit:
+    """A bundled data set by name, or `module:function` returning a `penjing.data.DataSplit`."""
+    if ":" not in spec:
+        return data.load(spec)
+    factory = _import(spec, "data")
+    split = factory() if callable(factory) else factory
+    if not isinstance(split, data.DataSplit):
+        raise TypeError(
+            f"data {spec!r} must give a penjing.data.DataSplit(name, train, test, num_classes), "
+            f"got {type(split).__name__}"
+        )
+    return split
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module, role: str) -> nn.Module:
+    """Fill `model` from a safetensors checkpoint, with an error that says what does not fit."""
+    try:
+        return load_checkpoint(path, model)
+    except RuntimeError as err:  # load_state_dict: missing, unexpected or mis-shaped tensors
+        raise ValueError(
+            f"the {role} weights {str(path)!r} do not fit {type(model).__name__}: {err}; "
+            "save a plain state_dict (finalize_ pruned models first)"
+        ) from err
+
+
+def keep_zeros_(model: nn.Module) -> float | None:
+    """Mask every prunable weight where it is exactly zero; the fraction of zeros, or None."""
+    zeros = total = 0
+    for module in model.modules():
+        if isinstance(module, PRUNABLE):
+            mask = module.weight.detach() != 0
+            zeros += int((~mask).sum())
+            total += mask.numel()
+            if not bool(mask.all()):
+                set_mask_(module, mask.to(module.weight.dtype))
+    return zeros / total if zeros else None
+
+
 def distill_named(
-    teacher: str,
+    teacher: str | Sequence[str],
     student: str,
     *,
     dataset: str = "mnist",
-    teacher_weights: str | os.PathLike | None = None,
+    teacher_weights: Sequence[str | os.PathLike] = (),
+    student_weights: str | os.PathLike | None = None,
     teacher_epochs: int = 10,
     epochs: int = 10,
     temperature: float = 4.0,
     alpha: float = 0.9,
+    soft: str = "kl",
+    hints: tuple[str, str] | None = None,
+    hint_epochs: int = 2,
     lr: float = 1e-3,
     batch_size: int = 64,
     out: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> DistillSummary:
-    """Distil penjing model `teacher` into `student` on a bundled data set.
+    """Distil `teacher` (one spec, or several for an ensemble) into `student` on `dataset`.
 
-    The teacher's weights come from a safetensors checkpoint, or, without one, it trains
-    for `teacher_epochs` first. The student's weights are saved to `out` (safetensors).
+    Teachers come from `teacher_weights` (one file per teacher) or are trained for
+    `teacher_epochs`. The student starts from `student_weights` when given (its zeros
+    stay zero) and is saved to `out` (safetensors, masks baked in).
     """
-    split = data.load(dataset)
+    check_temperature(temperature)
+    check_weight(alpha)
+    teachers = [teacher] if isinstance(teacher, str) else list(teacher)
+    if not teachers:
+        raise ValueError("give at least one teacher")
+    if teacher_weights and len(teacher_weights) != len(teachers):
+        raise ValueError(
+            f"give one weights file per teacher or none: {len(teachers)} teachers, "
+            f"{len(teacher_weights)} weights files"
+        )
+    # every spec is checked before the data set loads, so a typo fails at once
+    teacher_factories = [model_factory(spec, "teacher") for spec in teachers]
+    student_factory = model_factory(student, "student")
+    split = load_split(dataset)
     train, test = data.loaders(split, batch_size=batch_size, seed=seed)
-    seed_everything(seed)
-    teacher_model = models.create(teacher, num_classes=split.num_classes)
-    if teacher_weights is not None:
-        load_checkpoint(teacher_weights, teacher_model)
-    else:
-        fit(teacher_model, train, epochs=teacher_epochs, lr=lr, seed=seed, progress=progress,
-            desc="teacher")
-    seed_everything(seed + 1)  # the student's initial weights do not depend on the teacher's
-    student_model = models.create(student, num_classes=split.num_classes)
+    teacher_models = []
+    for i, (spec, factory) in enumerate(zip(teachers, teacher_factories, strict=True)):
+        seed_everything(seed + i)
+        model = factory(split.num_classes)
+        if teacher_weights:
+            load_weights(teacher_weights[i], model, "teacher")
+        else:
+            fit(model, train, epochs=teacher_epochs, lr=lr, seed=seed + i, progress=progress,
+                desc=f"teacher {spec}")
+        teacher_models.append(model.eval())
+    seed_everything(seed + len(teachers))  # the student's initial weights differ from theirs
+    student_model = student_factory(split.num_classes)
+    before = sparsity = None
+    if student_weights is not None:
+        load_weights(student_weights, student_model, "student")
+        before = evaluate(student_model, test)
+        sparsity = keep_zeros_(student_model)
+    teacher_model = (Ensemble(teacher_models, temperature) if len(teacher_models) > 1
+                     else teacher_models[0])
+    if hints is None:  # the same images every epoch: ask the teacher once per image
+        teacher_model = CachedTeacher(teacher_model)
     distill(teacher_model, student_model, train, epochs=epochs, lr=lr, temperature=temperature,
-            alpha=alpha, seed=seed, progress=progress)
+            alpha=alpha, soft=soft, hints=hints, hint_epochs=hint_epochs, seed=seed,
+            progress=progress)
+    if sparsity is not None:
+        finalize_(student_model)
     if out is not None:
         save_checkpoint(student_model, out)
     return DistillSummary(
-        teacher=teacher,
+        teachers=tuple((spec, evaluate(m, test)) for spec, m in zip(teachers, teacher_models,
+                                                                    strict=True)),
         student=student,
-        teacher_accuracy=evaluate(teacher_model, test),
+        student_before=before,
         student_accuracy=evaluate(student_model, test),
+        sparsity=sparsity,
         saved_to=None if out is None else str(out),
     )

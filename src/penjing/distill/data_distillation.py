@@ -2,20 +2,31 @@
 
 A trained model predicts every unlabelled image under several transforms; the averaged
 probabilities give a pseudo-label (their argmax) and a confidence (their max). A student,
-which may be a fresh copy of the same architecture, then trains on the labelled data plus
-the confidently pseudo-labelled images.
+which may be a fresh copy of the same architecture or a smaller model, then trains on the
+labelled data plus the confidently pseudo-labelled images.
+
+The ensemble over views only adds information when the model is accurate on each view,
+which is why the paper trains it with the same transforms as augmentation (`Augmented`).
+On the bundled MNIST subset, a 784-30-10 MLP or a LeNet-5 trained on 200 labels without
+them labels 2-pixel-shifted digits 45-67 % right, against 78-87 % for the originals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
-from penjing.distill.transforms import LABEL_PRESERVING, Transform, resolve_transforms
+from penjing.distill.kd import check_pair
+from penjing.distill.transforms import (
+    LABEL_PRESERVING,
+    Augmented,
+    Transform,
+    resolve_transforms,
+)
 from penjing.train import History, fit
 
 
@@ -94,23 +105,36 @@ def data_distill(
     *,
     transforms: Sequence[str | Transform] = LABEL_PRESERVING,
     min_confidence: float = 0.0,
+    augment: bool = False,
     epochs: int = 10,
     lr: float = 1e-3,
     batch_size: int = 64,
     optimizer: str = "adam",
-    test_loader=None,
+    test_loader: Iterable | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> DataDistillation:
     """Pseudo-label `unlabeled` with `teacher` over `transforms`, then train `student` in place
-    on `labeled` ∪ pseudo-labelled images with cross-entropy.
+    on `labeled` ∪ pseudo-labelled images with cross-entropy (through `Augmented` with the
+    same transforms when `augment`, as the paper retrains with its usual augmentation).
+
+    The teacher should have been trained on the same transforms (`Augmented`): the
+    ensemble only improves on one view when the model is accurate on every view.
 
     >>> result = data_distill(teacher, pj.models.create("lenet5"), labeled, unlabeled_images)
     """
-    pseudo = pseudo_label(teacher, unlabeled, transforms, min_confidence=min_confidence)
+    if len(labeled) == 0:
+        raise ValueError("the labelled data set is empty; give at least one labelled image")
+    images = _images(unlabeled)
+    if len(images) == 0:
+        raise ValueError("no unlabelled images to pseudo-label; give at least one")
+    check_pair(teacher, student, images[:2])
+    pseudo = pseudo_label(teacher, images, transforms, min_confidence=min_confidence)
     combined = ConcatDataset([labeled, pseudo.dataset()])
     loader = DataLoader(combined, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
+    if augment:
+        loader = Augmented(loader, transforms, seed=seed)
     history = fit(student, loader, epochs=epochs, lr=lr, optimizer=optimizer,
                   test_loader=test_loader, seed=seed, progress=progress, desc="data distill")
     return DataDistillation(pseudo, history)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from penjing.distill.cache import CachedTeacher
 from penjing.distill.ensemble import Ensemble
 from penjing.distill.hints import build_regressor, train_hints_
 from penjing.distill.losses import (
@@ -56,6 +57,51 @@ def check_pair(teacher: nn.Module, student: nn.Module, example: torch.Tensor) ->
         student.train(modes[1])
 
 
+class DistillLoss:
+    """The distillation loss as a `penjing.train.fit` loss_fn(model, x, y), for any loop.
+
+    This is how distillation composes with a training loop penjing already has, e.g.
+    quantization-aware training distilled from the float model (QAT + KD):
+
+    >>> q = pj.quant.qat(student, train_loader, pj.quant.int8(), epochs=3,
+    ...                  loss_fn=DistillLoss(teacher))
+
+    The teacher (a list of teachers becomes an `Ensemble`) is put in eval mode and runs
+    without gradients; it is never changed.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | Sequence[nn.Module],
+        *,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        soft: str | SoftLoss = "kl",
+    ) -> None:
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_weight(alpha)
+        self.soft = resolve_soft_loss(soft)
+        if isinstance(teacher, Sequence) and not isinstance(teacher, str):
+            teacher = Ensemble(teacher, self.temperature)
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(
+                f"teacher must be an nn.Module or a list of them, got {type(teacher).__name__}"
+            )
+        inner = teacher.teacher if isinstance(teacher, CachedTeacher) else teacher
+        if isinstance(inner, Ensemble) and inner.temperature != self.temperature:
+            raise ValueError(
+                f"the ensemble averages at T = {inner.temperature} but distillation uses "
+                f"T = {self.temperature}; build Ensemble(teachers, temperature={self.temperature})"
+            )
+        self.teacher = teacher.eval()
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return kd_loss(model(x), teacher_logits, y, temperature=self.temperature,
+                       alpha=self.alpha, soft=self.soft)
+
+
 def distill(
     teacher: nn.Module | Sequence[nn.Module],
     student: nn.Module,
@@ -81,55 +127,49 @@ def distill(
       (student_logits, teacher_logits, temperature) -> loss.
     - `hints=(teacher_layer, student_layer)`: FitNets; first `hint_epochs` epochs of hint
       training through a regressor, then `epochs` epochs of distillation.
+    - A pruned student (masks from `pj.prune.magnitude_`) keeps exactly its zeros; a
+      student with fake-quantized weights (`pj.quant.quantize_(..., qat=True)`) trains
+      quantization-aware. For INT8 weights and activations, hand `DistillLoss(teacher)`
+      to `pj.quant.qat` as its loss_fn.
 
     >>> distill(teacher, student, train_loader, epochs=10, temperature=4.0, alpha=0.9)
     >>> distill([t1, t2, t3], student, train_loader)                 # teacher ensemble
     >>> distill(teacher, student, train_loader, hints=("conv2", "conv2"))   # FitNets
     """
-    temperature = check_temperature(temperature)
-    alpha = check_weight(alpha)
-    soft = resolve_soft_loss(soft)
-    if isinstance(teacher, Sequence):
-        teacher = Ensemble(teacher, temperature)
-    if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
-        raise TypeError(
-            f"teacher and student must be nn.Modules, got {type(teacher).__name__} and "
-            f"{type(student).__name__}"
-        )
-    if isinstance(teacher, Ensemble) and teacher.temperature != temperature:
-        raise ValueError(
-            f"the ensemble averages at T = {teacher.temperature} but distillation uses "
-            f"T = {temperature}; build Ensemble(teachers, temperature={temperature})"
-        )
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
     if hint_epochs < 0:
         raise ValueError(f"hint_epochs must be >= 0, got {hint_epochs}")
-    example = example_batch(loader)
-    check_pair(teacher, student, example)
-
-    teacher_mode = teacher.training
-    teacher.eval()
+    if hints is not None and not (isinstance(hints, tuple | list) and len(hints) == 2):
+        raise ValueError(
+            f"hints must be a pair (teacher_layer, student_layer), got {hints!r}; "
+            "e.g. hints=('conv2', 'conv2')"
+        )
+    if hints is not None and isinstance(teacher, CachedTeacher):
+        raise ValueError(
+            "hints read the teacher's layers in every forward, which a CachedTeacher skips "
+            "for images it has seen; pass the teacher itself when distilling with hints"
+        )
+    given = teacher if isinstance(teacher, Sequence) else [teacher]
+    modes = [(m, m.training) for m in given if isinstance(m, nn.Module)]
+    loss_fn = DistillLoss(teacher, temperature=temperature, alpha=alpha, soft=soft)
+    teacher = loss_fn.teacher
     try:
+        example = example_batch(loader)
+        check_pair(teacher, student, example)
         if hints is not None:
-            if not (isinstance(hints, tuple | list) and len(hints) == 2):
-                raise ValueError(
-                    f"hints must be a pair (teacher_layer, student_layer), got {hints!r}"
-                )
             teacher_layer, student_layer = hints
             reg = build_regressor(teacher, student, example, teacher_layer, student_layer)
             train_hints_(
                 teacher, student, loader, teacher_layer, student_layer, reg=reg,
                 epochs=hint_epochs, lr=lr, optimizer=optimizer, seed=seed, progress=progress,
             )
-
-        def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            return kd_loss(model(x), teacher_logits, y, temperature=temperature, alpha=alpha,
-                           soft=soft)
-
         return fit(
             student, loader, epochs=epochs, lr=lr, optimizer=optimizer, loss_fn=loss_fn,
             test_loader=test_loader, seed=seed, progress=progress, desc="distill",
         )
     finally:
-        teacher.train(teacher_mode)
+        for module, mode in modes:  # the teacher leaves in the mode it came in
+            module.train(mode)

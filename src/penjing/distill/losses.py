@@ -14,6 +14,8 @@ from torch import nn
 
 SoftLoss = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
+UNLABELED = -1  # the label of an image that has none: only the teacher teaches on it
+
 
 def check_temperature(temperature: float) -> float:
     """`temperature` as a float, or an error when it is not a number > 0."""
@@ -112,11 +114,16 @@ def kd_loss(
     """alpha · soft loss + (1 − alpha) · cross-entropy on the labels.
 
     Hinton et al. found a considerably lower weight on the hard labels works best, hence
-    alpha = 0.9. With `targets=None` (unlabelled data) only the soft part is used.
+    alpha = 0.9. With `targets=None` (unlabelled data) only the soft part is used; rows
+    labelled `UNLABELED` (-1) count in the soft part only, so a transfer set can mix
+    labelled and unlabelled images.
     """
     alpha = check_weight(alpha)
     soft_part = resolve_soft_loss(soft)(student_logits, teacher_logits, temperature)
     if targets is None or alpha == 1.0:
         return soft_part
-    hard_part = nn.functional.cross_entropy(student_logits, targets)
+    labelled = targets != UNLABELED
+    if not bool(labelled.any()):
+        return soft_part
+    hard_part = nn.functional.cross_entropy(student_logits[labelled], targets[labelled])
     return alpha * soft_part + (1.0 - alpha) * hard_part
