@@ -142,5 +142,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None):
         ) from err
     if model is None:
         return state
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        raise ValueError(
+            f"the weights in {str(path)!r} do not fit {type(model).__name__}: {err}; "
+            "give the checkpoint of this architecture (a pruned model: finalize_ it first)"
+        ) from err
     return model

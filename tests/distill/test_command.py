@@ -127,4 +127,4 @@ def test_weights_that_do_not_fit_are_refused(teacher_file, capsys):
     code, _, err = run(["--teacher", "lenet300", "--teacher-weights", str(teacher_file),
                         "--student", "mlp30"], capsys)
     assert code == 2
-    assert "teacher weights" in err and "do not fit LeNet300" in err
+    assert "lenet5.safetensors' do not fit LeNet300" in err

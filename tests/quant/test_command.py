@@ -73,7 +73,7 @@ def test_missing_weights_and_unknown_model(tmp_path, weights, capsys):
     assert main(["quantize", "lenet5", "--weights", str(tmp_path / "none.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["quantize", "nosuch:thing", "--weights", str(weights)]) == 2
-    assert "cannot find model factory 'nosuch:thing'" in capsys.readouterr().err
+    assert "cannot import module 'nosuch' for model 'nosuch:thing'" in capsys.readouterr().err
 
 
 def test_make_config_maps_options_to_specs():

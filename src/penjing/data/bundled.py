@@ -105,11 +105,26 @@ def digits() -> DataSplit:
 DATASETS: dict[str, Callable[[], DataSplit]] = {"mnist": mnist, "digits": digits}
 
 
-def load(name: str) -> DataSplit:
-    """The bundled data set called `name` (one of DATASETS)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name]()
+def load(spec: str) -> DataSplit:
+    """A bundled data set by name (one of DATASETS), or the `DataSplit` that a user's
+    'package.module:function' returns."""
+    if ":" not in spec:
+        if spec not in DATASETS:
+            raise ValueError(
+                f"unknown data set {spec!r}; choose one of {sorted(DATASETS)} or give "
+                "'package.module:function' returning a penjing.data.DataSplit"
+            )
+        return DATASETS[spec]()
+    from penjing.spec import import_object
+
+    factory = import_object(spec, "data")
+    split = factory() if callable(factory) else factory
+    if not isinstance(split, DataSplit):
+        raise TypeError(
+            f"data {spec!r} must give a penjing.data.DataSplit(name, train, test, num_classes), "
+            f"got {type(split).__name__}"
+        )
+    return split
 
 
 def loaders(

@@ -9,9 +9,7 @@ checkpoint stay zero: a pruned student comes back pruned.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -54,76 +52,10 @@ class DistillSummary:
         return "\n".join(lines)
 
 
-def _import(spec: str, what: str):
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{what} {spec!r} must be 'package.module:function'")
-    cwd = os.getcwd()
-    added = cwd not in sys.path  # the `penjing` script does not put it there itself
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(
-            f"cannot import module {module_name!r} for {what} {spec!r}: {err}; it must be "
-            "importable from the current directory or the Python path"
-        ) from err
-    finally:
-        if added:
-            sys.path.remove(cwd)
-    if not hasattr(module, attr):
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from {what} {spec!r})")
-    return getattr(module, attr)
-
-
 def model_factory(spec: str, role: str = "model") -> Callable[[int], nn.Module]:
-    """Check a model spec without building anything; return num_classes -> fresh model."""
-    if ":" not in spec:
-        if spec not in models.MODELS:
-            raise ValueError(
-                f"unknown {role} model {spec!r}; give one of {sorted(models.MODELS)} or your "
-                "own as 'package.module:function' (a function returning an nn.Module)"
-            )
-        return lambda num_classes: models.create(spec, num_classes=num_classes)
-    factory = _import(spec, f"{role} model")
-    if not callable(factory):
-        raise TypeError(f"{role} model {spec!r} must name a function, got {type(factory).__name__}")
-
-    def build(_num_classes: int) -> nn.Module:  # the user's function fixes its own classes
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"{role} model {spec!r} must give an nn.Module, got {type(model).__name__}"
-            )
-        return model
-
-    return build
-
-
-def load_split(spec: str) -> data.DataSplit:
-    """A bundled data set by name, or `module:function` returning a `penjing.data.DataSplit`."""
-    if ":" not in spec:
-        return data.load(spec)
-    factory = _import(spec, "data")
-    split = factory() if callable(factory) else factory
-    if not isinstance(split, data.DataSplit):
-        raise TypeError(
-            f"data {spec!r} must give a penjing.data.DataSplit(name, train, test, num_classes), "
-            f"got {type(split).__name__}"
-        )
-    return split
-
-
-def load_weights(path: str | os.PathLike, model: nn.Module, role: str) -> nn.Module:
-    """Fill `model` from a safetensors checkpoint, with an error that says what does not fit."""
-    try:
-        return load_checkpoint(path, model)
-    except RuntimeError as err:  # load_state_dict: missing, unexpected or mis-shaped tensors
-        raise ValueError(
-            f"the {role} weights {str(path)!r} do not fit {type(model).__name__}: {err}; "
-            "save a plain state_dict (finalize_ pruned models first)"
-        ) from err
+    """num_classes -> a fresh model; the spec is checked (one model built) at once."""
+    models.build(spec, role=f"{role} model")
+    return lambda num_classes: models.build(spec, num_classes, role=f"{role} model")
 
 
 def keep_zeros_(model: nn.Module) -> float | None:
@@ -178,14 +110,14 @@ def distill_named(
     # every spec is checked before the data set loads, so a typo fails at once
     teacher_factories = [model_factory(spec, "teacher") for spec in teachers]
     student_factory = model_factory(student, "student")
-    split = load_split(dataset)
+    split = data.load(dataset)
     train, test = data.loaders(split, batch_size=batch_size, seed=seed)
     teacher_models = []
     for i, (spec, factory) in enumerate(zip(teachers, teacher_factories, strict=True)):
         seed_everything(seed + i)
         model = factory(split.num_classes)
         if teacher_weights:
-            load_weights(teacher_weights[i], model, "teacher")
+            load_checkpoint(teacher_weights[i], model)
         else:
             fit(model, train, epochs=teacher_epochs, lr=lr, seed=seed + i, progress=progress,
                 desc=f"teacher {spec}")
@@ -194,7 +126,7 @@ def distill_named(
     student_model = student_factory(split.num_classes)
     before = sparsity = None
     if student_weights is not None:
-        load_weights(student_weights, student_model, "student")
+        load_checkpoint(student_weights, student_model)
         before = evaluate(student_model, test)
         sparsity = keep_zeros_(student_model)
     teacher_model = (Ensemble(teacher_models, temperature) if len(teacher_models) > 1

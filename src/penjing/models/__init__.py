@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from penjing.models.encoder import TinyEncoder
 from penjing.models.lenet import LeNet5, LeNet300
 from penjing.models.mobilenet import MobileNetV2
 from penjing.models.resnet import ResNet, resnet20, resnet56
@@ -21,6 +22,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenetv2": MobileNetV2,
     "mlp30": MLP,
     "lenet5_thin": ThinLeNet5,
+    "encoder": TinyEncoder,
 }
 
 
@@ -29,6 +31,30 @@ def create(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+def build(spec: str, num_classes: int | None = None, role: str = "model") -> nn.Module:
+    """A fresh model from a name in MODELS or from 'package.module:function'.
+
+    A penjing model is made with `num_classes` outputs when given; a user's function is
+    called with no arguments and fixes its own. `role` names the model in errors.
+    """
+    if ":" not in spec:
+        if spec not in MODELS:
+            raise ValueError(
+                f"unknown {role} {spec!r}; give one of {sorted(MODELS)} or your own as "
+                "'package.module:function' (a function of no arguments returning an nn.Module)"
+            )
+        return create(spec) if num_classes is None else create(spec, num_classes=num_classes)
+    from penjing.spec import import_object
+
+    factory = import_object(spec, role)
+    if not callable(factory):
+        raise TypeError(f"{role} {spec!r} must name a function, got {type(factory).__name__}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{role} {spec!r} must give an nn.Module, got {type(model).__name__}")
+    return model
 
 
 __all__ = [
@@ -40,6 +66,8 @@ __all__ = [
     "ResNet",
     "SmallVGG",
     "ThinLeNet5",
+    "TinyEncoder",
+    "build",
     "create",
     "resnet20",
     "resnet56",

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from penjing import data, models
 from penjing.quant.checkpoint import save_quantized
@@ -58,21 +56,6 @@ class QuantizeSummary:
                 f"smaller than the {self.fp32_bytes:,} float32 bytes of the input)"
             )
         return "\n".join(lines)
-
-
-def build_model(name: str, num_classes: int) -> nn.Module:
-    """A penjing model by name, or `package.module:function` called with no arguments."""
-    if ":" not in name:
-        return models.create(name, num_classes=num_classes)
-    module_name, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"cannot find model factory {name!r} ({err}); give a penjing model name "
-            f"({sorted(models.MODELS)}) or module:function on the Python path"
-        ) from err
-    return factory()
 
 
 def make_config(
@@ -135,7 +118,7 @@ def quantize_command(
     split = data.load(dataset)
     train, test = data.loaders(split, batch_size=batch_size, seed=seed)
     seed_everything(seed)
-    float_model = build_model(model, split.num_classes)
+    float_model = models.build(model, split.num_classes)
     load_checkpoint(weights, float_model)
     float_model.eval()
     images = torch.cat([x for x, _ in itertools.islice(train, -(-calib_images // batch_size))])
