@@ -67,7 +67,8 @@ def test_half_the_channels_removed_computes_the_same_for_kept_channels(name, mak
     params, macs = count_params(model), count_macs(model, x[:1])
     # Conv nets lose about 3/4 of their MACs; the ViT only its MLP hidden units (its
     # residual stream goes through LayerNorm, which pins it).
-    bound = 0.9 if name in ("zoo.vit", "models.lenet300", "models.mlp30") else 0.5
+    transformers = ("zoo.vit", "zoo.vit_mha", "models.encoder")
+    bound = 0.9 if name in (*transformers, "models.lenet300", "models.mlp30") else 0.5
     assert count_macs(small, x[:1]) < bound * macs, name
     assert count_params(small) < bound * params, name
 
@@ -197,10 +198,104 @@ def test_bad_ratio_and_round_to_are_errors():
         channels(model, x, criterion="taylor")
 
 
-def test_graph_of_a_56_layer_resnet_takes_seconds():
-    import time
+def test_vgg_half_the_channels_has_the_counted_params_and_a_quarter_of_the_conv_macs():
+    model = pj.models.create("vgg")
+    x = torch.randn(1, 1, 28, 28)
+    small = channels(model, x, ratio=0.5)
+    widths = [1, 16, 16, 32, 32, 64, 64]
+    convs = sum(widths[i] * widths[i + 1] * 9 + 2 * widths[i + 1] for i in range(6))
+    head = 64 * 9 * 128 + 128 + 128 * 10 + 10  # hidden 256 → 128, the 10 logits stay
+    assert count_params(small) == convs + head
+    sizes = [28, 28, 14, 14, 7, 7]
+    conv_macs = sum(s * s * widths[i] * widths[i + 1] * 9 for i, s in enumerate(sizes))
+    assert count_macs(small, x) == conv_macs + 64 * 9 * 128 + 128 * 10
+    dense_convs = sum(s * s * (2 * widths[i] if i else 1) * 2 * widths[i + 1] * 9
+                      for i, s in enumerate(sizes))
+    assert conv_macs / dense_convs == pytest.approx(0.25, abs=0.01)
 
-    model = pj.models.create("resnet56")
-    start = time.perf_counter()
-    channels(model, torch.randn(1, 1, 28, 28), ratio=0.5)
-    assert time.perf_counter() - start < 30
+
+def test_filter_and_channel_granularity_read_different_sides():
+    """Filter-wise scores a channel by the filter making it, channel-wise by the inputs
+    that read it: give each side a different weakest channel and each picks its own."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[2].weight.fill_(1.0)
+        model[0].weight[1] = 0.01  # channel 1: weakest filter
+        model[2].weight[:, 3] = 0.01  # channel 3: weakest input column
+    x = torch.randn(1, 1, 8, 8)
+    by_filter = channels_(copy.deepcopy(model), x, ratio=0.25, granularity="filter")
+    by_channel = channels_(copy.deepcopy(model), x, ratio=0.25, granularity="channel")
+    assert [c.kept for c in by_filter if c.fqn == "0" and c.name == "weight"] == [(0, 2, 3)]
+    assert [c.kept for c in by_channel if c.fqn == "0" and c.name == "weight"] == [(0, 1, 2)]
+
+
+def test_neuron_granularity_prunes_linear_rows_only():
+    model = pj.models.create("lenet5")
+    small = channels(model, torch.randn(1, 1, 28, 28), ratio=0.5, granularity="neuron")
+    assert (small.conv1.out_channels, small.conv2.out_channels) == (20, 50)
+    assert small.fc1.out_features == 250 and small.fc2.in_features == 250
+
+
+def test_depthwise_is_scored_as_one_separable_conv_with_its_pointwise():
+    """dw[i] ⊗ pw[:, i] is the separable conv's weight for channel i: a channel with the
+    largest depthwise filter but a dead pointwise column contributes nothing."""
+    model = pj.models.create("mobilenetv2", width=0.5).eval()
+    block = model.features[2].block  # expand 1×1 → depthwise 3×3 → project 1×1
+    with torch.no_grad():
+        block[1][0].weight[0] *= 100.0
+        block[2][0].weight[:, 0] = 0.0
+    x = torch.randn(1, 1, 28, 28)
+    (group,) = [g for g in pj.prune.groups(model, x) if "features.2.block.1.0" in g.modules]
+    scores = l1(model, group)
+    assert int(torch.argmin(scores)) == 0
+    dw = block[1][0].weight.detach().abs().sum(dim=(1, 2, 3))
+    pw = block[2][0].weight.detach().abs().sum(dim=(0, 2, 3))
+    expand = block[0][0].weight.detach().abs().sum(dim=(1, 2, 3))
+    torch.testing.assert_close(scores, dw * pw + expand, rtol=1e-5, atol=1e-6)
+
+
+def test_taylor_keeps_the_channels_the_loss_depends_on():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[2].weight[:, :3] = 0.0  # hidden units 0-2 cannot change the loss
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    criterion = pj.prune.taylor([(x, y)])
+    changes = channels_(model, x, ratio=0.5, criterion=criterion)
+    kept = [c.kept for c in changes if c.fqn == "0" and c.name == "weight"]
+    assert kept == [(3, 4, 5)]
+    assert all(p.grad is None for p in model.parameters())  # measuring left no gradients
+    # the same criterion on the now smaller model measures again instead of misindexing
+    changes = channels_(model, x, ratio=0.5, criterion=criterion)
+    assert model[0].out_features == 2
+
+
+def test_ratio_for_macs_meets_the_budget_tightly():
+    model = pj.models.create("resnet20", width=0.25)
+    x = torch.randn(1, 1, 28, 28)
+    ratio = pj.prune.ratio_for_macs(model, x, 0.5)
+    macs = count_macs(model, x)
+    assert count_macs(channels(model, x, ratio=ratio), x) <= 0.5 * macs
+    assert count_macs(channels(model, x, ratio=max(0.0, ratio - 0.1)), x) > 0.5 * macs
+
+
+def test_ignoring_a_batchnorm_keeps_the_channels_it_normalizes():
+    model = pj.models.create("vgg", width=0.5)
+    small = channels(model, torch.randn(1, 1, 28, 28), ratio=0.5, ignored_layers=["features.4"])
+    assert small.features[3].out_channels == 16 and small.features[0].out_channels == 8
+
+
+def test_bad_granularity_ratios_and_scores_are_errors():
+    model = pj.models.create("vgg", width=0.25)
+    x = torch.randn(1, 1, 28, 28)
+    with pytest.raises(ValueError, match="unknown granularity 'stripe' for channel pruning"):
+        channels(model, x, granularity="stripe")
+    with pytest.raises(ValueError, match="global ranking does not use"):
+        channels(model, x, global_ranking=True, ratios={"features.0": 0.5})
+    with pytest.raises(ValueError, match=r"ratio for \['features.0'\] must be .* got 1.5"):
+        channels(model, x, ratios={"features.0": 1.5})
+    with pytest.raises(ValueError, match="criterion returned scores of shape \\(2,\\)"):
+        channels(model, x, criterion=lambda m, g: torch.zeros(2))
+    with pytest.raises(ValueError, match=r"macs must be the fraction of MACs to keep"):
+        pj.prune.ratio_for_macs(model, x, 0.0)

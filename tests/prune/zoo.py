@@ -287,6 +287,37 @@ class ViTish(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
+class MHABlock(nn.Module):
+    """A pre-norm encoder block built on torch's own nn.MultiheadAttention."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTMHA(nn.Module):
+    """Patch embedding and two encoder blocks with nn.MultiheadAttention (4 heads each)."""
+
+    def __init__(self, classes: int = 10, dim: int = 16, patch: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, patch)
+        self.blocks = nn.Sequential(MHABlock(dim, 4, 32), MHABlock(dim, 4, 32))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.blocks(self.embed(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(x).mean(dim=1))
+
+
 ZOO = {
     "resnet18": ResNet18ish,
     "resnet50": ResNet50ish,
@@ -296,4 +327,5 @@ ZOO = {
     "squeezenet": SqueezeNetish,
     "shufflenet": ShuffleNetish,
     "vit": ViTish,
+    "vit_mha": ViTMHA,
 }

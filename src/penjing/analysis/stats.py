@@ -14,29 +14,61 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (shared ones counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def count_params(model: nn.Module, *, nonzero: bool = False) -> int:
+    """Number of parameters (shared ones counted once); `nonzero=True` counts only the
+    entries that are not zero, which is what masks save."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    if nonzero:
+        return sum(int(torch.count_nonzero(p.detach())) for p in unique)
+    return sum(p.numel() for p in unique)
 
 
-def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of conv and linear layers in one forward pass on `example_inputs`.
+def _weight(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach()  # the masked weight when a mask parametrization is on
 
-    Counted from the real output shapes (hooks), so pruned, grouped and depthwise layers are
-    counted as they run; pass a batch of one for per-image MACs.
+
+def _attention_macs(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> int:
+    """Projections plus the two attention products (QKᵀ and AV) of torch's attention."""
+    names = ("query", "key", "value")
+    q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+    e = module.embed_dim
+    tokens_q, tokens_k = q.numel() // q.shape[-1], k.numel() // k.shape[-1]
+    keys = k.shape[1] if module.batch_first and k.dim() == 3 else k.shape[0]
+    projections = tokens_q * e * e + tokens_k * (k.shape[-1] + v.shape[-1]) * e
+    return projections + 2 * tokens_q * keys * e + tokens_q * e * e
+
+
+def count_macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) -> int:
+    """Multiply-accumulates of conv, linear and attention layers in one forward pass.
+
+    Counted from the real shapes (hooks), so pruned, grouped and depthwise layers are
+    counted as they run; pass a batch of one for per-image MACs. Layers that define
+    `macs(args, output)` (the re-expressed convs of `penjing.prune.compact_`, the attention
+    products of `penjing.prune.HeadAttention`) count themselves. `nonzero=True` counts only
+    products with a non-zero weight: what masked (N:M, block, shape, stripe) pruning would
+    save on hardware that skips zeros.
     """
     total = 0
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         nonlocal total
+        if callable(getattr(module, "macs", None)):
+            total += int(module.macs(args, output))
+            return
+        if isinstance(module, nn.MultiheadAttention):
+            total += _attention_macs(module, args, kwargs)
+            return
+        weight = _weight(module)
+        per_weight = int(torch.count_nonzero(weight)) if nonzero else weight.numel()
         if isinstance(module, nn.modules.conv._ConvNd):
-            per_output = module.weight[0].numel()  # (in / groups) · kernel size
-            total += output.numel() * per_output
+            # each weight is used once per output position of its filter
+            total += output.numel() // output.shape[1] * per_weight
         elif isinstance(module, nn.Linear):
-            total += output.numel() * module.in_features
+            total += output.numel() // module.out_features * per_weight
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)]
+    counted = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
+               if isinstance(m, counted) or callable(getattr(m, "macs", None))]
     was_training = model.training
     model.eval()
     try:

@@ -8,6 +8,7 @@ group" means half of those filters and everything that reads them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,11 @@ class Group:
     @property
     def modules(self) -> list[str]:
         return list(dict.fromkeys(s.fqn for s in self.slices))
+
+    def only(self, roles: Iterable[str]) -> Group:
+        """The same channels seen through the slices with one of `roles` only (for scoring)."""
+        roles = set(roles)
+        return Group(self.channels, tuple(s for s in self.slices if s.role in roles))
 
     def __repr__(self) -> str:
         touched = ", ".join(f"{s.fqn or '<model>'}.{s.name or '*'}[{s.dim}]"

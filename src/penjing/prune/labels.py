@@ -13,10 +13,24 @@ and anything whose channels an op mixes are united with it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 PIN = 0
+
+
+@dataclass
+class Slot:
+    """One dim of one tensor of one module, with the element id of each index along it."""
+
+    fqn: str  # module path; "" is the model itself
+    name: str  # parameter or buffer name, "" when the module has none (attribute only)
+    dim: int
+    role: str  # "out": the layer makes these channels; "in": it reads them; "norm"/"dw": both
+    labels: np.ndarray
+    order: int  # when the slot was first met, for a stable group order
 
 
 class UnionFind:

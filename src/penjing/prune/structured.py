@@ -17,10 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from penjing.analysis.stats import count_macs
 from penjing.prune.criteria import Criterion, resolve
-from penjing.prune.graph import dependency_graph
+from penjing.prune.graph import DependencyGraph, dependency_graph
 from penjing.prune.groups import Group
 from penjing.prune.surgery import Change, apply_, plan
+
+# Which slices of a group a criterion reads. Every granularity removes the same thing (a
+# channel and everything coupled to it); they differ in what decides which channels go.
+GRANULARITIES: dict[str, tuple[str, ...] | None] = {
+    "group": None,  # every coupled slice: filters, BN entries and all consumers' inputs
+    "filter": ("out", "dw", "norm"),  # the producing layers' filters (Li et al., ICLR'17)
+    "channel": ("in", "dw", "norm"),  # the input channels of the layers that read them
+    "neuron": ("out", "norm"),  # rows of Linear layers; groups made by convs are kept
+}
 
 
 def groups(model: nn.Module, example_inputs: Any) -> list[Group]:
@@ -29,9 +39,9 @@ def groups(model: nn.Module, example_inputs: Any) -> list[Group]:
 
 
 def _check_ratio(ratio: float, what: str = "ratio") -> None:
-    if not isinstance(ratio, int | float) or not 0 <= ratio < 1:
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
         raise ValueError(f"{what} must be a fraction of channels to remove in [0, 1), got "
-                         f"{ratio!r}")
+                         f"{ratio!r}; 0.5 removes half the channels of every group")
 
 
 def _rounded_keep(n: int, keep: int, round_to: int) -> int:
@@ -65,6 +75,9 @@ def select(
     up to `round_to`.
     """
     ratios = dict(ratios or {})
+    if global_ranking and ratios:
+        raise ValueError("ratios= gives per-layer ratios, which global ranking does not use; "
+                         "drop ratios= or set global_ranking=False")
     counts: dict[int, int] = {}
     if global_ranking:
         pool = []
@@ -99,12 +112,74 @@ def select(
     return removed
 
 
+def _ignored_names(model: nn.Module, ignored_layers: Iterable[str | nn.Module]) -> list[str]:
+    names = {m: n for n, m in model.named_modules()}
+    known = set(names.values())
+    ignored = []
+    for item in ignored_layers:
+        name = names.get(item) if isinstance(item, nn.Module) else item
+        if name is None or name not in known:
+            raise ValueError(f"ignored layer {item!r} is not a module of "
+                             f"{type(model).__name__}; give a name from model.named_modules()")
+        ignored.append(name)
+    return ignored
+
+
+def score_groups(
+    model: nn.Module,
+    graph: DependencyGraph,
+    criterion: str | Criterion = "l1",
+    *,
+    granularity: str = "group",
+    ignored_layers: Iterable[str | nn.Module] = (),
+) -> list[tuple[Group, torch.Tensor]]:
+    """Each prunable group with one score per channel; ignored and unscorable groups left out.
+
+    A group is left out when a layer in `ignored_layers` makes its channels or normalizes
+    them (its inputs may still shrink), or when the criterion returns None for it.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r} for channel pruning; choose one "
+                         f"of {sorted(GRANULARITIES)}")
+    score = resolve(criterion)
+    ignored = _ignored_names(model, ignored_layers)
+    prepare = getattr(score, "prepare", None)
+    if callable(prepare):
+        prepare(model)
+    roles = GRANULARITIES[granularity]
+    scored = []
+    for group in graph.groups():
+        owners = [s.fqn for s in group.slices if s.role in ("out", "dw", "norm")]
+        if any(_is_ignored(f, ignored) for f in owners):
+            continue
+        if granularity == "neuron" and not all(
+            isinstance(model.get_submodule(f), nn.Linear) for f in group.producers
+        ):
+            continue
+        scores = score(model, group if roles is None else group.only(roles))
+        if scores is None:
+            continue
+        scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
+        if scores.shape != (len(group),):
+            raise ValueError(f"criterion returned scores of shape {tuple(scores.shape)} for a "
+                             f"group of {len(group)} channels; return one score per channel")
+        scored.append((group, scores))
+    return scored
+
+
+def _check_options(round_to: int, max_ratio: float) -> None:
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int (1, 8, 16, 64), got {round_to!r}")
+    _check_ratio(max_ratio, "max_ratio")
+
+
 def channels_(
     model: nn.Module,
     example_inputs: Any,
     *,
     ratio: float = 0.5,
     criterion: str | Criterion = "l1",
+    granularity: str = "group",
     global_ranking: bool = False,
     round_to: int = 1,
     ignored_layers: Iterable[str | nn.Module] = (),
@@ -115,37 +190,19 @@ def channels_(
     """Remove `ratio` of the channels of every prunable group of `model`, in place.
 
     `criterion`: "l1", "l2", "bn", "random", `penjing.prune.taylor(batches)` or any
-    `(model, group) -> scores` callable. `ignored_layers` (module names or modules) keep
-    their output channels. `global_ranking` ranks all channels together instead of `ratio`
-    per group (`ratios` maps producer layer names to their own ratio in per-group mode).
-    Returns the changes, which `penjing.prune.apply_` replays.
+    `(model, group) -> scores` callable. `granularity` says what the criterion reads (see
+    GRANULARITIES): "group" (default) every coupled slice, "filter" the producers' filters,
+    "channel" the consumers' input channels, "neuron" Linear rows only. `ignored_layers`
+    (module names or modules) keep their output channels. `global_ranking` ranks all
+    channels together instead of `ratio` per group (`ratios` maps producer layer names to
+    their own ratio in per-group mode). `round_to` rounds every kept count up to a multiple
+    (8, 16, 64 suit tensor cores). Returns the changes, which `penjing.prune.apply_` replays.
     """
     _check_ratio(ratio)
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be a positive int (1, 8, 16, 64), got {round_to!r}")
-    _check_ratio(max_ratio, "max_ratio")
-    score = resolve(criterion)
-    names = {m: n for n, m in model.named_modules()}
-    ignored = []
-    for item in ignored_layers:
-        name = names.get(item) if isinstance(item, nn.Module) else item
-        if name is None or name not in dict(model.named_modules()):
-            raise ValueError(f"ignored layer {item!r} is not a module of "
-                             f"{type(model).__name__}; give a name from model.named_modules()")
-        ignored.append(name)
+    _check_options(round_to, max_ratio)
     graph = dependency_graph(model, example_inputs)
-    scored = []
-    for group in graph.groups():
-        if any(_is_ignored(f, ignored) for f in group.producers):
-            continue
-        scores = score(model, group)
-        if scores is None:
-            continue
-        scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
-        if scores.shape != (len(group),):
-            raise ValueError(f"criterion returned scores of shape {tuple(scores.shape)} for a "
-                             f"group of {len(group)} channels; return one score per channel")
-        scored.append((group, scores))
+    scored = score_groups(model, graph, criterion, granularity=granularity,
+                          ignored_layers=ignored_layers)
     removed = select(scored, ratio, global_ranking=global_ranking, round_to=round_to,
                      ratios=ratios, max_ratio=max_ratio, normalize=normalize)
     changes = plan(graph, removed)
@@ -153,12 +210,57 @@ def channels_(
     return changes
 
 
+def _for_copy(model: nn.Module, kwargs: dict) -> dict:
+    """Options with layer modules of `model` replaced by their names (valid in a copy)."""
+    if "ignored_layers" in kwargs:
+        names = {m: n for n, m in model.named_modules()}
+        kwargs = {**kwargs, "ignored_layers": [names.get(i, i) if isinstance(i, nn.Module)
+                                               else i for i in kwargs["ignored_layers"]]}
+    return kwargs
+
+
 def channels(model: nn.Module, example_inputs: Any, **kwargs) -> nn.Module:
     """A pruned copy of `model` (the original is left untouched); options as in `channels_`."""
-    names = {m: n for n, m in model.named_modules()}
-    if "ignored_layers" in kwargs:  # modules of the original name the same layers in the copy
-        kwargs["ignored_layers"] = [names.get(i, i) if isinstance(i, nn.Module) else i
-                                    for i in kwargs["ignored_layers"]]
+    kwargs = _for_copy(model, kwargs)
     pruned = copy.deepcopy(model)
     channels_(pruned, example_inputs, **kwargs)
     return pruned
+
+
+def ratio_for_macs(model: nn.Module, example_inputs: Any, macs: float, **kwargs) -> float:
+    """The smallest channel ratio whose pruned model keeps at most `macs` of the MACs.
+
+    `macs` is the fraction of multiply-accumulates to keep, in (0, 1]; 0.5 removes half.
+    Options as in `channels_`; the graph is built and scored once, then a bisection prunes
+    copies until it brackets the budget to within one channel in the largest group.
+    """
+    if isinstance(macs, bool) or not isinstance(macs, int | float) or not 0 < macs <= 1:
+        raise ValueError(f"macs must be the fraction of MACs to keep in (0, 1], got {macs!r}")
+    kwargs = _for_copy(model, kwargs)
+    _check_options(kwargs.get("round_to", 1), kwargs.get("max_ratio", 0.9))
+    score_options = {k: kwargs.pop(k) for k in ("criterion", "granularity", "ignored_layers")
+                     if k in kwargs}
+    graph = dependency_graph(model, example_inputs)
+    scored = score_groups(model, graph, **score_options)
+    full = count_macs(model, example_inputs)
+
+    def kept(ratio: float) -> float:
+        if ratio == 0:
+            return 1.0
+        small = copy.deepcopy(model)
+        apply_(small, plan(graph, select(scored, ratio, **kwargs)))
+        return count_macs(small, example_inputs) / full
+
+    low, high = 0.0, 0.99
+    if kept(high) > macs:
+        raise ValueError(f"even removing 99 % of the channels keeps more than {macs} of the "
+                         "MACs (pinned or ignored layers carry the rest); ask for a larger "
+                         "macs fraction")
+    steps = max(2, math.ceil(math.log2(max((len(g) for g, _ in scored), default=2))) + 2)
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if kept(mid) <= macs:
+            high = mid
+        else:
+            low = mid
+    return high

@@ -1,0 +1,118 @@
+"""Which rule of the dependency graph each layer, function and tensor method follows.
+
+Rules are named by the `Propagator` method that applies them: "same" (the op keeps every
+channel where it was), "binary" (element-wise on several tensors: channels that meet are
+coupled), "replay" (data movement, replayed on the labels), "reduce", "opaque" (mixes
+channels in ways surgery cannot follow: they stay), and one rule per kind of layer. An op
+missing from these tables is an error that names it, never guessed to be element-wise.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from penjing.prune.compact import ShapeConv2d, StripeConv2d
+from penjing.prune.heads import HeadAttention
+
+_ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_SPATIAL = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad1d,
+    nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d,
+)
+MODULE_RULES: list[tuple[Any, str]] = [
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
+    (nn.Linear, "linear"),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+      nn.InstanceNorm3d), "batch_norm"),
+    (nn.PReLU, "prelu"),
+    (nn.LayerNorm, "layer_norm"),
+    (nn.GroupNorm, "group_norm"),
+    (nn.Embedding, "embedding"),
+    ((nn.Softmax, nn.LogSoftmax), "softmax_module"),
+    (_ELEMENTWISE + _SPATIAL, "module_same"),
+    ((nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle),
+     "module_replay"),
+    ((nn.MultiheadAttention, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+     "module_opaque"),
+    # compacted convs come last in a pipeline; attention loses heads with heads_, not here
+    ((StripeConv2d, ShapeConv2d, HeadAttention), "module_opaque"),
+]
+# Layers outside torch.nn that the tracer must not trace into (their rule is above).
+LEAVES = (StripeConv2d, ShapeConv2d, HeadAttention)
+
+_SAME_FUNCTIONS = [
+    torch.relu, torch.relu_, F.relu, F.relu6, F.gelu, F.silu, F.mish, torch.sigmoid,
+    F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu,
+    F.selu, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.exp,
+    torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, operator.neg, torch.clamp,
+    torch.clip, torch.erf, torch.sin, torch.cos, torch.square, torch.nan_to_num,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.pad, torch.detach,
+    torch.clone,
+]
+SPLITS = {"chunk", "split", "unbind", "tensor_split"}
+SELECTS = {"getitem", "narrow"}
+RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+_BINARY_FUNCTIONS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+    operator.pow, operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.add,
+    torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.pow,
+    torch.lerp, torch.addcmul,
+]
+_REPLAY_FUNCTIONS = [
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
+    torch.squeeze, torch.cat, torch.concat, torch.stack, torch.chunk, torch.split,
+    torch.unbind, torch.narrow, torch.flip, torch.movedim, torch.tensor_split,
+    operator.getitem, F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
+    torch.t,
+]
+_REDUCE_FUNCTIONS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min,
+                     torch.std, torch.var, torch.logsumexp, torch.prod]
+FUNCTION_RULES: dict[Any, str] = {
+    **{f: "same" for f in _SAME_FUNCTIONS},
+    **{f: "binary" for f in _BINARY_FUNCTIONS},
+    **{f: "replay" for f in _REPLAY_FUNCTIONS},
+    **{f: "reduce" for f in _REDUCE_FUNCTIONS},
+    torch.softmax: "softmax", F.softmax: "softmax", torch.log_softmax: "softmax",
+    F.log_softmax: "softmax", F.normalize: "normalize",
+    F.layer_norm: "layer_norm_fn",
+    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
+    F.linear: "opaque", F.conv1d: "opaque", F.conv2d: "opaque", F.conv3d: "opaque",
+    torch.einsum: "opaque", F.scaled_dot_product_attention: "opaque",
+    torch.zeros_like: "fresh", torch.ones_like: "fresh", torch.full_like: "fresh",
+    torch.rand_like: "fresh", torch.randn_like: "fresh", torch.zeros: "fresh",
+    torch.ones: "fresh", torch.arange: "fresh", torch.full: "fresh",
+    getattr: "replay",  # x.T, x.mT
+}
+_SAME_METHODS = ["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "log", "sqrt",
+                 "rsqrt", "abs", "neg", "clamp", "clamp_", "clip", "float", "half", "double",
+                 "to", "type_as", "detach", "clone", "square", "contiguous"]
+_BINARY_METHODS = ["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow",
+                   "maximum", "minimum", "masked_fill", "masked_fill_", "lerp"]
+_REPLAY_METHODS = ["view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze",
+                   "expand", "expand_as", "repeat", "chunk", "split", "unbind", "narrow",
+                   "flip", "movedim", "t", "view_as", "reshape_as", "unflatten",
+                   "tensor_split"]
+_REDUCE_METHODS = ["mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp",
+                   "prod"]
+METHOD_RULES: dict[str, str] = {
+    **{m: "same" for m in _SAME_METHODS},
+    **{m: "binary" for m in _BINARY_METHODS},
+    **{m: "replay" for m in _REPLAY_METHODS},
+    **{m: "reduce" for m in _REDUCE_METHODS},
+    "softmax": "softmax", "log_softmax": "softmax",
+    "matmul": "matmul", "bmm": "matmul", "size": "fresh", "dim": "fresh",
+}
