@@ -29,6 +29,9 @@ test: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(PY) bench/deep_compression.py
+	$(PY) bench/quantization.py
+	$(PY) bench/structured.py
+	$(PY) bench/distillation.py
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -38,20 +38,31 @@ def machine() -> str:
 def git_revision() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            cwd=ROOT, capture_output=True, text=True,
         )
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 
 
-def write_section(name: str, body: str, command: str) -> None:
-    """Replace (or append) the section `name` of BENCHMARKS.md, keeping the others."""
+def write_section(name: str, body: str, quick: bool = False) -> None:
+    """Replace (or append) the section `name` of BENCHMARKS.md, keeping the others.
+
+    `name` is also the script's: bench/<name>.py wrote the section and reproduces it.
+
+    A quick smoke run (`quick=True`) leaves the file alone: its figures are not the
+    reference ones.
+    """
+    if quick:
+        print(f"quick run: BENCHMARKS.md left as it was (section {name!r} not written)")
+        return
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     section = (
         f"{start}\n{body.rstrip()}\n\n_Measured {stamp} at revision {git_revision()} on "
-        f"{machine()}. Reproduce with `{command}`._\n{end}"
+        f"{machine()}. Reproduce with `.venv/bin/python bench/{name}.py` (`make bench` runs "
+        f"every benchmark)._\n{end}"
     )
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else (
         "# Benchmarks\n\nEvery figure here is written by a script under `bench/`; "

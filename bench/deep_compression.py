@@ -216,7 +216,7 @@ def main() -> None:
                 lines += beyond_section(name, loaders, workdir, results, grid)
     sizes = [100_000] if args.quick else [1_000_000, 10_000_000]
     lines += kmeans_section(sizes, [32, 256])
-    write_section("deep_compression", "\n".join(lines), "make bench")
+    write_section("deep_compression", "\n".join(lines), quick=args.quick)
     print("\n".join(lines))
 
 

@@ -439,8 +439,7 @@ def main() -> None:
     ]
     body = "\n".join(lines)
     print(body)
-    if not args.quick:
-        write_section("distillation", body, ".venv/bin/python bench/distillation.py")
+    write_section("distillation", body, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -278,8 +278,7 @@ def main() -> None:
                  f"**{'met' if worst_peer <= PEER_SLACK else 'missed'}**.")
     lines.append(f"- INT4 QAT on LeNet-5 within {QAT_BUDGET} points of FP32: "
                  f"**{'met' if qat_met else 'missed'}**.")
-    command = ".venv/bin/python bench/quantization.py" + (" --quick" if args.quick else "")
-    write_section("quantization", "\n".join(lines), command)
+    write_section("quantization", "\n".join(lines), quick=args.quick)
     print("\n".join(lines))
 
 
