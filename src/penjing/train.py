@@ -28,6 +28,18 @@ def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return nn.functional.cross_entropy(model(x), y)
 
 
+def with_penalty(
+    penalty: Callable[[nn.Module], torch.Tensor], base: LossFn = cross_entropy
+) -> LossFn:
+    """`base` loss plus `penalty(model)`, as a `loss_fn(model, x, y)` for `fit`: how a
+    regularizer (BN-γ L1, group lasso, a filter skeleton's L1) joins any training loop."""
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return base(model, x, y) + penalty(model)
+
+    return loss_fn
+
+
 def make_optimizer(
     params: Iterable[torch.nn.Parameter], name: str = "adam", lr: float = 1e-3, **kwargs
 ) -> torch.optim.Optimizer:

@@ -28,7 +28,7 @@ from torch import nn
 from penjing.errors import UnsupportedLayerError
 from penjing.prune.magnitude import check_sparsity
 from penjing.prune.masks import get_mask, select_layers, set_mask_
-from penjing.train import LossFn, cross_entropy
+from penjing.train import LossFn, cross_entropy, with_penalty
 
 
 @dataclass(frozen=True)
@@ -220,8 +220,4 @@ def group_lasso_loss(
 ) -> LossFn:
     """`base` loss plus the group lasso, as a `loss_fn(model, x, y)` for `penjing.train.fit`."""
     pattern = resolve_pattern(pattern)
-
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return base(model, x, y) + group_lasso(model, pattern, lam, layers)
-
-    return loss_fn
+    return with_penalty(lambda model: group_lasso(model, pattern, lam, layers), base)

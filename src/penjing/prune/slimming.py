@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from penjing.prune.structured import channels
-from penjing.train import LossFn, cross_entropy
+from penjing.train import LossFn, cross_entropy, with_penalty
 
 
 def bn_l1(model: nn.Module, lam: float) -> torch.Tensor:
@@ -32,10 +32,7 @@ def bn_l1(model: nn.Module, lam: float) -> torch.Tensor:
 
 def slimming_loss(lam: float = 1e-4, base: LossFn = cross_entropy) -> LossFn:
     """`base` loss plus λ·Σ|γ|, as a `loss_fn(model, x, y)` for `penjing.train.fit`."""
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return base(model, x, y) + bn_l1(model, lam)
-
-    return loss_fn
+    return with_penalty(lambda model: bn_l1(model, lam), base)
 
 
 def slim(model: nn.Module, example_inputs: Any, ratio: float = 0.5, **kwargs) -> nn.Module:

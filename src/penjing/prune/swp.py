@@ -24,7 +24,7 @@ from penjing.errors import UnsupportedLayerError
 from penjing.prune.magnitude import check_sparsity
 from penjing.prune.masks import get_mask, set_mask_
 from penjing.prune.patterns import Stripe, pattern_mask
-from penjing.train import LossFn, cross_entropy
+from penjing.train import LossFn, cross_entropy, with_penalty
 
 
 class FilterSkeleton(nn.Module):
@@ -99,10 +99,7 @@ def skeleton_l1(model: nn.Module, alpha: float) -> torch.Tensor:
 
 def skeleton_loss(alpha: float = 1e-4, base: LossFn = cross_entropy) -> LossFn:
     """`base` loss plus α·Σ|I|, as a `loss_fn(model, x, y)` for `penjing.train.fit`."""
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return base(model, x, y) + skeleton_l1(model, alpha)
-
-    return loss_fn
+    return with_penalty(lambda model: skeleton_l1(model, alpha), base)
 
 
 def stripes_(
