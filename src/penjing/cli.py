@@ -242,8 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (PenjingError, ValueError, TypeError, FileNotFoundError) as err:
+    except (PenjingError, ValueError, TypeError, OSError) as err:
         print(f"penjing {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # PyTorch's own errors: most often a model and input that differ
+        print(
+            f"penjing {args.command}: error: PyTorch refused the model: {err}\n"
+            "check that the weights, --input-shape and --data match the model",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
