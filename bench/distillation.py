@@ -75,8 +75,12 @@ def pct(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f} %"
 
 
+def deltas(values: list[float], base: list[float]) -> list[float]:
+    return [100 * (v - b) for v, b in zip(values, base, strict=True)]
+
+
 def gain(values: list[float], base: list[float]) -> str:
-    d = [100 * (v - b) for v, b in zip(values, base, strict=True)]
+    d = deltas(values, base)
     if len(d) == 1:
         return f"{d[0]:+.2f}"
     return f"**{statistics.mean(d):+.2f}** ± {statistics.stdev(d):.2f}"
@@ -88,10 +92,6 @@ def per_seed(values: list[float]) -> str:
 
 # Student's t at 95 %, two-sided, for n seeds (n - 1 degrees of freedom)
 T_95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}
-
-
-def deltas(values: list[float], base: list[float]) -> list[float]:
-    return [100 * (v - b) for v, b in zip(values, base, strict=True)]
 
 
 def verdict(values: list[float], base: list[float]) -> str:
@@ -325,7 +325,8 @@ def pruned_section(split, test, budget: Budget, teacher: nn.Module, log,
             else:
                 distill(kd_teacher, model, train, epochs=budget.finetune_epochs, lr=5e-4,
                         seed=seed, progress=False)
-            layers = [module for name, module in model.named_modules() if name in masks(model)]
+            masked = masks(model)
+            layers = [module for name, module in model.named_modules() if name in masked]
             zeros = sum(int((layer.weight == 0).sum()) for layer in layers)
             kept.append(zeros / sum(layer.weight.numel() for layer in layers))
             results.setdefault(label, []).append(evaluate(model, test))

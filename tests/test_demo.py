@@ -69,3 +69,10 @@ def test_inspect_of_a_broken_file_is_a_clear_error(tmp_path, capsys):
     assert main(["inspect", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "penjing inspect: error:" in err and str(bad) in err
+
+
+def test_unknown_demo_model_names_the_choices(tmp_path):
+    from penjing.demo import run_demo
+
+    with pytest.raises(ValueError, match=r"the demo runs \['lenet300', 'lenet5'\], got 'vgg'"):
+        run_demo("vgg", tmp_path, progress=False)

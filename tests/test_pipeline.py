@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -38,9 +40,39 @@ def test_bad_layer_plans(kwargs, message):
         LayerPlan(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layers": {}}, "needs at least one layer plan"),
+        ({"init": "random"}, "unknown k-means init 'random'; choose one of"),
+        ({"prune_rounds": 0}, "prune_rounds must be >= 1, got 0"),
+        ({"finetune_epochs": -1}, "finetune_epochs must be >= 0, got -1"),
+        ({"quant_epochs": -2}, "quant_epochs must be >= 0, got -2"),
+    ],
+)
+def test_bad_recipes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeepCompression(**{"layers": {"fc1": LayerPlan(0.5, 4, 5)}, **kwargs})
+
+
 def test_recipe_on_a_layer_type_we_cannot_handle(mnist):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10),
                                 torch.nn.BatchNorm1d(10))
     recipe = DeepCompression(layers={"2": LayerPlan(0.5, 4, 5)})
     with pytest.raises(pj.errors.UnsupportedLayerError, match="BatchNorm1d"):
         deep_compression_(model, [], recipe, progress=False)
+
+
+def test_recipe_seed_reaches_the_forgy_init():
+    # Regression: the recipe's seed seeded fine-tuning but not the forgy init's draw.
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    shared = []
+    for seed in (0, 1, 1):
+        model = copy.deepcopy(dense)
+        recipe = DeepCompression(layers={"0": LayerPlan(0.5, 3, 5)}, prune_rounds=1,
+                                 finetune_epochs=0, quant_epochs=0, init="forgy", seed=seed)
+        deep_compression_(model, [], recipe, progress=False)
+        shared.append(model[0].weight.detach())
+    assert not torch.equal(shared[0], shared[1])
+    assert torch.equal(shared[1], shared[2])

@@ -45,3 +45,21 @@ def test_checkpoint_refuses_pickle(tmp_path):
 def test_evaluate_empty_loader():
     with pytest.raises(ValueError, match="empty"):
         evaluate(pj.models.create("lenet300"), [])
+
+
+def test_bad_training_settings_say_what_to_give(tmp_path):
+    model = pj.models.create("lenet300")
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'; choose 'adam', 'adamw'"):
+        pj.train.make_optimizer(model.parameters(), "rmsprop")
+    with pytest.raises(ValueError, match="epochs must be >= 0, got -1"):
+        fit(model, [], epochs=-1, progress=False)
+    with pytest.raises(FileNotFoundError, match="'.*missing.safetensors' does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors", model)
+
+
+def test_eval_mode_restores_each_mode_even_on_error():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).eval()
+    with pytest.raises(RuntimeError, match="inside"), pj.train.eval_mode(a, b):
+        assert not a.training and not b.training
+        raise RuntimeError("inside")
+    assert a.training and not b.training

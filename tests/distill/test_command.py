@@ -128,3 +128,25 @@ def test_weights_that_do_not_fit_are_refused(teacher_file, capsys):
                         "--student", "mlp30"], capsys)
     assert code == 2
     assert "lenet5.safetensors' do not fit LeNet300" in err
+
+
+def test_a_student_that_cannot_learn_is_refused_before_the_teacher_trains(tmp_path, monkeypatch,
+                                                                        capsys):
+    # Regression: without teacher weights, the teacher trained its epochs before a hint
+    # layer typo, a student of other classes or an unknown soft loss was noticed.
+    def trains(*_args, **_kwargs):
+        raise AssertionError("a teacher trained before the student was checked")
+
+    monkeypatch.setattr("penjing.distill.command.fit", trains)
+    (tmp_path / "distill_user_models.py").write_text(USER_MODELS)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["--teacher", "lenet5", "--student", "mlp30", "--hint", "conv9", "fc1"],
+                       capsys)
+    assert code == 2 and "no layer named 'conv9' in the teacher" in err
+    code, _, err = run(["--teacher", "lenet5", "--student", "distill_user_models:five_classes"],
+                       capsys)
+    assert code == 2 and "teacher gives 10 logits, the student 5" in err
+    with pytest.raises(ValueError, match="unknown soft loss 'l1'"):
+        pj.distill.distill_named("lenet5", "mlp30", soft="l1")
+    with pytest.raises(ValueError, match="give at least one teacher"):
+        pj.distill.distill_named([], "mlp30")

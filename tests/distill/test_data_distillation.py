@@ -44,6 +44,15 @@ def test_digit_defaults_exclude_the_flip():
         resolve_transforms(["identity", "vflip"])
 
 
+def test_bad_transforms_are_refused():
+    with pytest.raises(ValueError, match="give at least one transform"):
+        resolve_transforms([])
+    with pytest.raises(ValueError, match="scale factor must be > 0, got 0"):
+        pj.distill.scale(0)
+    with pytest.raises(ValueError, match=r"image batches shaped \(N, C, H, W\), got \(9, 9\)"):
+        TRANSFORMS["shift_left"](torch.zeros(9, 9))
+
+
 def test_pseudo_labels_are_the_mean_over_transforms(teacher, mnist):
     images = mnist.test.tensors[0][:100]
     names = ("identity", "shift_left", "zoom_in")
@@ -157,3 +166,8 @@ def test_data_distill_refuses_bad_input(mnist, few_labels, view_teacher):
     with pytest.raises(ValueError, match="unknown transform 'flip'"):
         data_distill(view_teacher, pj.models.create("mlp30"), few_labels, unlabeled,
                      transforms=("flip",), progress=False)
+    with pytest.raises(ValueError, match="labelled data set is empty"):
+        data_distill(view_teacher, pj.models.create("mlp30"), Subset(few_labels, []), unlabeled,
+                     progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        pseudo_label(view_teacher, unlabeled, batch_size=0)

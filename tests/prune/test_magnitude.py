@@ -114,3 +114,33 @@ def test_unknown_layer_lists_the_prunable_ones():
 def test_model_without_prunable_layers():
     with pytest.raises(UnsupportedLayerError, match="no Linear or Conv"):
         magnitude_(nn.Sequential(nn.ReLU()), sparsity=0.5)
+
+
+def test_a_bad_value_leaves_the_model_as_it_was():
+    # Regression: fc1 was pruned before the bad sparsity of fc2 raised.
+    model = pj.models.create("lenet300")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"sparsity of 'fc2' must be in \[0, 1\), got 1.5"):
+        magnitude_(model, sparsity={"fc1": 0.5, "fc2": 1.5})
+    with pytest.raises(ValueError, match=r"quality of 'fc2' must be a number >= 0, got -1"):
+        magnitude_(model, quality={"fc1": 1.0, "fc2": -1})
+    assert not masks(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one of sparsity= or quality="),
+        ({"sparsity": 0.5, "quality": 1.0}, "exactly one of sparsity= or quality="),
+        ({"sparsity": 0.5, "scope": "model"}, "scope must be 'layer' or 'global', got 'model'"),
+        ({"quality": 1.0, "scope": "global"}, "quality= is a per-layer rule"),
+        ({"sparsity": {"fc1": 0.5}, "scope": "global"}, "one sparsity for all layers, not a dict"),
+        ({"sparsity": {"fc1": 0.5}, "layers": ["fc2"]}, "keys of the dict or as layers="),
+    ],
+)
+def test_contradictory_arguments_are_refused(kwargs, message):
+    model = pj.models.create("lenet300")
+    with pytest.raises(ValueError, match=message):
+        magnitude_(model, **kwargs)
+    assert not masks(model)

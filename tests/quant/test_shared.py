@@ -68,3 +68,30 @@ def test_sharing_twice_is_refused():
     kmeans_(model, bits=2)
     with pytest.raises(ValueError, match="already shares"):
         kmeans_(model, bits=2)
+
+
+def test_a_bad_layer_leaves_the_model_as_it_was():
+    # Regression: fc1 was shared before the bad bits of fc2 (or the shared fc3) raised.
+    model = pj.models.create("lenet300")
+    with pytest.raises(ValueError, match=r"bits of 'fc2' must be in 1\.\.16, got 0"):
+        kmeans_(model, bits={"fc1": 4, "fc2": 0})
+    assert get_shared(model.fc1) is None
+    kmeans_(model, bits={"fc3": 2})
+    with pytest.raises(ValueError, match="'fc3' already shares"):
+        kmeans_(model, bits={"fc1": 4, "fc3": 2})
+    assert get_shared(model.fc1) is None
+
+
+def test_finalized_shared_weights_train_again(mnist):
+    # Regression: kmeans_ froze the original weight, which finalize_ turns back into the
+    # layer's weight, so fine-tuning a compressed model silently left its weights alone.
+    model = pj.models.create("lenet300")
+    pj.prune.magnitude_(model, sparsity=0.5)
+    kmeans_(model, bits=3)
+    pj.finalize_(model)
+    assert all(p.requires_grad for p in model.parameters())
+    before = model.fc1.weight.detach().clone()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(mnist.train, range(0, 4000, 40)),
+                                         batch_size=50)
+    pj.train.fit(model, loader, epochs=1, progress=False)
+    assert not torch.equal(model.fc1.weight, before)

@@ -38,14 +38,11 @@ class CachedTeacher(nn.Module):
     def clear(self) -> None:
         self._memory.clear()
 
-    @staticmethod
-    def _key(row: torch.Tensor) -> bytes:
-        data = row.detach().contiguous().cpu().numpy().tobytes()
-        return hashlib.blake2b(data, digest_size=16).digest()
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keys = [self._key(row) for row in x]
+        # one copy to the host per batch, then a digest of each row's bytes
+        rows = x.detach().cpu().numpy()
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
         missing = [i for i, key in enumerate(keys) if key not in self._memory]
         if missing:
             out = self.teacher(x[missing])

@@ -18,8 +18,8 @@ from torch import nn
 from penjing import data, models
 from penjing.distill.cache import CachedTeacher
 from penjing.distill.ensemble import Ensemble
-from penjing.distill.kd import distill
-from penjing.distill.losses import check_temperature, check_weight
+from penjing.distill.kd import check_hints, check_pair, distill, example_batch
+from penjing.distill.losses import check_temperature, check_weight, resolve_soft_loss
 from penjing.prune.masks import PRUNABLE, finalize_, set_mask_
 from penjing.train import evaluate, fit, load_checkpoint, save_checkpoint, seed_everything
 
@@ -99,6 +99,7 @@ def distill_named(
     """
     check_temperature(temperature)
     check_weight(alpha)
+    resolve_soft_loss(soft)
     teachers = [teacher] if isinstance(teacher, str) else list(teacher)
     if not teachers:
         raise ValueError("give at least one teacher")
@@ -113,15 +114,23 @@ def distill_named(
     split = data.load(dataset)
     train, test = data.loaders(split, batch_size=batch_size, seed=seed)
     teacher_models = []
-    for i, (spec, factory) in enumerate(zip(teachers, teacher_factories, strict=True)):
+    for i, factory in enumerate(teacher_factories):
         seed_everything(seed + i)
-        model = factory(split.num_classes)
+        teacher_models.append(factory(split.num_classes))
+    teacher_model = (Ensemble(teacher_models, temperature) if len(teacher_models) > 1
+                     else teacher_models[0])
+    # A student that cannot learn from these teachers (other classes, a hint layer it lacks)
+    # is refused now, not after the teachers have trained.
+    probe = student_factory(split.num_classes)
+    check_hints(hints, teacher_model, probe)
+    check_pair(teacher_model, probe, example_batch(train))
+    for i, (spec, model) in enumerate(zip(teachers, teacher_models, strict=True)):
         if teacher_weights:
             load_checkpoint(teacher_weights[i], model)
         else:
             fit(model, train, epochs=teacher_epochs, lr=lr, seed=seed + i, progress=progress,
                 desc=f"teacher {spec}")
-        teacher_models.append(model.eval())
+        model.eval()
     seed_everything(seed + len(teachers))  # the student's initial weights differ from theirs
     student_model = student_factory(split.num_classes)
     before = sparsity = None
@@ -129,8 +138,6 @@ def distill_named(
         load_checkpoint(student_weights, student_model)
         before = evaluate(student_model, test)
         sparsity = keep_zeros_(student_model)
-    teacher_model = (Ensemble(teacher_models, temperature) if len(teacher_models) > 1
-                     else teacher_models[0])
     if hints is None:  # the same images every epoch: ask the teacher once per image
         teacher_model = CachedTeacher(teacher_model)
     distill(teacher_model, student_model, train, epochs=epochs, lr=lr, temperature=temperature,

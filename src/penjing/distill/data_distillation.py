@@ -27,7 +27,7 @@ from penjing.distill.transforms import (
     Transform,
     resolve_transforms,
 )
-from penjing.train import History, fit
+from penjing.train import History, eval_mode, fit
 
 
 @dataclass
@@ -74,16 +74,12 @@ def pseudo_label(
     images = _images(unlabeled)
     if len(images) == 0:
         raise ValueError("no unlabelled images to pseudo-label; give at least one")
-    was_training = model.training
-    model.eval()
-    try:
-        probs = []
+    probs = []
+    with eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = images[start : start + batch_size]
             views = [nn.functional.softmax(model(fn(x)), dim=1) for fn in fns]
             probs.append(torch.stack(views).mean(dim=0))
-    finally:
-        model.train(was_training)
     confidence, labels = torch.cat(probs).max(dim=1)
     kept = confidence >= min_confidence
     return PseudoLabels(images[kept], labels[kept], confidence[kept], kept)

@@ -17,7 +17,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-from penjing.train import History, fit, make_optimizer
+from penjing.train import History, eval_mode, fit, make_optimizer
 
 
 def find_layer(model: nn.Module, name: str, role: str = "model") -> nn.Module:
@@ -91,18 +91,11 @@ def build_regressor(
     student_layer: str,
 ) -> nn.Module:
     """Run `example` through both models (eval mode) and build the regressor for their hints."""
-    modes = (teacher.training, student.training)
-    teacher.eval()
-    student.eval()
-    try:
-        with capture(teacher, teacher_layer, "teacher") as t, capture(
-            student, student_layer, "student"
-        ) as s:
-            teacher(example)
-            student(example)
-    finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
+    with eval_mode(teacher, student), capture(teacher, teacher_layer, "teacher") as t, capture(
+        student, student_layer, "student"
+    ) as s:
+        teacher(example)
+        student(example)
     reg = regressor(s["out"].shape[1:], t["out"].shape[1:])
     return reg.to(device=s["out"].device, dtype=s["out"].dtype)
 
@@ -135,9 +128,6 @@ def train_hints_(
 
     Layers after the hint layer get no gradient, so the optimizer leaves them as they are.
     """
-    teacher_mode = teacher.training
-    teacher.eval()
-
     def loss_fn(model: nn.Module, x: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), capture(teacher, teacher_layer, "teacher") as t:
             teacher(x)
@@ -147,10 +137,8 @@ def train_hints_(
 
     opt = make_optimizer(chain(student.parameters(), reg.parameters()), optimizer, lr)
     reg.train()
-    try:
+    with eval_mode(teacher):
         return fit(
             student, loader, epochs=epochs, optimizer=opt, loss_fn=loss_fn, seed=seed,
             progress=progress, desc="hints",
         )
-    finally:
-        teacher.train(teacher_mode)

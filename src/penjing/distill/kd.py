@@ -15,7 +15,7 @@ from torch import nn
 
 from penjing.distill.cache import CachedTeacher
 from penjing.distill.ensemble import Ensemble
-from penjing.distill.hints import build_regressor, train_hints_
+from penjing.distill.hints import build_regressor, find_layer, train_hints_
 from penjing.distill.losses import (
     SoftLoss,
     check_logits,
@@ -24,7 +24,7 @@ from penjing.distill.losses import (
     kd_loss,
     resolve_soft_loss,
 )
-from penjing.train import History, fit
+from penjing.train import History, eval_mode, fit
 
 
 def example_batch(loader: Iterable, size: int = 2) -> torch.Tensor:
@@ -47,14 +47,29 @@ def check_pair(teacher: nn.Module, student: nn.Module, example: torch.Tensor) ->
     """Refuse a teacher and student that do not predict the same classes (eval-mode probe)."""
     if teacher is student:
         raise ValueError("teacher and student are the same module; distil into a separate model")
-    modes = (teacher.training, student.training)
-    teacher.eval()
-    student.eval()
-    try:
+    with eval_mode(teacher, student):
         check_logits(student(example), teacher(example))
-    finally:
-        teacher.train(modes[0])
-        student.train(modes[1])
+
+
+def check_hints(
+    hints: tuple[str, str] | None, teacher: nn.Module, student: nn.Module
+) -> tuple[str, str] | None:
+    """`hints` as a (teacher layer, student layer) pair of layers that exist, or an error."""
+    if hints is None:
+        return None
+    if not (isinstance(hints, tuple | list) and len(hints) == 2):
+        raise ValueError(
+            f"hints must be a pair (teacher_layer, student_layer), got {hints!r}; "
+            "e.g. hints=('conv2', 'conv2')"
+        )
+    if isinstance(teacher, CachedTeacher):
+        raise ValueError(
+            "hints read the teacher's layers in every forward, which a CachedTeacher skips "
+            "for images it has seen; pass the teacher itself when distilling with hints"
+        )
+    find_layer(teacher, hints[0], "teacher")
+    find_layer(student, hints[1], "student")
+    return hints[0], hints[1]
 
 
 class DistillLoss:
@@ -142,21 +157,12 @@ def distill(
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if hint_epochs < 0:
         raise ValueError(f"hint_epochs must be >= 0, got {hint_epochs}")
-    if hints is not None and not (isinstance(hints, tuple | list) and len(hints) == 2):
-        raise ValueError(
-            f"hints must be a pair (teacher_layer, student_layer), got {hints!r}; "
-            "e.g. hints=('conv2', 'conv2')"
-        )
-    if hints is not None and isinstance(teacher, CachedTeacher):
-        raise ValueError(
-            "hints read the teacher's layers in every forward, which a CachedTeacher skips "
-            "for images it has seen; pass the teacher itself when distilling with hints"
-        )
     given = teacher if isinstance(teacher, Sequence) else [teacher]
-    modes = [(m, m.training) for m in given if isinstance(m, nn.Module)]
-    loss_fn = DistillLoss(teacher, temperature=temperature, alpha=alpha, soft=soft)
-    teacher = loss_fn.teacher
-    try:
+    # the teacher leaves in the mode it came in
+    with eval_mode(*(m for m in given if isinstance(m, nn.Module))):
+        loss_fn = DistillLoss(teacher, temperature=temperature, alpha=alpha, soft=soft)
+        teacher = loss_fn.teacher
+        hints = check_hints(hints, teacher, student)
         example = example_batch(loader)
         check_pair(teacher, student, example)
         if hints is not None:
@@ -170,6 +176,3 @@ def distill(
             student, loader, epochs=epochs, lr=lr, optimizer=optimizer, loss_fn=loss_fn,
             test_loader=test_loader, seed=seed, progress=progress, desc="distill",
         )
-    finally:
-        for module, mode in modes:  # the teacher leaves in the mode it came in
-            module.train(mode)

@@ -15,7 +15,7 @@ from torch import nn
 
 from penjing.distill.kd import example_batch
 from penjing.distill.losses import check_temperature, soft_target
-from penjing.train import History, evaluate, make_optimizer, seed_everything
+from penjing.train import History, eval_mode, evaluate, make_optimizer, seed_everything
 
 
 def mutual_losses(
@@ -61,13 +61,8 @@ def mutual_(
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     example = example_batch(loader)
-    with torch.no_grad():
-        modes = [s.training for s in students]
-        for s in students:
-            s.eval()
+    with torch.no_grad(), eval_mode(*students):
         outputs = [s(example) for s in students]
-        for s, mode in zip(students, modes, strict=True):
-            s.train(mode)
     for i, out in enumerate(outputs[1:], start=1):
         if out.shape != outputs[0].shape:
             raise ValueError(

@@ -60,6 +60,10 @@ def magnitude_(
             raise ValueError("give layers either as the keys of the dict or as layers=, not both")
         layers = list(per_layer)
     chosen = select_layers(model, layers)
+    if quality is not None and scope != "layer":
+        raise ValueError("quality= is a per-layer rule; use scope='layer'")
+    if scope == "global" and isinstance(per_layer, dict):
+        raise ValueError("scope='global' takes one sparsity for all layers, not a dict")
 
     def amount(name: str) -> float:
         value = per_layer[name] if isinstance(per_layer, dict) else per_layer
@@ -69,23 +73,21 @@ def magnitude_(
             raise ValueError(f"quality of {name!r} must be a number >= 0, got {value!r}")
         return float(value)
 
+    # every value is checked before any layer changes: a bad one leaves the model as it was
+    amounts = {name: amount(name) for name in chosen}
     with torch.no_grad():
         weights = {name: m.weight.detach() for name, m in chosen.items()}
         if quality is not None:
-            if scope != "layer":
-                raise ValueError("quality= is a per-layer rule; use scope='layer'")
             for name, module in chosen.items():
                 w = weights[name]
-                threshold = amount(name) * float(w.float().std())
+                threshold = amounts[name] * float(w.float().std())
                 set_mask_(module, (w.abs() >= threshold) & (w != 0))
         elif scope == "layer":
             for name, module in chosen.items():
                 w = weights[name]
-                set_mask_(module, _mask_smallest(w.abs(), round(amount(name) * w.numel())))
+                set_mask_(module, _mask_smallest(w.abs(), round(amounts[name] * w.numel())))
         else:
-            if isinstance(per_layer, dict):
-                raise ValueError("scope='global' takes one sparsity for all layers, not a dict")
-            target = amount(next(iter(chosen)))
+            target = amounts[next(iter(chosen))]
             flat = torch.cat([w.abs().flatten().float() for w in weights.values()])
             mask = _mask_smallest(flat, round(target * flat.numel()))
             start = 0

@@ -71,7 +71,10 @@ def set_mask_(module: nn.Module, mask: torch.Tensor) -> nn.Module:
     """Mask `module.weight` with `mask` (replacing an earlier mask) and zero the pruned weights."""
     weight = module.weight
     if mask.shape != weight.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"a mask must have the weight's shape {tuple(weight.shape)}, got "
+            f"{tuple(mask.shape)}; build it from module.weight (e.g. module.weight != 0)"
+        )
     mask = mask.to(dtype=weight.dtype, device=weight.device)
     existing = get_mask(module)
     if existing is not None:

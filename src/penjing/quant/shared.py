@@ -75,33 +75,38 @@ def kmeans_(
             raise ValueError("give layers either as the keys of bits or as layers=, not both")
         layers = list(bits)
     chosen = select_layers(model, layers)
-    infos = {}
+    # every layer is checked before any changes: a bad one leaves the model as it was
+    layer_bits = {}
     for name, module in chosen.items():
-        layer_bits = check_bits(bits[name] if isinstance(bits, dict) else bits, f"bits of {name!r}")
+        value = bits[name] if isinstance(bits, dict) else bits
+        layer_bits[name] = check_bits(value, f"bits of {name!r}")
         if get_shared(module) is not None:
             raise ValueError(f"layer {name!r} already shares its weights; finalize_ it first")
+    infos = {}
+    for name, module in chosen.items():
         mask = get_mask(module)
         with torch.no_grad():
             weight = module.weight.detach().clone()
             if mask is not None:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
                 alive = mask != 0
-                k = 2**layer_bits - 1
+                k = 2 ** layer_bits[name] - 1
             else:
                 alive = torch.ones_like(weight, dtype=torch.bool)
-                k = 2**layer_bits
+                k = 2 ** layer_bits[name]
             survivors = weight[alive]
             codes = torch.zeros(weight.shape, dtype=torch.long)
             if survivors.numel() == 0:
                 centroids, iterations, mse = torch.zeros(0), 0, 0.0
             else:
-                result = kmeans_1d(survivors, k if k >= 1 else 1, init=init, seed=seed)
+                result = kmeans_1d(survivors, k, init=init, seed=seed)
                 centroids = torch.from_numpy(result.centroids).to(weight.dtype)
                 labels = torch.from_numpy(result.labels)
                 codes[alive] = labels + 1
                 iterations = result.iterations
                 mse = float((survivors - centroids[labels]).double().square().mean())
-        module.weight.requires_grad_(False)  # the original no longer shapes the output
+        # The original weight keeps requires_grad: it gets no gradient while shared (the
+        # output does not depend on it), and finalize_ makes it the layer's plain weight again.
         parametrize.register_parametrization(module, "weight", SharedWeights(centroids, codes))
-        infos[name] = SharingInfo(int(centroids.numel()), layer_bits, iterations, mse)
+        infos[name] = SharingInfo(int(centroids.numel()), layer_bits[name], iterations, mse)
     return infos
