@@ -20,7 +20,7 @@ from common import write_section
 
 from penjing import data
 from penjing.demo import dense_baseline
-from penjing.export import compare_with_ort, cpu_saturates_int8, session
+from penjing.export import compare_with_ort, cpu_saturates_int8, ort_accuracy, session
 from penjing.export import onnx as export_onnx
 from penjing.quant import OBSERVERS, PerChannel, QuantConfig, QuantSpec, int8, ptq, qat
 from penjing.quant import weight_only as weight_only_config
@@ -34,18 +34,6 @@ QAT_BUDGET = 0.5  # points INT4 QAT may stay below FP32
 PEER_SLACK = 1.05  # "no worse" latency: within 5 % timing noise of the peer
 MODELS = {"lenet5": "LeNet-5", "vgg": "small BN VGG"}
 PEER_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-
-
-def ort_accuracy(path: Path, test) -> float:
-    """Top-1 accuracy of an ONNX file run by ONNX Runtime over the test loader."""
-    sess = session(path, THREADS)
-    name = sess.get_inputs()[0].name
-    correct = seen = 0
-    for x, y in test:
-        logits = sess.run(None, {name: x.numpy()})[0]
-        correct += int((logits.argmax(1) == y.numpy()).sum())
-        seen += len(y)
-    return correct / seen
 
 
 def peer_quantize(fp32: Path, out: Path, calib: list[torch.Tensor], method: str) -> Path:
@@ -110,7 +98,7 @@ def ptq_section(name, model, fp32_acc, calib, test, workdir, example) -> tuple[l
         if observer == "minmax":
             paths["penjing int8"] = path
         sim = evaluate(q, test)
-        ours = ort_accuracy(path, test)
+        ours = ort_accuracy(path, test, THREADS)
         agree = compare_with_ort(q, path, next(iter(test))[0])
         delta = 100 * (ours - fp32_acc)
         peer = peer_cell = verdict = "-"
@@ -120,7 +108,7 @@ def ptq_section(name, model, fp32_acc, calib, test, workdir, example) -> tuple[l
             )
             if observer == "minmax":
                 paths["ORT quantize_static"] = peer_path
-            peer = ort_accuracy(peer_path, test)
+            peer = ort_accuracy(peer_path, test, THREADS)
             peer_cell = f"{peer:.2%} ({PEER_METHODS[observer]})"
             verdict = "yes" if ours >= peer else "**no**"
         results[observer] = {"ours": ours, "delta": delta, "peer": peer}

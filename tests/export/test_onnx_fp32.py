@@ -8,8 +8,8 @@ from torch import nn
 
 import penjing as pj
 from penjing.errors import UnsupportedLayerError
+from penjing.export import compare_with_ort, ort_accuracy, ort_latency, ort_run
 from penjing.export import onnx as export_onnx
-from penjing.export import ort_latency, ort_run
 
 
 @pytest.mark.parametrize("name", ["lenet5", "vgg"])
@@ -85,3 +85,28 @@ def test_unsupported_op_names_op_and_module(tmp_path, capfd):
 def test_bad_example_inputs_is_type_error(tmp_path):
     with pytest.raises(TypeError, match="example_inputs must be a tensor"):
         export_onnx(pj.models.create("lenet300"), tmp_path / "m.onnx", "x")
+
+
+def test_ort_accuracy_is_the_accuracy_of_the_exported_model(tmp_path):
+    torch.manual_seed(0)
+    model = pj.models.create("lenet5").eval()
+    x, y = torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    loader = list(zip(x.split(16), y.split(16), strict=True))
+    path = export_onnx(model, tmp_path / "m.onnx", x[:1])
+    assert ort_accuracy(path, loader) == pj.train.evaluate(model, loader)
+    with pytest.raises(ValueError, match="cannot evaluate on an empty loader"):
+        ort_accuracy(path, [])
+
+
+def test_bad_export_and_run_arguments_are_clear_errors(tmp_path):
+    model, x = pj.models.create("lenet300").eval(), torch.randn(2, 784)
+    with pytest.raises(ValueError, match="opset must be >= 13"):
+        export_onnx(model, tmp_path / "m.onnx", x, opset=11)
+    with pytest.raises(ValueError, match="got 2 name\\(s\\) for 1 input\\(s\\)"):
+        export_onnx(model, tmp_path / "m.onnx", x, input_names=["a", "b"])
+    path = export_onnx(model, tmp_path / "m.onnx", x)
+    with pytest.raises(ValueError, match=r"unknown input name\(s\) \['image'\]"):
+        ort_run(path, {"image": x})
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 3)).eval()
+    with pytest.raises(ValueError, match="was not exported from this model"):
+        compare_with_ort(other, path, x)

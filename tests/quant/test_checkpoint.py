@@ -100,3 +100,51 @@ def test_an_uncalibrated_model_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match="'conv1_input_quant' is not calibrated yet"):
         save_quantized(q, int8(), tmp_path / "q.safetensors")
     assert not (tmp_path / "q.safetensors").exists()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_unsigned_weights_round_trip(tmp_path, bits):
+    """Regression: unsigned 8-bit weights were stored as int8, so 128..255 wrapped."""
+    torch.manual_seed(0)
+    config = QuantConfig(weight=QuantSpec(bits, symmetric=False, signed=False))
+    q = ptq(pj.models.create("lenet5").eval(), [torch.randn(8, 1, 28, 28)], config)
+    save_quantized(q, config, tmp_path / "q.safetensors")
+    loaded = load_quantized(pj.models.create("lenet5"), tmp_path / "q.safetensors")
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(loaded(x), q(x))
+
+
+def _with_config(src, dst, edit) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    metadata["config"] = edit(metadata["config"])
+    save_file(tensors, str(dst), metadata=metadata)
+
+
+def test_a_file_cannot_make_load_import_code(tmp_path):
+    """Regression: layer types in the file's config were imported by name, so loading a
+    file could run any installed module's top-level code."""
+    import sys
+
+    q = ptq(pj.models.create("lenet5").eval(), [torch.randn(8, 1, 28, 28)], int8())
+    path = tmp_path / "q.safetensors"
+    save_quantized(q, int8(), path)
+    linear = "torch.nn.modules.linear:Linear"
+    cases = [(lambda c: c.replace(linear, "this:Linear"), "module 'this' is not imported"),
+             (lambda c: c.replace(linear, "os:system"), "does not name an nn.Module class"),
+             (lambda c: c[:-1], "holds a quantization config penjing cannot read")]
+    for edit, message in cases:
+        _with_config(path, tmp_path / "bad.safetensors", edit)
+        with pytest.raises(FormatError, match=message):
+            load_quantized(pj.models.create("lenet5"), tmp_path / "bad.safetensors")
+    assert "this" not in sys.modules
+
+
+def test_a_checkpoint_of_another_shape_does_not_fit(tmp_path):
+    q = ptq(pj.models.create("lenet5").eval(), [torch.randn(8, 1, 28, 28)], int8())
+    save_quantized(q, int8(), tmp_path / "q.safetensors")
+    with pytest.raises(FormatError, match="does not fit this LeNet5"):
+        load_quantized(pj.models.create("lenet5", num_classes=5), tmp_path / "q.safetensors")

@@ -62,7 +62,8 @@ def test_int4_groups_weight_only(tmp_path, weights, capsys):
      (["--granularity", "group"], "group_size goes with granularity 'group'"),
      (["--group-size", "32"], "group_size goes with granularity 'group'"),
      (["--calib-images", "0"], "calib_images must be >= 1, got 0"),
-     (["--skip", "conv9"], "layers pattern 'conv9' matches no module")],
+     (["--skip", "conv9"], "layers pattern 'conv9' matches no module"),
+     (["--skip", "conv["], "layers pattern 'conv[' is not a regular expression")],
 )
 def test_bad_options_are_clear_errors(weights, capsys, argv, message):
     assert main(["quantize", "lenet5", "--weights", str(weights), *argv]) == 2
@@ -83,4 +84,6 @@ def test_make_config_maps_options_to_specs():
     assert dict(cfg.layers) == {"fc2": False}
     with pytest.raises(ValueError, match="unknown observer 'kl'"):
         make_config(observer="kl")
+    with pytest.raises(ValueError, match="granularity must be one of .* got 'row'"):
+        make_config(granularity="row")
     assert torch.equal(torch.tensor(make_config().activation.qmax), torch.tensor(255))

@@ -65,3 +65,32 @@ def test_batchnorm_not_after_a_layer_is_left_alone():
     model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 3)).eval()
     assert fold_bn_(model) == []
     assert isinstance(model[0], nn.BatchNorm1d)
+
+
+class _ConvTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(self.conv(x)))
+
+
+def test_a_layer_called_twice_is_not_folded():
+    """Regression: folding the BatchNorm after the first call scaled the second call too."""
+    model = _ConvTwice().eval()
+    _randomise_bn(model)
+    x = torch.randn(2, 3, 4, 4)
+    before = model(x)
+    assert fold_bn_(model) == []
+    torch.testing.assert_close(model(x), before)
+
+
+def test_what_cannot_be_folded_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match="cannot fold BatchNorm '1' into '0': it keeps no"):
+        fold_bn_(model)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    pj.quant.quantize_(model, pj.quant.weight_only())
+    with pytest.raises(ValueError, match="'0'.weight carries a parametrization other than"):
+        fold_bn_(model)

@@ -137,3 +137,18 @@ def test_granularity_must_be_a_value_type():
     with pytest.raises(TypeError, match="granularity must be"):
         QuantSpec(8, granularity="channel")
     assert PerTensor() == PerTensor() and PerChannel(1) != PerChannel(0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("granularity", [PerTensor(), PerChannel(0), PerGroup(2)])
+def test_nan_or_inf_is_an_error_not_a_nan_scale(bad, granularity):
+    """Regression: a NaN weight once gave its channel a NaN scale without a word."""
+    x = torch.randn(3, 4)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match=r"must be finite, got NaN or inf .* shape \(3, 4\)"):
+        reduce_range(x, granularity)
+
+
+def test_channel_axis_must_be_an_int():
+    with pytest.raises(TypeError, match="channel axis must be an int, got '0'"):
+        PerChannel("0")

@@ -158,3 +158,20 @@ def test_entropy_clips_at_most_a_thousandth_of_a_spiky_histogram(mnist):
     assert clipped[0.001] <= 0.001
     with pytest.raises(ValueError, match="max_clipped must be in"):
         OBSERVERS["entropy"](U8, max_clipped=1.0)
+
+
+@pytest.mark.parametrize("name", sorted(OBSERVERS))
+def test_infinite_activations_are_an_error(name):
+    """Regression: min/max gave an infinite scale, the histograms a bare torch error."""
+    obs = make_observer(name, U8)
+    with pytest.raises(ValueError, match="must be finite"):
+        obs(torch.tensor([0.0, 1.0, float("inf")]))
+
+
+def test_observer_options_out_of_range_are_errors():
+    with pytest.raises(ValueError, match="momentum must be in"):
+        OBSERVERS["moving_average"](U8, momentum=0.0)
+    with pytest.raises(ValueError, match="bins must be >= 16, got 8"):
+        OBSERVERS["mse"](U8, bins=8)
+    with pytest.raises(ValueError, match="percentile must be in"):
+        OBSERVERS["percentile"](U8, percentile=0.0)

@@ -175,3 +175,38 @@ def test_activation_axis_that_does_not_exist_names_the_quantizer(lenet5_trained)
         ptq(model, calib, cfg)
     with pytest.raises(ValueError, match="'conv1_input_quant': activation observers work per"):
         ptq(model, calib, QuantConfig(activation=QuantSpec(8, granularity=PerGroup(8))))
+
+
+def test_nan_weight_names_its_layer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer '2': values to quantize must be finite"):
+        ptq(model, None, weight_only())
+
+
+def test_bad_config_values_are_clear_errors(lenet5_trained):
+    model, _, _, calib, _ = lenet5_trained
+    with pytest.raises(ValueError, match=r"layers pattern 'conv\[' is not a regular expression"):
+        int8(layers={"conv[": False})
+    with pytest.raises(TypeError, match=r"layers\['fc1'\] must be True, False or a QuantSpec"):
+        int8(layers={"fc1": 8})
+    with pytest.raises(ValueError, match="group size must be a positive int, got 0"):
+        weight_only(group_size=0)  # once quietly per channel
+    pooled = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2))
+    with pytest.raises(UnsupportedLayerError, match="layer '1' is a MaxPool2d"):
+        ptq(pooled, calib, int8(layers={"1": True}))
+    with pytest.raises(ValueError, match="unknown weight range 'l2'"):
+        ptq(model, None, weight_only(weight_range="l2"))
+
+
+def test_quantizing_twice_and_bad_calibration_batches_are_errors(lenet5_trained):
+    model = pj.models.create("lenet300")
+    quantize_(model, weight_only())
+    with pytest.raises(ValueError, match="layer 'fc1' already has quantized or shared weights"):
+        quantize_(model, weight_only())
+    q = pj.quant.prepare(lenet5_trained[0], int8())
+    with pytest.raises(ValueError, match="batches must be >= 1 or None, got 0"):
+        pj.quant.calibrate_(q, lenet5_trained[3], batches=0)
+    with pytest.raises(TypeError, match="a calibration batch must be a tensor or"):
+        pj.quant.calibrate_(q, [{"x": torch.randn(1, 1, 28, 28)}])

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from penjing.export.check import Agreement, compare_with_ort, output_step
 from penjing.export.onnx_file import onnx
-from penjing.export.ort import cpu_saturates_int8, optimized_ops, ort_latency, ort_run, session
+from penjing.export.ort import (
+    cpu_saturates_int8,
+    optimized_ops,
+    ort_accuracy,
+    ort_latency,
+    ort_run,
+    session,
+)
 
 __all__ = [
     "Agreement",
@@ -12,6 +19,7 @@ __all__ = [
     "cpu_saturates_int8",
     "onnx",
     "optimized_ops",
+    "ort_accuracy",
     "ort_latency",
     "ort_run",
     "output_step",

@@ -117,7 +117,10 @@ def onnx(
     default_names = ["input"] if n_in == 1 else [f"input{i}" for i in range(n_in)]
     input_names = list(input_names or default_names)
     if len(input_names) != n_in:
-        raise ValueError(f"{len(input_names)} input_names for {n_in} example inputs")
+        raise ValueError(
+            f"input_names must name each example input: got {len(input_names)} name(s) for "
+            f"{n_in} input(s); give one name per input"
+        )
     was_training = model.training
     model.eval()
     buffer = io.BytesIO()
@@ -143,9 +146,8 @@ def onnx(
                 input_names=input_names, output_names=output_names,
                 dynamic_axes=axes, do_constant_folding=True,
             )
-    except torch.onnx.errors.UnsupportedOperatorError as err:
-        raise _unsupported(err, model, args) from err
-    except torch.onnx.errors.SymbolicValueError as err:
+    except (torch.onnx.errors.UnsupportedOperatorError,
+            torch.onnx.errors.SymbolicValueError) as err:
         raise _unsupported(err, model, args) from err
     finally:
         model.train(was_training)

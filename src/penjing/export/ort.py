@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,24 +25,31 @@ def _onnxruntime():
     return onnxruntime
 
 
+def _options(ort, path: str | os.PathLike, level):
+    """Session options for `path` at graph optimization `level`, shared by every session
+    we open, so that each runs the graph the same way."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 3  # warnings about unused initializers are noise here
+    # A weight-only DequantizeLinear → MatMul (e.g. attention projections) becomes
+    # MatMulNBits; at ORT's default accuracy level 4 it quantizes the float activations
+    # to int8 on the fly, which the model never asked for. Level 1 computes in float.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return options
+
+
 def session(path: str | os.PathLike, threads: int = 2):
     """An ONNX Runtime CPU session on `path` with `threads` intra-op threads, all graph
     optimizations on (that is where QDQ pairs become integer kernels)."""
     ort = _onnxruntime()
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist")
-    options = ort.SessionOptions()
+    options = _options(ort, path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # warnings about unused initializers are noise here
-    # A weight-only DequantizeLinear → MatMul (e.g. attention projections) becomes
-    # MatMulNBits; at ORT's default accuracy level 4 it quantizes the float activations
-    # to int8 on the fly, which the model never asked for. Level 1 computes in float.
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -72,6 +79,20 @@ def ort_run(path: str | os.PathLike, inputs: Inputs, threads: int = 2) -> list[n
     """The outputs of the ONNX file at `path` on `inputs`, computed by ONNX Runtime."""
     sess = session(path, threads)
     return sess.run(None, _feed(sess, inputs))
+
+
+def ort_accuracy(path: str | os.PathLike, loader: Iterable, threads: int = 2) -> float:
+    """Top-1 accuracy of the ONNX file at `path` over the (inputs, labels) batches of
+    `loader`, run by ONNX Runtime in one session: what the exported model scores."""
+    sess = session(path, threads)
+    correct = seen = 0
+    for x, y in loader:
+        logits = sess.run(None, _feed(sess, x))[0]
+        correct += int((logits.argmax(1) == np.asarray(y)).sum())
+        seen += len(y)
+    if seen == 0:
+        raise ValueError("cannot evaluate on an empty loader; give it at least one batch")
+    return correct / seen
 
 
 def ort_latency(
@@ -128,12 +149,7 @@ def optimized_ops(path: str | os.PathLike) -> dict[str, int]:
     import onnx
 
     ort = _onnxruntime()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    options = _options(ort, path, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
     with tempfile.TemporaryDirectory() as tmp:
         options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -88,9 +88,8 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
         if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
             continue
-        if node.op_type == "Gemm" and any(
-            a.name == "transB" and a.i == 0 for a in node.attribute
-        ):
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)  # ONNX default
+        if node.op_type == "Gemm" and trans_b == 0:
             continue  # per-channel weight scales would not run along the bias
         s_x = consts.get(dq_x.input[1])
         s_w = consts.get(dq_w.input[1])

@@ -1,18 +1,19 @@
 """Save a linearly quantized model as safetensors with integer weights, and load it back.
 
 The file holds the state of the model `ptq` / `qat` returned, with every fake-quantized
-weight stored as its integers (int8 up to 8 bits, int16 above) instead of floats, plus
-the QuantConfig and a SHA-256 of the tensors in the metadata. Loading rebuilds the
-quantized model from a fresh float model of the same architecture: `prepare` with the
-stored config, then the stored scales, zero points and integers. Nothing is unpickled.
+weight stored as its integers (in the smallest of int8, uint8, int16 and int32 that holds
+its range) instead of floats, plus the QuantConfig and a SHA-256 of the tensors in the
+metadata. Loading rebuilds the quantized model from a fresh float model of the same
+architecture: `prepare` with the stored config, then the stored scales, zero points and
+integers. Nothing is unpickled, and nothing the file names is imported.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -56,11 +57,20 @@ def _type_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _type_from_name(name: str) -> type:
+def _type_from_name(name: str) -> type[nn.Module]:
+    """The module class `name` ('module:QualName') names, looked up among the modules
+    already imported: a file must not make us import, and so run, code it names."""
     module, _, qualname = name.partition(":")
-    obj: Any = importlib.import_module(module)
+    obj: Any = sys.modules.get(module)
+    if obj is None:
+        raise ValueError(
+            f"layer type {name!r}: module {module!r} is not imported; import it (create the "
+            "model) before loading"
+        )
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ValueError(f"layer type {name!r} does not name an nn.Module class")
     return obj
 
 
@@ -128,20 +138,29 @@ def _integer_weights(model: nn.Module) -> dict[str, WeightQuant]:
     return found
 
 
+def _storage_dtype(spec: QuantSpec) -> torch.dtype:
+    """The smallest integer dtype that holds [qmin, qmax] (uint8 for unsigned 8-bit)."""
+    for dtype in (torch.int8, torch.uint8, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= spec.qmin and spec.qmax <= info.max:
+            return dtype
+    return torch.int32  # unsigned 16-bit
+
+
 def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLike) -> int:
     """Write the quantized `model` (from `ptq` / `qat` with `config`) to `path`; return
     the file size in bytes. Weights are stored as integers, the rest as float32."""
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    for key, quant in _integer_weights(model).items():
-        ints = quantize(state.pop(key).float(), quant.scale.detach(), quant.zero_point,
-                        quant.spec)
-        state[key + _INT_SUFFIX] = ints.to(torch.int8 if quant.spec.bits <= 8 else torch.int16)
     for name, module in model.named_modules():
         if isinstance(module, ActQuant) and not module.frozen:
             raise ValueError(
                 f"activation quantizer {name!r} is not calibrated yet; save the model that "
                 "ptq / qat returned"
             )
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for key, quant in _integer_weights(model).items():
+        ints = quantize(state.pop(key).float(), quant.scale.detach(), quant.zero_point,
+                        quant.spec)
+        state[key + _INT_SUFFIX] = ints.to(_storage_dtype(quant.spec))
     from safetensors.torch import save
 
     metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config)),
@@ -178,7 +197,13 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     from penjing.quant.ptq import prepare
 
     tensors, metadata = _read(path)
-    config = config_from_dict(json.loads(metadata["config"]))
+    try:
+        config = config_from_dict(json.loads(metadata["config"]))
+    except (KeyError, TypeError, ValueError) as err:  # ValueError includes bad JSON
+        raise FormatError(
+            f"{str(path)!r} holds a quantization config penjing cannot read ({err}); write "
+            "the file with save_quantized"
+        ) from err
     q = prepare(model, replace(config, learnable=False))  # learned scales are stored baked
     for name, module in q.named_modules():
         if isinstance(module, ActQuant):
@@ -198,7 +223,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if key.endswith(_INT_SUFFIX):
             float_key = key.removesuffix(_INT_SUFFIX)
             if float_key not in integer:
-                raise FormatError(f"{str(path)!r}: integer weight {key!r} has no quantized layer")
+                raise FormatError(
+                    f"{str(path)!r}: integer weight {key!r} has no quantized layer in this "
+                    f"{type(model).__name__}: it was saved from a different model or config"
+                )
             quant = integer[float_key]
             base = float_key.removesuffix("original")
             scale, zero = tensors[base + "0.scale"], tensors[base + "0.zero_point"]

@@ -109,7 +109,7 @@ def quantize_command(
     (safetensors) by `config`, calibrated on `calib_images` training images of a bundled
     data set; measure it on the test split; write `onnx_path` (QDQ) and/or `out` (penjing
     quantized checkpoint, integer weights) when given."""
-    from penjing.export import compare_with_ort, optimized_ops, ort_run
+    from penjing.export import compare_with_ort, optimized_ops, ort_accuracy
     from penjing.export import onnx as export_onnx
 
     if calib_images < 1:
@@ -136,12 +136,8 @@ def quantize_command(
     )
     if onnx_path is not None:
         path = export_onnx(quantized, onnx_path, calib[0][:1])
-        correct = seen = 0
-        for x, y in test:
-            correct += int((torch.from_numpy(ort_run(path, x)[0]).argmax(1) == y).sum())
-            seen += len(y)
         x_test = next(iter(test))[0]
-        summary.update(onnx_path=path, ort_accuracy=correct / seen,
+        summary.update(onnx_path=path, ort_accuracy=ort_accuracy(path, test),
                        agreement=compare_with_ort(quantized, path, x_test).format(),
                        ops=optimized_ops(path))
     if out is not None:

@@ -52,6 +52,13 @@ class QuantConfig:
                 raise TypeError(
                     f"layers[{pattern!r}] must be True, False or a QuantSpec, got {value!r}"
                 )
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"layers pattern {pattern!r} is not a regular expression ({err}); give "
+                    "a Python regex matched in full against module names, e.g. 'fc.*'"
+                ) from err
 
 
 def int8(
@@ -73,7 +80,7 @@ def int8(
 
 def weight_only(bits: int = 8, group_size: int | None = None, **kwargs) -> QuantConfig:
     """Weights only, symmetric, per channel or in groups of `group_size` (32/64/128)."""
-    granularity = PerGroup(group_size) if group_size else PerChannel(0)
+    granularity = PerChannel(0) if group_size is None else PerGroup(group_size)
     return QuantConfig(weight=QuantSpec(bits, True, True, granularity), activation=None, **kwargs)
 
 

@@ -7,6 +7,8 @@ the same function with one layer less (and PTQ sees the weights inference will u
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
@@ -21,14 +23,17 @@ _FOLDABLE = {
 
 
 def _pairs_by_graph(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer, batchnorm) names where the layer's output feeds only that BatchNorm."""
+    """(layer, batchnorm) names where the layer's output feeds only that BatchNorm and
+    forward calls each of the two once: folding changes every call of both modules."""
     graph = fx.Tracer().trace(model)
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or len(node.users) != 1:
+        if node.op != "call_module" or len(node.users) != 1 or calls[node.target] != 1:
             continue
         (user,) = node.users
-        if user.op == "call_module" and user.args and user.args[0] is node:
+        if (user.op == "call_module" and user.args and user.args[0] is node
+                and calls[user.target] == 1):
             pairs.append((node.target, user.target))
     return pairs
 
@@ -81,8 +86,9 @@ def fold_bn_(model: nn.Module) -> list[tuple[str, str]]:
 
     Returns the (layer, batchnorm) name pairs folded; each BatchNorm is replaced by an
     nn.Identity. Uses the model's running statistics, so the result matches the model in
-    eval mode (to float rounding). Found by tracing with torch.fx; a model that does not
-    trace is searched by the order of nn.Sequential children instead.
+    eval mode (to float rounding). Found by tracing with torch.fx; a layer or BatchNorm
+    that forward calls more than once is left alone. A model that does not trace is
+    searched by the order of nn.Sequential children instead.
     """
     modules = dict(model.named_modules())
     try:

@@ -111,16 +111,27 @@ def _ungrouped(groups: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_range(x: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min, max) of `x` at `granularity`: scalars, one per channel, or (rows, groups)."""
+    """(min, max) of `x` at `granularity`: scalars, one per channel, or (rows, groups).
+
+    NaN or inf would give a NaN or infinite scale, so they are an error here, where the
+    range of every weight and every observed activation is taken.
+    """
     x = x.detach()
     if isinstance(granularity, PerTensor):
-        return x.min(), x.max()
-    if isinstance(granularity, PerChannel):
+        lo, hi = x.min(), x.max()
+    elif isinstance(granularity, PerChannel):
         axis = _check_axis(x, granularity.axis)
         flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)
-        return flat.min(dim=1).values, flat.max(dim=1).values
-    groups = _grouped(x, granularity.size)
-    return groups.min(dim=2).values, groups.max(dim=2).values
+        lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    else:
+        groups = _grouped(x, granularity.size)
+        lo, hi = groups.min(dim=2).values, groups.max(dim=2).values
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):  # min/max keep a NaN
+        raise ValueError(
+            f"values to quantize must be finite, got NaN or inf in a tensor of shape "
+            f"{tuple(x.shape)}; check the weights and the calibration inputs"
+        )
+    return lo, hi
 
 
 def qparams(

@@ -38,8 +38,8 @@ class Observer:
         self.batches = 0
 
     def __call__(self, x: torch.Tensor) -> None:
-        lo, hi = reduce_range(x.detach().float(), self.spec.granularity)
-        self.update(x.detach().float(), lo, hi)
+        x = x.detach().float()
+        self.update(x, *reduce_range(x, self.spec.granularity))
         self.batches += 1
 
     def update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -106,7 +106,7 @@ class Histogram(Observer):
     def update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
         super().update(x, lo, hi)
         new_lo, new_hi = min(float(lo), 0.0), max(float(hi), 0.0)
-        if self.batches == 0 or self.edge_hi == self.edge_lo:
+        if self.batches == 0:
             self.edge_lo, self.edge_hi = new_lo, new_hi
             if new_hi == new_lo:
                 self.edge_hi = new_lo + 1e-8

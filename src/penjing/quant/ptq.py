@@ -14,13 +14,14 @@ import itertools
 from collections.abc import Iterable
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
 from penjing.quant.config import QuantConfig, select
 from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_tensors
 from penjing.quant.fold import fold_bn_
 from penjing.quant.graph import insert_quantizers, layer_order, trace
+from penjing.quant.linear import QuantSpec
 from penjing.quant.shared import get_shared
 
 
@@ -41,9 +42,16 @@ def quantize_(
     >>> pj.quant.quantize_(model, pj.quant.weight_only(bits=4, group_size=32))
     """
     _check_config(config)
+    return _quantize_weights(model, select(model, config, order), config, qat)
+
+
+def _quantize_weights(
+    model: nn.Module, chosen: dict[str, QuantSpec | None], config: QuantConfig, qat: bool
+) -> dict[str, WeightQuant]:
+    """`quantize_` on the layers `select` chose."""
     modules = dict(model.named_modules())
     added = {}
-    for name, spec in select(model, config, order).items():
+    for name, spec in chosen.items():
         if spec is None:
             continue
         for path, tensor in weight_tensors(modules[name]):
@@ -64,25 +72,24 @@ def quantize_(
     return added
 
 
-def prepare(model: nn.Module, config: QuantConfig, *, qat: bool = False) -> fx.GraphModule:
-    """A traced copy of `model` with fake-quantized weights and observing activation
-    quantizers, ready for `calibrate_`. BatchNorm is folded first (the copy is put in
-    eval mode for that)."""
+def prepare(model: nn.Module, config: QuantConfig, *, qat: bool = False) -> nn.Module:
+    """A copy of `model` with fake-quantized weights and, when `config` quantizes
+    activations, traced (a GraphModule) with observing activation quantizers, ready for
+    `calibrate_`. BatchNorm is folded first (the copy is put in eval mode for that)."""
     _check_config(config)
     model = copy.deepcopy(model).eval()
     fold_bn_(model)
     order = layer_order(model, config) if config.activation is not None else None
-    weights = quantize_(model, config, qat=qat, order=order)
+    chosen = select(model, config, order)
+    _quantize_weights(model, chosen, config, qat)
     if config.activation is None:
         return model
     modules = dict(model.named_modules())
     layers = [  # attention keeps float activations: it returns a tuple, not one tensor
-        n for n in select(model, config, order)
-        if not isinstance(modules[n], nn.MultiheadAttention)
+        n for n in chosen if not isinstance(modules[n], nn.MultiheadAttention)
     ]
     gm = trace(model, config.types)
     insert_quantizers(gm, layers, config)
-    del weights
     return gm
 
 
@@ -161,13 +168,14 @@ def ptq(
     >>> q = pj.quant.ptq(model, calib_loader, pj.quant.int8(observer="entropy"))
     """
     config = config or QuantConfig()
+    _check_config(config)
+    if config.activation is not None and calib_loader is None:
+        raise ValueError(
+            "quantizing activations needs a calib_loader, got None; pass a loader over a "
+            "few hundred training images, or set activation=None for weights only"
+        )
     q = prepare(model, config)
     if config.activation is not None:
-        if calib_loader is None:
-            raise ValueError(
-                "quantizing activations needs a calib_loader, got None; pass a loader over a "
-                "few hundred training images, or set activation=None for weights only"
-            )
         calibrate_(q, calib_loader, batches)
         freeze_(q)
     return q

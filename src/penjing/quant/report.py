@@ -43,9 +43,8 @@ _SHORT = {"MultiheadAttention": "MHA"}
 def _weight_quant(module: nn.Module) -> tuple[WeightQuant | None, str]:
     """The weight quantizer the report shows for `module`, and the tensor it sits on
     (nn.MultiheadAttention: its input projection; its out_proj is reported with it)."""
-    for _, tensor in weight_tensors(module)[:1]:
-        return get_weight_quant(module, tensor), tensor
-    return None, "weight"
+    _, tensor = weight_tensors(module)[0]
+    return get_weight_quant(module, tensor), tensor
 
 
 def _input_quantizers(model: nn.Module) -> dict[str, ActQuant]:
