@@ -24,6 +24,14 @@ def test_grouped_and_depthwise_convs_count_what_they_compute():
     assert count_macs(nn.Conv2d(8, 4, 3, groups=2), x) == 9 * 4 * 4 * 9
 
 
+def test_transposed_and_unbatched_convs_count_what_they_compute():
+    # a transposed conv multiplies every input pixel by its whole (in, out, kh, kw) weight
+    up = nn.ConvTranspose2d(2, 3, 2, stride=2)
+    assert count_macs(up, torch.randn(1, 2, 4, 4)) == 16 * 2 * 3 * 4
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    assert count_macs(conv, torch.randn(3, 6, 6)) == count_macs(conv, torch.randn(1, 3, 6, 6))
+
+
 def test_linear_on_a_sequence_counts_every_token():
     assert count_macs(nn.Linear(4, 6), torch.randn(2, 7, 4)) == 2 * 7 * 4 * 6
 

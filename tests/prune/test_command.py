@@ -99,6 +99,15 @@ def test_bad_options_are_errors(capsys):
     with pytest.raises(ValueError, match="--nm must look like 2:4, got '2-4'"):
         prune_command("vgg", granularity="nm", nm="2-4", dataset=None,
                       input_shape=(1, 1, 28, 28))
+    # option values are checked before the model is built (and perhaps trained)
+    with pytest.raises(ValueError, match=r"0 < n < m \(2:4 by default\), got 4:2"):
+        prune_command("alexnet", granularity="nm", nm="4:2", dataset=None,
+                      input_shape=(1, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\), got 1.5"):
+        prune_command("alexnet", granularity="block", ratio=1.5, dataset=None,
+                      input_shape=(1, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"ratio must be a fraction of channels .* got 1.5"):
+        prune_command("alexnet", ratio=1.5, dataset=None, input_shape=(1, 1, 28, 28))
     with pytest.raises(ValueError, match="without a dataset give input_shape"):
         prune_command("vgg", dataset=None)
     with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):

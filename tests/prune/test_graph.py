@@ -126,3 +126,69 @@ def test_bn_statistics_do_not_move_while_tracing():
     before = model.bn1.running_mean.clone()
     dependency_graph(model, torch.randn(4, 1, 28, 28))
     assert torch.equal(model.bn1.running_mean, before) and model.training
+
+
+class Written(nn.Module):
+    """A conv whose 8 channels reach the next layers through `how`, a number in the code."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(1, 8, 1)
+        self.b = nn.Conv2d(4, 2, 1)
+        self.c = nn.Conv2d(4, 2, 1)
+        self.d = nn.Conv2d(8, 2, 1)
+        self.fc = nn.Linear(8 * 16, 2)
+        self.unflatten = nn.Unflatten(1, (8, 1, 1))
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.how == "view":  # the classic x.view(-1, 16 * 5 * 5) before a Linear
+            return self.fc(y.view(-1, 8 * 16))
+        if self.how == "reshape":
+            return self.fc(torch.reshape(y, (-1, 8 * 16)))
+        if self.how == "unflatten":
+            return self.d(y.mean((2, 3)).unflatten(1, (8, 1, 1)))
+        if self.how == "unflatten_layer":
+            return self.d(self.unflatten(y.mean((2, 3))))
+        if self.how == "permutation":
+            return self.d(y[:, [1, 0, 3, 2, 5, 4, 7, 6]])
+        if self.how == "slice_of_a_copy":  # every channel, in another order
+            return self.d(torch.cat([y, y], 1)[:, 4:12])
+        sizes = {"split": 4, "split_list": [4, 4], "split_by_shape": y.shape[1] // 2}[self.how]
+        p, q = torch.split(y, sizes, dim=1)
+        return self.b(p) + self.c(q)
+
+
+@pytest.mark.parametrize("how", ["view", "reshape", "unflatten", "unflatten_layer",
+                                 "permutation", "slice_of_a_copy", "split", "split_list"])
+def test_channels_that_a_number_in_the_code_addresses_stay(how):
+    """Once channels go, view(-1, 128), y[:, [6, 4, 2, 0]] or split(4) no longer fit."""
+    model = Written(how).eval()
+    x = torch.randn(2, 1, 4, 4)
+    small = pj.prune.channels(model, x, ratio=0.5)
+    assert small.a.out_channels == 8
+    assert torch.equal(small(x), model(x))
+
+
+def test_a_split_size_computed_from_the_shape_follows_the_pruned_channels():
+    model = Written("split_by_shape").eval()
+    x = torch.randn(2, 1, 4, 4)
+    small = pj.prune.channels(model, x, ratio=0.5)
+    assert small.a.out_channels == 4 and small.b.in_channels == small.c.in_channels == 2
+    assert small(x).shape == (2, 2, 4, 4)
+
+
+def test_std_with_unbiased_given_by_position_keeps_the_labels_rank():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(8, 2)
+
+        def forward(self, x):  # torch.std(x, 1, True): the True is `unbiased`, not keepdim
+            return self.b(self.a(x)) * torch.std(x, 1, True).unsqueeze(-1)
+
+    x = torch.randn(3, 4)
+    small = pj.prune.channels(Scaled(), x, ratio=0.5)
+    assert small.a.out_features == 4 and small(x).shape == (3, 2)

@@ -38,6 +38,19 @@ def test_head_attention_computes_what_torch_computes(batch_first, kdim):
         torch.testing.assert_close(ours_out[1], expected[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_head_attention_takes_unbatched_inputs_as_torch_does(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    ours = HeadAttention.from_mha(mha).eval()
+    q, k = torch.randn(8, 8), torch.randn(6, 8)  # 8 tokens of width 8: a swap would not show
+    for kwargs in [{}, {"key_padding_mask": torch.rand(6) > 0.7},
+                   {"average_attn_weights": False}]:
+        expected, ours_out = mha(q, k, k, **kwargs), ours(q, k, k, **kwargs)
+        torch.testing.assert_close(ours_out[0], expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours_out[1], expected[1], atol=1e-5, rtol=1e-5)
+
+
 def test_removing_heads_equals_zeroing_their_output_columns():
     torch.manual_seed(0)
     model = zoo.ViTMHA().eval()

@@ -158,3 +158,7 @@ def test_bad_input_is_an_error():
         pattern_(model, "shape", layers=["fc9"])
     with pytest.raises(ValueError, match="lam must be a number >= 0"):
         group_lasso(model, "shape", lam=-1)
+    with pytest.raises(UnsupportedLayerError, match="layer 'fc1' is a Linear; Stripe"):
+        group_lasso(model, "stripe", lam=1e-4, layers=["fc1"])
+    with pytest.raises(UnsupportedLayerError, match="has no chosen layer for Kernel\\(\\) groups"):
+        group_lasso(pj.models.create("lenet300"), "kernel", lam=1e-4)

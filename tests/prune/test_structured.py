@@ -183,6 +183,27 @@ def test_pruned_model_is_rebuilt_from_changes_and_weights(tmp_path):
     assert torch.equal(rebuilt(x), model(x))
 
 
+def test_loading_what_save_pruned_did_not_write_is_an_error(tmp_path):
+    from safetensors.torch import save_file
+
+    from penjing.errors import FormatError
+    from penjing.prune.surgery import METADATA_KEY
+
+    model = pj.models.create("lenet5")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pj.prune.load_pruned(model, tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(FormatError, match="cannot read .* as safetensors"):
+        pj.prune.load_pruned(model, tmp_path / "junk.safetensors")
+    pj.train.save_checkpoint(model, tmp_path / "plain.safetensors")
+    with pytest.raises(FormatError, match="has no 'penjing.prune.changes' metadata"):
+        pj.prune.load_pruned(model, tmp_path / "plain.safetensors")
+    for meta in ("[[", '[["conv1", "weight"]]', '{"conv1": 0}'):
+        save_file(model.state_dict(), tmp_path / "odd.safetensors", {METADATA_KEY: meta})
+        with pytest.raises(FormatError, match="metadata of .* is not a list of"):
+            pj.prune.load_pruned(model, tmp_path / "odd.safetensors")
+
+
 def test_bad_ratio_and_round_to_are_errors():
     model = pj.models.create("lenet5")
     x = torch.randn(1, 1, 28, 28)
@@ -295,6 +316,8 @@ def test_bad_granularity_ratios_and_scores_are_errors():
         channels(model, x, global_ranking=True, ratios={"features.0": 0.5})
     with pytest.raises(ValueError, match=r"ratio for \['features.0'\] must be .* got 1.5"):
         channels(model, x, ratios={"features.0": 1.5})
+    with pytest.raises(ValueError, match=r"ratios names \['featurs.0'\], which make no"):
+        channels(model, x, ratios={"featurs.0": 0.5})
     with pytest.raises(ValueError, match="criterion returned scores of shape \\(2,\\)"):
         channels(model, x, criterion=lambda m, g: torch.zeros(2))
     with pytest.raises(ValueError, match=r"macs must be the fraction of MACs to keep"):

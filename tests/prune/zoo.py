@@ -239,6 +239,24 @@ class ShuffleNetish(nn.Module):
         return self.fc(self.conv(self.units(self.stem(x))).mean((2, 3)))
 
 
+class ShuffleLayerUnit(ShuffleUnit):
+    """The same unit shuffling with torch's nn.ChannelShuffle layer instead of views."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.shuffle = nn.ChannelShuffle(2)
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return self.shuffle(torch.cat([a, self.branch(b)], 1))
+
+
+class ShuffleNetLayerish(ShuffleNetish):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__(classes)
+        self.units = nn.Sequential(ShuffleLayerUnit(16), ShuffleLayerUnit(16))
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -326,6 +344,7 @@ ZOO = {
     "densenet": DenseNetish,
     "squeezenet": SqueezeNetish,
     "shufflenet": ShuffleNetish,
+    "shufflenet_layer": ShuffleNetLayerish,
     "vit": ViTish,
     "vit_mha": ViTMHA,
 }

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from penjing.train import eval_mode
+
 
 def _as_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
@@ -60,24 +62,24 @@ def count_macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) 
             return
         weight = _weight(module)
         per_weight = int(torch.count_nonzero(weight)) if nonzero else weight.numel()
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+            # each weight is used once per input position, which it spreads over the output
+            total += args[0].numel() // module.in_channels * per_weight
+        elif isinstance(module, nn.modules.conv._ConvNd):
             # each weight is used once per output position of its filter
-            total += output.numel() // output.shape[1] * per_weight
+            total += output.numel() // module.out_channels * per_weight
         elif isinstance(module, nn.Linear):
             total += output.numel() // module.out_features * per_weight
 
     counted = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
                if isinstance(m, counted) or callable(getattr(m, "macs", None))]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*_as_tuple(example_inputs))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return total
 
 
@@ -86,17 +88,12 @@ def latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, repeats: 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     inputs = _as_tuple(example_inputs)
-    was_training = model.training
-    model.eval()
     times = []
-    try:
-        with torch.no_grad():
-            for _ in range(warmup):
-                model(*inputs)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(*inputs)
-                times.append(time.perf_counter() - start)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for _ in range(warmup):
+            model(*inputs)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(*inputs)
+            times.append(time.perf_counter() - start)
     return statistics.median(times)

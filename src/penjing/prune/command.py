@@ -20,10 +20,11 @@ from penjing import data, models
 from penjing.analysis.stats import count_macs, count_params, latency
 from penjing.prune.compact import compact_
 from penjing.prune.heads import HEAD_CRITERIA, heads_
+from penjing.prune.magnitude import check_sparsity
 from penjing.prune.masks import finalize_
-from penjing.prune.nm import nm_
+from penjing.prune.nm import check_nm, nm_
 from penjing.prune.patterns import PATTERNS, pattern_
-from penjing.prune.structured import GRANULARITIES, channels_
+from penjing.prune.structured import GRANULARITIES, channels_, check_ratio
 from penjing.prune.surgery import save_pruned
 from penjing.train import evaluate, fit, load_checkpoint, save_checkpoint, seed_everything
 
@@ -105,6 +106,13 @@ def _check_options(granularity: str, ratio: float | None, criterion: str | None,
         n, m = (int(v) for v in nm.split(":"))
     except ValueError as err:
         raise ValueError(f"--nm must look like 2:4, got {nm!r}") from err
+    # checked here, not minutes later when training is done and the pruning starts
+    if granularity == "nm":
+        check_nm(n, m)
+    elif granularity in MASK_GRANULARITIES and ratio is not None:
+        check_sparsity(ratio, "ratio")
+    elif granularity in GRANULARITIES and ratio is not None:
+        check_ratio(ratio)
     return n, m
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from penjing.prune.groups import Group, Slice
-from penjing.train import LossFn, cross_entropy
+from penjing.train import LossFn, cross_entropy, eval_mode
 
 Criterion = Callable[[nn.Module, Group], "torch.Tensor | None"]
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
@@ -125,13 +125,12 @@ class Taylor:
 
     def prepare(self, model: nn.Module) -> None:
         """Measure θ·∂L/∂θ for every parameter of `model` on the batches."""
-        was_training = model.training
-        model.eval()  # BN statistics must not move while we measure
         saved = {p: p.grad for p in model.parameters()}  # leave the caller's gradients alone
         model.zero_grad(set_to_none=True)
         try:
-            for x, y in self.batches:
-                self.loss_fn(model, x, y).backward()
+            with eval_mode(model):  # BN statistics must not move while we measure
+                for x, y in self.batches:
+                    self.loss_fn(model, x, y).backward()
             self._products = {}
             for module in model.modules():
                 for name, p in module.named_parameters(recurse=False):
@@ -140,7 +139,6 @@ class Taylor:
         finally:
             for p, grad in saved.items():
                 p.grad = grad
-            model.train(was_training)
         self._signature = self._signature_of(model)
 
     def __call__(self, model: nn.Module, group: Group) -> torch.Tensor:

@@ -27,6 +27,7 @@ from penjing.errors import UnsupportedLayerError
 from penjing.prune import ops
 from penjing.prune.labels import Slot, UnionFind
 from penjing.prune.propagate import Propagator
+from penjing.train import eval_mode
 
 __all__ = ["DependencyGraph", "Slot", "dependency_graph", "trace"]
 
@@ -93,11 +94,6 @@ def dependency_graph(
     inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
     gm = trace(model)
     graph = DependencyGraph(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            Propagator(gm, graph).run(*inputs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        Propagator(gm, graph).run(*inputs)
     return graph

@@ -69,7 +69,12 @@ class HeadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True,
                 attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
-        if not self.batch_first:
+        unbatched = query.dim() == 2  # (L, E), which nn.MultiheadAttention also takes
+        if unbatched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q = self._heads(self.q_proj(query)) * self.head_dim ** -0.5
         k, v = self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
@@ -89,11 +94,13 @@ class HeadAttention(nn.Module):
             weights = F.dropout(weights, self.dropout)
         out = (weights @ v).transpose(1, 2).flatten(2)
         out = self.out_proj(out)
-        if not self.batch_first:
+        if unbatched:
+            out, weights = out.squeeze(0), weights.squeeze(0)
+        elif not self.batch_first:
             out = out.transpose(0, 1)
         if not need_weights:
             return out, None
-        return out, weights.mean(dim=1) if average_attn_weights else weights
+        return out, weights.mean(dim=-3) if average_attn_weights else weights  # over heads
 
     def macs(self, args: tuple, output: tuple) -> int:
         """The two attention products, QKᵀ and AV (the projections count as Linear layers)."""

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from penjing.errors import UnsupportedLayerError
-from penjing.prune.masks import PRUNABLE, get_mask, select_layers, set_mask_
+from penjing.prune.masks import get_mask, select_layers, set_mask_
 
 
-def _check(n: int, m: int) -> None:
+def check_nm(n: int, m: int) -> None:
+    """A ValueError unless `n`:`m` is a valid pattern: integers with 0 < n < m."""
     if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
         raise ValueError(f"N:M needs integers 0 < n < m (2:4 by default), got {n}:{m}")
 
@@ -34,7 +34,7 @@ def _groups_view(weight: torch.Tensor, m: int) -> torch.Tensor:
 
 def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """A 0/1 mask keeping the `n` largest |w| of every `m` consecutive input weights."""
-    _check(n, m)
+    check_nm(n, m)
     rows = _groups_view(weight.detach().abs(), m)
     keep = torch.topk(rows, n, dim=1).indices  # ties: topk picks deterministically on CPU
     mask = torch.zeros_like(rows).scatter_(1, keep, 1.0)
@@ -46,7 +46,7 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
 
 def is_nm(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     """Whether every `m` consecutive input weights hold at most `n` non-zeros."""
-    _check(n, m)
+    check_nm(n, m)
     try:
         rows = _groups_view(weight.detach(), m)
     except ValueError:
@@ -62,12 +62,10 @@ def nm_(
     Returns the names of the layers masked. Layers named in `layers` that cannot hold N:M
     are an error; unnamed ones that cannot are skipped (depthwise convs, a 1-channel stem).
     """
-    _check(n, m)
-    chosen = select_layers(model, layers)
+    check_nm(n, m)
+    chosen = select_layers(model, layers)  # only Linear and Conv layers
     done = []
     for name, module in chosen.items():
-        if not isinstance(module, PRUNABLE):
-            raise UnsupportedLayerError(f"layer {name!r} is a {type(module).__name__}")
         weight = module.weight.detach()
         reduction = weight.shape[1]
         if reduction % m:

@@ -66,6 +66,7 @@ _SAME_FUNCTIONS = [
 SPLITS = {"chunk", "split", "unbind", "tensor_split"}
 SELECTS = {"getitem", "narrow"}
 RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+SHUFFLES = {"channel_shuffle", "channelshuffle"}
 _BINARY_FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
     operator.pow, operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.add,
@@ -116,3 +117,49 @@ METHOD_RULES: dict[str, str] = {
     "softmax": "softmax", "log_softmax": "softmax",
     "matmul": "matmul", "bmm": "matmul", "size": "fresh", "dim": "fresh",
 }
+
+
+def _arg(node: torch.fx.Node, i: int, *names: str) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return next((node.kwargs[n] for n in names if n in node.kwargs), None)
+
+
+def _written(size: Any) -> bool:
+    """Whether a size is a number in the code; one computed from a shape is an fx Node."""
+    return isinstance(size, int) and not isinstance(size, bool) and size != -1
+
+
+def fixed_split(node: torch.fx.Node) -> bool:
+    """Whether a split's sizes (or tensor_split's indices) are numbers in the code."""
+    if node.target in ("split", torch.split):
+        sizes = _arg(node, 1, "split_size_or_sections", "split_size")
+    elif node.target in ("tensor_split", torch.tensor_split):
+        sizes = _arg(node, 1, "indices_or_sections", "indices")
+        if isinstance(sizes, int):  # a count of equal sections follows the size
+            return False
+    else:
+        return False
+    return any(_written(s) for s in (sizes if isinstance(sizes, list | tuple) else [sizes]))
+
+
+def fixed_dims(node: torch.fx.Node, module: nn.Module | None, ndim: int) -> set[int]:
+    """Output dims of a view, reshape or unflatten of an `ndim`-D input whose size is a
+    number in the code."""
+    start = 0
+    if isinstance(module, nn.Unflatten):
+        start, sizes = module.dim, module.unflattened_size
+    elif node.target == "unflatten":
+        start, sizes = _arg(node, 1, "dim"), _arg(node, 2, "sizes")
+    elif node.target in ("view", "reshape"):
+        sizes = node.args[1:]
+    elif node.target is torch.reshape:
+        sizes = (_arg(node, 1, "shape"),)
+    else:
+        return set()
+    if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
+        sizes = sizes[0]
+    if not isinstance(start, int) or not isinstance(sizes, list | tuple):
+        return set()
+    start = start + ndim if start < 0 else start
+    return {start + i for i, s in enumerate(sizes) if _written(s)}

@@ -141,10 +141,21 @@ def pattern_mask(weight: torch.Tensor, pattern: str | Pattern, sparsity: float) 
     return keep[ids.to(weight.device)]
 
 
-def _fits(module: nn.Module, pattern: Pattern) -> bool:
-    if isinstance(pattern, Kernel | Stripe):
-        return isinstance(module, nn.modules.conv._ConvNd) and module.weight.dim() > 2
-    return True
+def _pattern_layers(
+    model: nn.Module, pattern: Pattern, layers: list[str] | None
+) -> dict[str, nn.Module]:
+    """The chosen layers the pattern applies to: Kernel and Stripe skip Linear layers by
+    default, and naming one is an error."""
+    chosen = select_layers(model, layers)
+    if not isinstance(pattern, Kernel | Stripe):
+        return chosen
+    for name, module in chosen.items():
+        if layers is not None and not isinstance(module, nn.modules.conv._ConvNd):
+            raise UnsupportedLayerError(
+                f"layer {name!r} is a {type(module).__name__}; {type(pattern).__name__}() "
+                "groups need a conv; leave it out of layers= or use Shape() or Block()"
+            )
+    return {n: m for n, m in chosen.items() if isinstance(m, nn.modules.conv._ConvNd)}
 
 
 def pattern_(
@@ -161,16 +172,8 @@ def pattern_(
     """
     pattern = resolve_pattern(pattern)
     sparsity = check_sparsity(sparsity)
-    chosen = select_layers(model, layers)
     done = {}
-    for name, module in chosen.items():
-        if not _fits(module, pattern):
-            if layers is not None:
-                raise UnsupportedLayerError(
-                    f"layer {name!r} is a {type(module).__name__}; {type(pattern).__name__}() "
-                    "groups need a conv; leave it out of layers= or use Shape() or Block()"
-                )
-            continue
+    for name, module in _pattern_layers(model, pattern, layers).items():
         mask = pattern_mask(module.weight.detach(), pattern, sparsity)
         old = get_mask(module)
         set_mask_(module, mask if old is None else mask * old)
@@ -199,18 +202,17 @@ def group_lasso(
         raise ValueError(f"lam must be a number >= 0, got {lam!r}")
     pattern = resolve_pattern(pattern)
     total = None
-    for name, module in select_layers(model, layers).items():
-        if not _fits(module, pattern):
-            if layers is not None:
-                raise UnsupportedLayerError(f"layer {name!r} cannot hold {pattern} groups")
-            continue
+    for module in _pattern_layers(model, pattern, layers).values():
         weight = module.weight
         # eps keeps the gradient finite at an all-zero group, where ‖w‖ has no derivative
         norms = group_norms(weight, pattern, eps=1e-12)
         term = (group_sizes(weight, pattern).to(weight.device).float().sqrt() * norms).sum()
         total = term if total is None else total + term
     if total is None:
-        raise UnsupportedLayerError(f"{type(model).__name__} has no layer {pattern} fits")
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} has no chosen layer for {pattern} groups; Kernel() and "
+            "Stripe() need a conv: use Shape() or Block(), or name convs in layers="
+        )
     return lam * total
 
 

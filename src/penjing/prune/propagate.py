@@ -171,35 +171,47 @@ class Propagator(torch.fx.Interpreter):
         tensors = call.tensors()
         if not tensors or not isinstance(call.args[0], torch.Tensor):
             return out
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if isinstance(node.target, str) and node.op == "call_module":
-            name = type(self.module.get_submodule(node.target)).__name__.lower()
-        return self.keep_consistent(name, tensors[0][1], out)
+        return self.keep_consistent(call, *tensors[0], out)
 
-    def keep_consistent(self, name: str, before: torch.Tensor, out: Any) -> Any:
+    def keep_consistent(self, call: _Call, value: torch.Tensor, before: torch.Tensor,
+                        out: Any) -> Any:
         """Make a replayed op still place channels right once some are gone.
 
-        Selecting channels by position (x[:, :8], narrow) breaks when the count changes, so
-        those channels stay. Splitting into equal pieces (chunk) or reshaping one channel dim
-        into several (a channel shuffle's view(n, g, c // g, ...)) stays right only if every
-        piece loses the same positions: those positions are coupled.
+        The code runs again on the pruned model, so a number written in it (x[:, :8], a
+        permutation list, split(4), view(-1, 128)) no longer fits once a dim it addresses
+        shrinks: those channels stay. Splitting into equal pieces (chunk) or reshaping one
+        channel dim into several (a channel shuffle's view(n, g, c // g, ...)) stays right
+        only if every piece loses the same positions: those positions are coupled. A size
+        computed from a shape (x.size(1) // 2) is an fx node, not a number, and follows.
         """
-        roots = set(self.uf.roots(before.numpy()).ravel().tolist())
+        node, module = call.node, None
+        if node.op == "call_module":
+            module = self.module.get_submodule(node.target)
+            name = type(module).__name__.lower()
+        else:
+            name = node.target if isinstance(node.target, str) else node.target.__name__
         if name in ops.SPLITS and isinstance(out, tuple):
             pieces = [p for p in out if isinstance(p, torch.Tensor)]
-            if all(set(self.uf.roots(p.numpy()).ravel().tolist()) == roots for p in pieces):
-                return out
-            shapes = {tuple(p.shape) for p in pieces}
-            if len(shapes) > 1 or any(p.dim() != pieces[0].dim() for p in pieces):
+            line = self.roots(before).reshape(-1)
+            if all(torch.equal(self.roots(p).reshape(-1), line) for p in pieces):
+                return out  # split along a dim that pruning never shrinks
+            if len({tuple(p.shape) for p in pieces}) > 1 or ops.fixed_split(node):
                 self.uf.pin(before)
                 return _pinned_like(out)
             for p in pieces[1:]:
                 self.uf.union_arrays(pieces[0].numpy(), p.numpy())
             return out
         if name in ops.SELECTS and isinstance(out, torch.Tensor):
-            if set(self.uf.roots(out.numpy()).ravel().tolist()) != roots:
+            # a part of the channels, or all of them in another order
+            if not torch.equal(self.roots(out).reshape(-1), self.roots(before).reshape(-1)):
                 self.uf.pin(before)
                 return lab.pinned(out.dim())
+            return out
+        if name in ops.SHUFFLES:  # view (g, c/g), swap, flatten: position p of every group
+            groups = module.groups if module is not None else call.arg(1, "groups")
+            grid = lab.full(before, value.shape).movedim(1, -1)
+            grid = grid.reshape(-1, groups, value.shape[1] // groups).numpy()
+            self.uf.union_arrays(grid[:, :1], grid)
             return out
         if name in ops.RESHAPES and isinstance(out, torch.Tensor):
             dims = lab.varying(out)
@@ -207,7 +219,14 @@ class Propagator(torch.fx.Interpreter):
                 block = out.permute(*[d for d in range(out.dim()) if d not in dims], *dims)
                 block = block.reshape(-1, out.shape[dims[-1]]).numpy()
                 self.uf.union_arrays(block[:1], block)
+            if ops.fixed_dims(node, module, value.dim()) & set(lab.varying(self.roots(out))):
+                self.uf.pin(before)
+                return lab.pinned(out.dim())
         return out
+
+    def roots(self, labels: torch.Tensor) -> torch.Tensor:
+        """Each label's set, shrunk to size 1 along dims where the sets do not change."""
+        return lab.compress(torch.from_numpy(self.uf.roots(labels.numpy())))
 
     def same(self, call: _Call) -> Any:
         """Ops that keep every channel where it was: element-wise, pooling, padding, resizing."""
@@ -251,7 +270,6 @@ class Propagator(torch.fx.Interpreter):
     def reduce(self, call: _Call) -> Any:
         value, labels = call.tensors()[0]
         dims = call.arg(1, "dim", None)
-        keepdim = bool(call.arg(2, "keepdim", False))
         if isinstance(dims, torch.Tensor):  # torch.max(a, b) is element-wise
             return self.binary(call)
         dims = range(value.dim()) if dims is None else (dims if isinstance(dims, list | tuple)
@@ -261,7 +279,9 @@ class Propagator(torch.fx.Interpreter):
             self.uf.pin(labels)
             return _pinned_like(call.result)
         out = labels
-        if not keepdim:
+        # read keepdim off the result: std and var take `unbiased` where others take keepdim
+        result = call.result[0] if isinstance(call.result, tuple) else call.result
+        if result.dim() < value.dim():
             for d in reversed(dims):
                 out = out.squeeze(d)
             if len(dims) == value.dim():

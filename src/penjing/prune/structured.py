@@ -38,7 +38,8 @@ def groups(model: nn.Module, example_inputs: Any) -> list[Group]:
     return dependency_graph(model, example_inputs).groups()
 
 
-def _check_ratio(ratio: float, what: str = "ratio") -> None:
+def check_ratio(ratio: float, what: str = "ratio") -> None:
+    """A ValueError unless `ratio` is a fraction of channels to remove, in [0, 1)."""
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
         raise ValueError(f"{what} must be a fraction of channels to remove in [0, 1), got "
                          f"{ratio!r}; 0.5 removes half the channels of every group")
@@ -78,6 +79,11 @@ def select(
     if global_ranking and ratios:
         raise ValueError("ratios= gives per-layer ratios, which global ranking does not use; "
                          "drop ratios= or set global_ranking=False")
+    makers = {f for group, _ in scored for f in group.producers}
+    if set(ratios) - makers:
+        raise ValueError(f"ratios names {sorted(set(ratios) - makers)}, which make no prunable "
+                         "channels (a typo, an ignored layer, or outputs that stay); layers "
+                         f"that do: {sorted(makers)}")
     counts: dict[int, int] = {}
     if global_ranking:
         pool = []
@@ -100,7 +106,7 @@ def select(
                 raise ValueError(f"ratios gives different values {named} to coupled layers "
                                  f"{group.producers}; give them one ratio")
             r = named[0] if named else ratio
-            _check_ratio(r, f"ratio for {group.producers}")
+            check_ratio(r, f"ratio for {group.producers}")
             counts[gi] = int(r * len(group))
     removed = []
     for gi, (group, scores) in enumerate(scored):
@@ -170,7 +176,7 @@ def score_groups(
 def _check_options(round_to: int, max_ratio: float) -> None:
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int (1, 8, 16, 64), got {round_to!r}")
-    _check_ratio(max_ratio, "max_ratio")
+    check_ratio(max_ratio, "max_ratio")
 
 
 def channels_(
@@ -198,7 +204,7 @@ def channels_(
     their own ratio in per-group mode). `round_to` rounds every kept count up to a multiple
     (8, 16, 64 suit tensor cores). Returns the changes, which `penjing.prune.apply_` replays.
     """
-    _check_ratio(ratio)
+    check_ratio(ratio)
     _check_options(round_to, max_ratio)
     graph = dependency_graph(model, example_inputs)
     scored = score_groups(model, graph, criterion, granularity=granularity,

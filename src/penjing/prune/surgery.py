@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from penjing.errors import FormatError, UnsupportedLayerError
 from penjing.io import atomic_write_bytes
 from penjing.prune.graph import DependencyGraph
+from penjing.train import load_checkpoint
 
 METADATA_KEY = "penjing.prune.changes"
 
@@ -130,21 +131,23 @@ def save_pruned(model: nn.Module, changes: list[Change], path: str | os.PathLike
 def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild a pruned model: replay the saved changes on a fresh `model`, then load weights."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pruned model {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = (f.metadata() or {}).get(METADATA_KEY)
-        state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise FormatError(f"cannot read {str(path)!r} as safetensors ({err})") from err
     if meta is None:
         raise FormatError(f"{str(path)!r} has no {METADATA_KEY!r} metadata; write it with "
                           "penjing.prune.save_pruned")
-    changes = [Change(fqn, name, int(dim), tuple(kept)) for fqn, name, dim, kept in
-               json.loads(meta)]
+    try:
+        changes = [Change(fqn, name, int(dim), tuple(int(i) for i in kept))
+                   for fqn, name, dim, kept in json.loads(meta)]
+    except (ValueError, TypeError) as err:  # bad JSON, or not [fqn, name, dim, kept] rows
+        raise FormatError(f"the {METADATA_KEY!r} metadata of {str(path)!r} is not a list of "
+                          f"[module, tensor, dim, kept indices] ({err}); write it with "
+                          "penjing.prune.save_pruned") from err
     apply_(model, changes)
-    model.load_state_dict(state)
-    return model
+    return load_checkpoint(path, model)
