@@ -210,3 +210,23 @@ def test_quantizing_twice_and_bad_calibration_batches_are_errors(lenet5_trained)
         pj.quant.calibrate_(q, lenet5_trained[3], batches=0)
     with pytest.raises(TypeError, match="a calibration batch must be a tensor or"):
         pj.quant.calibrate_(q, [{"x": torch.randn(1, 1, 28, 28)}])
+
+
+class _Branchy(torch.nn.Module):
+    """A layer whose forward branches on a tensor value: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_untraceable_model_names_the_module_and_suggests_weights_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), _Branchy())
+    with pytest.raises(UnsupportedLayerError, match=r"cannot trace module '1' \(_Branchy\)"
+                       r".*quantize weights only \(activation=None\)"):
+        pj.quant.ptq(model, [torch.randn(2, 4)])
+    q = pj.quant.ptq(model, None, pj.quant.weight_only(bits=8))  # weights only needs no trace
+    assert q(torch.ones(2, 4)).shape == (2, 4)

@@ -23,7 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from penjing.errors import UnsupportedLayerError
+from penjing import tracing
 from penjing.prune import ops
 from penjing.prune.labels import Slot, UnionFind
 from penjing.prune.propagate import Propagator
@@ -47,41 +47,13 @@ class DependencyGraph:
         return build_groups(self)
 
 
-class _Tracer(torch.fx.Tracer):
-    """The default fx tracer (torch.nn layers are leaves) that remembers where tracing failed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.failed_at: str | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, ops.LEAVES) or super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_at is None:
-                self.failed_at = self.path_of_module(m)
-            raise
-
-
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """The model as a torch.fx GraphModule sharing its layers; untraceable → a clear error."""
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as err:  # fx raises many types; all mean the same thing to the user
-        where = tracer.failed_at
-        part = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where else (
-            f"{type(model).__name__}.forward"
-        )
-        raise UnsupportedLayerError(
-            f"torch.fx cannot trace {part}: {type(err).__name__}: {err}. Structured pruning "
-            "needs a forward without Python control flow on tensor values; rewrite that part "
-            "or move it outside the model"
-        ) from err
-    return torch.fx.GraphModule(model, graph)
+    return tracing.trace(
+        model, ops.LEAVES,
+        advice="Structured pruning needs a forward without Python control flow on tensor "
+        "values; rewrite that part or move it outside the model",
+    )
 
 
 def dependency_graph(

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.nn.utils import parametrize
 
 from penjing.prune.masks import Mask
+from penjing.tracing import Tracer
 
 _FOLDABLE = {
     nn.BatchNorm1d: (nn.Linear, nn.Conv1d),
@@ -25,7 +26,7 @@ _FOLDABLE = {
 def _pairs_by_graph(model: nn.Module) -> list[tuple[str, str]]:
     """(layer, batchnorm) names where the layer's output feeds only that BatchNorm and
     forward calls each of the two once: folding changes every call of both modules."""
-    graph = fx.Tracer().trace(model)
+    graph = Tracer().trace(model)
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:

@@ -15,11 +15,9 @@ import operator
 import torch
 from torch import fx, nn
 
+from penjing import tracing
 from penjing.quant.config import QuantConfig
 from penjing.quant.fakequant import ActQuant
-
-# Modules torch.fx keeps whole: quantized layers and attention, whose forward branches.
-_LEAVES = (nn.MultiheadAttention,)
 
 _RELU_MODULES = (nn.ReLU,)
 _RELU_FUNCTIONS = {torch.relu, nn.functional.relu}
@@ -31,27 +29,13 @@ _KEEP_FUNCTIONS = {torch.relu, nn.functional.relu, torch.flatten, nn.functional.
 _KEEP_METHODS = {"relu", "flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze"}
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: tuple[type[nn.Module], ...]) -> None:
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
-
-
 def trace(model: nn.Module, leaves: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
-    """A GraphModule of `model` with quantizable layers and attention kept as leaves."""
-    tracer = _Tracer(tuple(leaves) + _LEAVES)
-    try:
-        graph = tracer.trace(model)
-    except Exception as err:  # noqa: BLE001 - fx raises many types; all mean "cannot trace"
-        raise TypeError(
-            f"cannot trace {type(model).__name__} with torch.fx to place activation "
-            f"quantizers ({type(err).__name__}: {err}); make data-dependent control flow a "
-            "leaf module, or quantize weights only (activation=None)"
-        ) from err
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    """A GraphModule of `model` with quantizable layers kept as leaves."""
+    return tracing.trace(
+        model, tuple(leaves),
+        advice="Placing activation quantizers needs a traceable forward: make data-dependent "
+        "control flow a leaf module, or quantize weights only (activation=None)",
+    )
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
