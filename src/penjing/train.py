@@ -139,13 +139,20 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
     return correct / seen
 
 
-def save_checkpoint(model: nn.Module | dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Save a model's state_dict as safetensors, atomically."""
+def save_checkpoint(
+    model: nn.Module | dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Save a model's state_dict (and string `metadata`) as safetensors, atomically;
+    return the bytes written."""
     from safetensors.torch import save
 
     state = model.state_dict() if isinstance(model, nn.Module) else model
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    atomic_write_bytes(path, save(tensors))
+    data = save(tensors, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return len(data)
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None):

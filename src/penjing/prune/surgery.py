@@ -18,9 +18,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from penjing.errors import FormatError, UnsupportedLayerError
-from penjing.io import atomic_write_bytes
 from penjing.prune.graph import DependencyGraph
-from penjing.train import load_checkpoint
+from penjing.train import load_checkpoint, save_checkpoint
 
 METADATA_KEY = "penjing.prune.changes"
 
@@ -121,11 +120,8 @@ def _sync(module: nn.Module, fqn: str, old: tuple, counts: dict[tuple[str, int],
 
 def save_pruned(model: nn.Module, changes: list[Change], path: str | os.PathLike) -> None:
     """Write the pruned weights as safetensors with the change list in its metadata, atomically."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     meta = json.dumps([[c.fqn, c.name, c.dim, list(c.kept)] for c in changes])
-    atomic_write_bytes(path, save(tensors, metadata={METADATA_KEY: meta}))
+    save_checkpoint(model, path, metadata={METADATA_KEY: meta})
 
 
 def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:

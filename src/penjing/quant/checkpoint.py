@@ -22,10 +22,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from penjing.errors import FormatError
-from penjing.io import atomic_write_bytes
 from penjing.quant.config import QuantConfig
 from penjing.quant.fakequant import ActQuant, WeightQuant
 from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec, dequantize, quantize
+from penjing.train import save_checkpoint
 
 FORMAT = "penjing.quantized/1"
 _INT_SUFFIX = ".int"  # key suffix of a weight stored as integers
@@ -161,13 +161,9 @@ def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLik
         ints = quantize(state.pop(key).float(), quant.scale.detach(), quant.zero_point,
                         quant.spec)
         state[key + _INT_SUFFIX] = ints.to(_storage_dtype(quant.spec))
-    from safetensors.torch import save
-
     metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config)),
                 "sha256": _digest(state)}
-    data = save(state, metadata=metadata)
-    atomic_write_bytes(path, data)
-    return len(data)
+    return save_checkpoint(state, path, metadata)
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
