@@ -63,3 +63,32 @@ def test_eval_mode_restores_each_mode_even_on_error():
         assert not a.training and not b.training
         raise RuntimeError("inside")
     assert a.training and not b.training
+
+
+def test_recalibrated_bn_holds_the_average_of_the_batch_statistics():
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3, momentum=0.3)
+    model = torch.nn.Sequential(conv, bn, torch.nn.ReLU()).eval()
+    batches = [torch.randn(4, 1, 8, 8) * (i + 1) + i for i in range(3)]
+    weights = {k: v.clone() for k, v in model.state_dict().items()
+               if "running" not in k and "num_batches" not in k}
+    assert pj.train.recalibrate_bn_(model, batches + [torch.full((4, 1, 8, 8), 1e3)],
+                                    batches=3) == 1
+    with torch.no_grad():
+        feats = [conv(b) for b in batches]
+    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in feats]).mean(0)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, var, atol=1e-4)
+    assert bn.momentum == 0.3 and not model.training and int(bn.num_batches_tracked) == 3
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_recalibrate_bn_bad_input():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match="batches must be a positive int, got 0"):
+        pj.train.recalibrate_bn_(model, [torch.randn(2, 1, 5, 5)], batches=0)
+    with pytest.raises(ValueError, match="empty loader"):
+        pj.train.recalibrate_bn_(model, [], batches=5)
+    assert pj.train.recalibrate_bn_(torch.nn.Linear(2, 2), [torch.randn(1, 2)]) == 0

@@ -49,7 +49,8 @@ def _prune(args: argparse.Namespace) -> None:
         args.model, granularity=args.granularity, ratio=args.ratio, criterion=args.criterion,
         weights=args.weights, input_shape=shape,
         dataset=None if args.data == "none" else args.data, train_epochs=args.train_epochs,
-        finetune_epochs=args.finetune_epochs, global_ranking=args.global_ranking,
+        finetune_epochs=args.finetune_epochs, bn_batches=args.bn_batches,
+        global_ranking=args.global_ranking,
         round_to=args.round_to, ignored_layers=tuple(args.ignore), nm=args.nm, out=args.out,
         seed=args.seed, progress=not args.quiet,
     )
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--train-epochs", type=int, default=0,
                        help="train first when no --weights are given")
     prune.add_argument("--finetune-epochs", type=int, default=0)
+    prune.add_argument("--bn-batches", type=int, default=20,
+                       help="training batches to re-measure BatchNorm statistics on after "
+                       "pruning (default 20; 0 keeps the old statistics)")
     prune.add_argument("--out", help="write the pruned model here (safetensors)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -127,6 +127,44 @@ def fit(
 
 
 @torch.no_grad()
+def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 20) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on `batches` batches.
+
+    Removing channels or quantizing shifts what each BatchNorm sees, and its stored
+    statistics no longer fit: a pruned ResNet can fall to chance until they are measured
+    again (adaptive BN, as in EagleEye, Li et al. 2020). Weights do not change; the
+    statistics become the plain average over the batches. Returns how many BatchNorm
+    layers were recalibrated (0 leaves the model untouched).
+    """
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"batches must be a positive int, got {batches!r}")
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch counts the same
+    model.train()
+    seen = 0
+    try:
+        for batch in loader:
+            if seen == batches:
+                break
+            model(batch[0] if isinstance(batch, list | tuple) else batch)
+            seen += 1
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("cannot recalibrate BatchNorm on an empty loader; give it a batch")
+    return len(norms)
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable) -> float:
     """Top-1 accuracy of `model` over `loader`, as a fraction in [0, 1]."""
     correct = seen = 0

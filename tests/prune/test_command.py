@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import penjing as pj
 from penjing.cli import main
@@ -125,3 +126,20 @@ def test_bad_options_are_errors(capsys):
 def test_a_function_returning_something_else_is_a_type_error():
     with pytest.raises(TypeError, match="must give an nn.Module, got dict"):
         prune_command("builtins:dict", dataset=None, input_shape=(1, 1, 28, 28))
+
+
+def test_batchnorm_statistics_are_re_measured_after_pruning(tmp_path):
+    runs = {}
+    for batches in (0, 20):
+        path = tmp_path / f"bn{batches}.safetensors"
+        summary = prune_command("vgg", ratio=0.5, bn_batches=batches, out=path, **FAST)
+        runs[batches] = (summary.format(), pj.train.load_checkpoint(path))
+    assert "re-measured on 20 training batches" in runs[20][0]
+    assert "re-measured" not in runs[0][0]
+    fresh = pj.models.create("vgg").state_dict()
+    key = next(k for k in runs[0][1] if k.endswith("running_var"))
+    # untrained: 0 keeps the initial statistics (ones), 20 batches measure real ones
+    assert torch.equal(runs[0][1][key], fresh[key][: len(runs[0][1][key])])
+    assert not torch.allclose(runs[20][1][key], runs[0][1][key])
+    with pytest.raises(ValueError, match="bn_batches must be an int >= 0"):
+        prune_command("vgg", bn_batches=-1, **FAST)

@@ -26,7 +26,14 @@ from penjing.prune.nm import check_nm, nm_
 from penjing.prune.patterns import PATTERNS, pattern_
 from penjing.prune.structured import GRANULARITIES, channels_, check_ratio
 from penjing.prune.surgery import save_pruned
-from penjing.train import evaluate, fit, load_checkpoint, save_checkpoint, seed_everything
+from penjing.train import (
+    evaluate,
+    fit,
+    load_checkpoint,
+    recalibrate_bn_,
+    save_checkpoint,
+    seed_everything,
+)
 
 MASK_GRANULARITIES = ("nm", *PATTERNS)
 
@@ -127,6 +134,7 @@ def prune_command(
     dataset: str | None = "mnist",
     train_epochs: int = 0,
     finetune_epochs: int = 0,
+    bn_batches: int = 20,
     global_ranking: bool = False,
     round_to: int = 1,
     ignored_layers: tuple[str, ...] = (),
@@ -143,13 +151,17 @@ def prune_command(
     groups to zero (mask granularities), 0.5 by default. With `dataset` (a bundled data
     set or "package.module:function" returning a DataSplit) the model can train first
     (`train_epochs`, when no `weights`), be scored by "taylor", fine-tune after pruning and
-    report test accuracy; `dataset=None` measures
+    report test accuracy, and every BatchNorm re-measures its statistics on `bn_batches`
+    training batches after pruning (0: keep the old ones); `dataset=None` measures
     size and speed only, on inputs of `input_shape` (default: the data set's image shape).
     The pruned model is written to `out` as safetensors (channel changes in its metadata,
     see `penjing.prune.load_pruned`; masks baked into the weights; after head pruning the
     state_dict of the model with its HeadAttention layers).
     """
     n, m = _check_options(granularity, ratio, criterion, nm)
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        raise ValueError(f"bn_batches must be an int >= 0 (0 keeps the BatchNorm statistics), "
+                         f"got {bn_batches!r}")
     ratio = 0.5 if ratio is None else ratio
     seed_everything(seed)
     split = data.load(dataset) if dataset else None
@@ -194,6 +206,9 @@ def prune_command(
     else:
         done = pattern_(net, granularity, sparsity=ratio)
         detail = f"sparsity {ratio} of {granularity} groups on {len(done)} layers"
+    if train is not None and bn_batches and recalibrate_bn_(net, train, bn_batches):
+        notes.append(f"BatchNorm statistics re-measured on {bn_batches} training batches "
+                     "after pruning (--bn-batches 0 keeps the old ones)")
     if finetune_epochs:
         if train is None:
             raise ValueError("finetune_epochs needs a dataset to train on")
