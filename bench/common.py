@@ -28,9 +28,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    threads = torch.get_num_threads()
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), numpy {numpy.__version__}, "
+        f"({threads} thread{'s' if threads != 1 else ''}), numpy {numpy.__version__}, "
         f"Python {platform.python_version()}"
     )
 
