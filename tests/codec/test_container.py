@@ -354,3 +354,18 @@ def test_manifest_that_does_not_inflate_is_a_format_error(good, tmp_path) -> Non
     blob = b'{"format": "pjz"}'  # plain JSON where compressed JSON belongs, with a valid CRC
     header = struct.pack("<4sHHQI", b"PJZ\x00", 1, 0, len(blob), zlib.crc32(blob))
     _expect_format_error(tmp_path / "z.pjz", header + blob + data[20 + length :], "decompress")
+
+
+def test_a_shape_too_large_for_memory_is_a_format_error(tmp_path: Path) -> None:
+    # an all-zero sparse tensor costs a few bytes whatever its shape, so a file may claim
+    # a shape of 2**50 elements with valid checksums; loading must refuse, not allocate
+    path = tmp_path / "zeros.pjz"
+    codec.save({"w": torch.zeros(1000, 1000)}, path)
+    data = path.read_bytes()
+    (length,) = struct.unpack_from("<Q", data, 8)
+    manifest = json.loads(zlib.decompress(data[20 : 20 + length]))
+    assert manifest["tensors"][0]["encoding"] == "sparse"
+    manifest["tensors"][0]["shape"] = [2**25, 2**25]
+    blob = zlib.compress(json.dumps(manifest).encode())
+    header = struct.pack("<4sHHQI", b"PJZ\x00", 1, 0, len(blob), zlib.crc32(blob))
+    _expect_format_error(tmp_path / "huge.pjz", header + blob + data[20 + length :], "memory")

@@ -20,6 +20,7 @@ The manifest is compressed because on a small model its JSON is a few percent of
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -262,6 +263,33 @@ def _check_manifest(manifest: object) -> None:
         raise ValueError(f"sections add up to {summed} bytes, 'data_bytes' says {total}")
 
 
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_decoded_size(manifest: dict, path: str | os.PathLike) -> None:
+    """Refuse a file whose tensors could not fit in this machine's memory once decoded.
+
+    Sparse tensors end in zeros that cost no bytes, so a small file may rightly stand for
+    a large state_dict; a shape no machine here can hold is a damaged or hostile file,
+    and allocating it would kill the process instead of raising.
+    """
+    claimed = sum(
+        math.prod(entry["shape"]) * dtype_from_name(entry["dtype"]).itemsize
+        for entry in manifest["tensors"]
+    )
+    memory = _physical_memory()
+    if memory is not None and claimed > memory:
+        raise _error(
+            path,
+            f"its tensors would take {claimed:,} bytes once decoded, more than this "
+            f"machine's {memory:,} bytes of memory: the shapes in the file are corrupt",
+        )
+
+
 def load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a .pjz file back into a state_dict, bit-exact; any damage is a FormatError.
 
@@ -272,6 +300,7 @@ def load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     length, crc = _read_header(head, path, len(data))
     start = _HEADER.size + length
     manifest = _read_manifest(data[_HEADER.size : start], crc, path, len(data) - start)
+    _check_decoded_size(manifest, path)
     # Check every CRC before decoding anything: damage is reported fast and nothing is
     # decoded from bytes that are not what `save` wrote.
     offset, pending = start, []
