@@ -92,3 +92,51 @@ def test_recalibrate_bn_bad_input():
     with pytest.raises(ValueError, match="empty loader"):
         pj.train.recalibrate_bn_(model, [], batches=5)
     assert pj.train.recalibrate_bn_(torch.nn.Linear(2, 2), [torch.randn(1, 2)]) == 0
+
+
+def _recording_loss(opt, seen):
+    def loss_fn(model, x, y):
+        seen.append(opt.param_groups[0]["lr"])
+        return pj.train.cross_entropy(model, x, y)
+    return loss_fn
+
+
+def test_cosine_schedule_falls_to_zero_step_by_step():
+    import math
+
+    model = torch.nn.Linear(2, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))] * 5
+    seen: list[float] = []
+    fit(model, batches, epochs=2, optimizer=opt, loss_fn=_recording_loss(opt, seen),
+        schedule="cosine", progress=False)
+    expected = [0.05 * (1 + math.cos(math.pi * k / 10)) for k in range(10)]
+    assert seen == pytest.approx(expected)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_schedule_steps_per_epoch_for_a_loader_without_length():
+    model = torch.nn.Linear(2, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = (torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
+
+    class Stream:  # re-iterable, no __len__
+        def __iter__(self):
+            return iter([batch, batch])
+
+    seen: list[float] = []
+    fit(model, Stream(), epochs=2, optimizer=opt, loss_fn=_recording_loss(opt, seen),
+        schedule="cosine", progress=False)
+    assert seen == pytest.approx([0.1, 0.1, 0.05, 0.05])
+
+
+def test_constant_schedule_keeps_the_rate_and_unknown_ones_are_refused():
+    model = torch.nn.Linear(2, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[float] = []
+    batches = [(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))] * 3
+    fit(model, batches, epochs=2, optimizer=opt, loss_fn=_recording_loss(opt, seen),
+        progress=False)
+    assert seen == [0.1] * 6
+    with pytest.raises(ValueError, match="unknown schedule 'step'; choose one of"):
+        fit(model, batches, epochs=1, schedule="step", progress=False)

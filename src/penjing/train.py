@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +40,9 @@ def with_penalty(
         return base(model, x, y) + penalty(model)
 
     return loss_fn
+
+
+SCHEDULES = ("constant", "cosine")
 
 
 def make_optimizer(
@@ -89,21 +93,33 @@ def fit(
     seed: int | None = 0,
     progress: bool = True,
     desc: str = "train",
+    schedule: str = "constant",
 ) -> History:
     """Train `model` in place for `epochs` epochs and return its loss (and accuracy) history.
 
     `loss_fn(model, x, y)` returns the loss of one batch, so extra terms (a sparsity
-    penalty, a distillation loss) plug in without a new loop.
+    penalty, a distillation loss) plug in without a new loop. `schedule`: "constant"
+    keeps the learning rate; "cosine" lowers it from its start to 0 along a half cosine,
+    step by step (epoch by epoch for a loader without a length).
     """
     from tqdm.auto import tqdm
 
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     if seed is not None:
         seed_everything(seed)
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else (
         make_optimizer(model.parameters(), optimizer, lr)
     )
+    per_step = hasattr(train_loader, "__len__")
+    scheduler = None
+    if schedule == "cosine":
+        steps = max(epochs * (len(train_loader) if per_step else 1), 1)  # type: ignore[arg-type]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+        )
     history = History()
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
@@ -114,8 +130,12 @@ def fit(
             loss = loss_fn(model, x, y)
             loss.backward()
             opt.step()
+            if scheduler is not None and per_step:
+                scheduler.step()
             total += float(loss.detach())
             batches += 1
+        if scheduler is not None and not per_step:
+            scheduler.step()
         history.loss.append(total / max(batches, 1))
         postfix = {"loss": f"{history.loss[-1]:.4f}"}
         if test_loader is not None:
