@@ -148,3 +148,65 @@ def test_a_checkpoint_of_another_shape_does_not_fit(tmp_path):
     save_quantized(q, int8(), tmp_path / "q.safetensors")
     with pytest.raises(FormatError, match="does not fit this LeNet5"):
         load_quantized(pj.models.create("lenet5", num_classes=5), tmp_path / "q.safetensors")
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), [(-8, 7), (0, 15), (-2, 1), (-4, 3)])
+@pytest.mark.parametrize("numel", [1, 2, 7, 64, 513])
+def test_nibble_packing_round_trips(qmin, qmax, numel):
+    from penjing.quant.checkpoint import pack_nibbles, unpack_nibbles
+
+    torch.manual_seed(numel)
+    shape = torch.Size([numel])
+    ints = torch.randint(qmin, qmax + 1, shape)
+    ints[0] = qmin
+    ints[-1] = qmax
+    packed = pack_nibbles(ints, qmin)
+    assert packed.dtype == torch.uint8 and packed.numel() == (numel + 1) // 2
+    assert torch.equal(unpack_nibbles(packed, qmin, shape), ints.to(torch.int32))
+    with pytest.raises(ValueError, match="cannot hold a weight of shape"):
+        unpack_nibbles(packed[:-1] if numel > 2 else torch.zeros(5, dtype=torch.uint8),
+                       qmin, shape)
+
+
+def test_int4_weights_are_stored_two_to_a_byte(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    sizes = {}
+    for bits in (4, 8):
+        config = weight_only(bits=bits, group_size=32)
+        q = ptq(_vgg(), [torch.randn(8, 1, 28, 28)], config)
+        sizes[bits] = save_quantized(q, config, tmp_path / f"w{bits}.safetensors")
+        loaded = load_quantized(_vgg(), tmp_path / f"w{bits}.safetensors")
+        x = torch.randn(4, 1, 28, 28)
+        assert torch.equal(loaded(x), q(x))
+    tensors = load_file(tmp_path / "w4.safetensors")
+    packed = {k: v for k, v in tensors.items() if k.endswith(".int4")}
+    assert packed and not any(k.endswith(".int") for k in tensors)
+    weights = {k.removesuffix(".int4"): p for k, p in packed.items()}
+    numel = {k: v.numel() for k, v in q.state_dict().items() if k in weights}  # the 8-bit q
+    assert set(numel) == set(weights)
+    assert all(p.dtype == torch.uint8 and p.numel() == (numel[k] + 1) // 2
+               for k, p in weights.items())
+    # int8 → int4 saves half a byte per weight, and nothing else changes
+    assert sizes[8] - sizes[4] >= 0.5 * sum(numel.values()) - 64 * len(numel)
+
+
+def test_a_packed_weight_of_the_wrong_length_is_a_format_error(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from penjing.quant.checkpoint import _digest
+
+    config = weight_only(bits=4)
+    q = ptq(pj.models.create("lenet5").eval(), [torch.randn(8, 1, 28, 28)], config)
+    save_quantized(q, config, tmp_path / "q.safetensors")
+    with safe_open(str(tmp_path / "q.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(tmp_path / "q.safetensors")
+    key = "fc1.parametrizations.weight.original.int4"
+    tensors[key] = tensors[key][:-1].clone()
+    metadata["sha256"] = _digest(tensors)  # a consistent file of the wrong size
+    save_file(tensors, str(tmp_path / "short.safetensors"), metadata=metadata)
+    with pytest.raises(FormatError, match="packed bytes of torch.uint8 cannot hold a weight"):
+        load_quantized(pj.models.create("lenet5"), tmp_path / "short.safetensors")

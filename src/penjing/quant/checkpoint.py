@@ -1,11 +1,12 @@
 """Save a linearly quantized model as safetensors with integer weights, and load it back.
 
 The file holds the state of the model `ptq` / `qat` returned, with every fake-quantized
-weight stored as its integers (in the smallest of int8, uint8, int16 and int32 that holds
-its range) instead of floats, plus the QuantConfig and a SHA-256 of the tensors in the
-metadata. Loading rebuilds the quantized model from a fresh float model of the same
-architecture: `prepare` with the stored config, then the stored scales, zero points and
-integers. Nothing is unpickled, and nothing the file names is imported.
+weight stored as its integers instead of floats: two to a byte when its range fits in 4
+bits (INT4, INT3, INT2), else in the smallest of int8, uint8, int16 and int32 that holds
+the range; plus the QuantConfig and a SHA-256 of the tensors in the metadata. Loading
+rebuilds the quantized model from a fresh float model of the same architecture:
+`prepare` with the stored config, then the stored scales, zero points and integers.
+Nothing is unpickled, and nothing the file names is imported.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from penjing.train import save_checkpoint
 
 FORMAT = "penjing.quantized/1"
 _INT_SUFFIX = ".int"  # key suffix of a weight stored as integers
+_NIBBLE_SUFFIX = ".int4"  # key suffix of a weight stored two integers to a byte
 
 
 def _spec_to_dict(spec: QuantSpec | None) -> dict | None:
@@ -147,9 +149,35 @@ def _storage_dtype(spec: QuantSpec) -> torch.dtype:
     return torch.int32  # unsigned 16-bit
 
 
+def _fits_a_nibble(spec: QuantSpec) -> bool:
+    return spec.qmax - spec.qmin <= 15
+
+
+def pack_nibbles(ints: torch.Tensor, qmin: int) -> torch.Tensor:
+    """Integers in [qmin, qmin + 15] as uint8, two per byte: element 2i in the low nibble
+    of byte i, element 2i + 1 in the high one (a last odd element leaves it 0)."""
+    flat = (ints.reshape(-1).to(torch.int32) - qmin).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, qmin: int, shape: torch.Size) -> torch.Tensor:
+    """The int32 tensor of `shape` that `pack_nibbles` stored in `packed`."""
+    numel = shape.numel()
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"{packed.numel()} packed bytes of {packed.dtype} cannot hold a weight of shape "
+            f"{tuple(shape)}"
+        )
+    flat = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:numel]
+    return (flat.to(torch.int32) + qmin).reshape(shape)
+
+
 def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLike) -> int:
     """Write the quantized `model` (from `ptq` / `qat` with `config`) to `path`; return
-    the file size in bytes. Weights are stored as integers, the rest as float32."""
+    the file size in bytes. Weights are stored as integers (packed two to a byte at 4
+    bits and below), the rest as float32."""
     for name, module in model.named_modules():
         if isinstance(module, ActQuant) and not module.frozen:
             raise ValueError(
@@ -160,7 +188,10 @@ def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLik
     for key, quant in _integer_weights(model).items():
         ints = quantize(state.pop(key).float(), quant.scale.detach(), quant.zero_point,
                         quant.spec)
-        state[key + _INT_SUFFIX] = ints.to(_storage_dtype(quant.spec))
+        if _fits_a_nibble(quant.spec):
+            state[key + _NIBBLE_SUFFIX] = pack_nibbles(ints, quant.spec.qmin)
+        else:
+            state[key + _INT_SUFFIX] = ints.to(_storage_dtype(quant.spec))
     metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config)),
                 "sha256": _digest(state)}
     return save_checkpoint(state, path, metadata)
@@ -215,20 +246,31 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             module.frozen = True
     state = {}
     integer = _integer_weights(q)
+    shapes = {k: v.shape for k, v in q.state_dict().items()}
     for key, value in tensors.items():
-        if key.endswith(_INT_SUFFIX):
-            float_key = key.removesuffix(_INT_SUFFIX)
-            if float_key not in integer:
-                raise FormatError(
-                    f"{str(path)!r}: integer weight {key!r} has no quantized layer in this "
-                    f"{type(model).__name__}: it was saved from a different model or config"
-                )
-            quant = integer[float_key]
-            base = float_key.removesuffix("original")
-            scale, zero = tensors[base + "0.scale"], tensors[base + "0.zero_point"]
-            state[float_key] = dequantize(value.to(torch.int32), scale, zero, quant.spec)
-        else:
+        suffix = next((s for s in (_INT_SUFFIX, _NIBBLE_SUFFIX) if key.endswith(s)), None)
+        if suffix is None:
             state[key] = value
+            continue
+        float_key = key.removesuffix(suffix)
+        if float_key not in integer:
+            raise FormatError(
+                f"{str(path)!r}: integer weight {key!r} has no quantized layer in this "
+                f"{type(model).__name__}: it was saved from a different model or config"
+            )
+        quant = integer[float_key]
+        if suffix == _NIBBLE_SUFFIX:
+            try:
+                ints = unpack_nibbles(value, quant.spec.qmin, shapes[float_key])
+            except ValueError as err:
+                raise FormatError(
+                    f"{str(path)!r}: {key!r}: {err}: it was saved from a different model"
+                ) from err
+        else:
+            ints = value.to(torch.int32)
+        base = float_key.removesuffix("original")
+        scale, zero = tensors[base + "0.scale"], tensors[base + "0.zero_point"]
+        state[float_key] = dequantize(ints, scale, zero, quant.spec)
     try:
         q.load_state_dict(state)
     except RuntimeError as err:
