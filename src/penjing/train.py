@@ -100,7 +100,8 @@ def fit(
     `loss_fn(model, x, y)` returns the loss of one batch, so extra terms (a sparsity
     penalty, a distillation loss) plug in without a new loop. `schedule`: "constant"
     keeps the learning rate; "cosine" lowers it from its start to 0 along a half cosine,
-    step by step (epoch by epoch for a loader without a length).
+    step by step (epoch by epoch for a loader without a length), and gives a caller's
+    optimizer back with its starting rate.
     """
     from tqdm.auto import tqdm
 
@@ -114,7 +115,7 @@ def fit(
         make_optimizer(model.parameters(), optimizer, lr)
     )
     per_step = hasattr(train_loader, "__len__")
-    scheduler = None
+    scheduler, start_lrs = None, [group["lr"] for group in opt.param_groups]
     if schedule == "cosine":
         steps = max(epochs * (len(train_loader) if per_step else 1), 1)  # type: ignore[arg-type]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -142,6 +143,10 @@ def fit(
             history.accuracy.append(evaluate(model, test_loader))
             postfix["acc"] = f"{history.accuracy[-1]:.4f}"
         bar.set_postfix(postfix)
+    if scheduler is not None:  # a caller's optimizer leaves at the rates it came with
+        for group, lr in zip(opt.param_groups, start_lrs, strict=True):
+            group["lr"] = lr
+            group.pop("initial_lr", None)
     model.eval()
     return history
 
