@@ -114,16 +114,6 @@ def test_unsigned_weights_round_trip(tmp_path, bits):
     assert torch.equal(loaded(x), q(x))
 
 
-def _with_config(src, dst, edit) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(src), framework="pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    metadata["config"] = edit(metadata["config"])
-    save_file(tensors, str(dst), metadata=metadata)
-
-
 def test_a_file_cannot_make_load_import_code(tmp_path):
     """Regression: layer types in the file's config were imported by name, so loading a
     file could run any installed module's top-level code."""
@@ -137,7 +127,10 @@ def test_a_file_cannot_make_load_import_code(tmp_path):
              (lambda c: c.replace(linear, "os:system"), "does not name an nn.Module class"),
              (lambda c: c[:-1], "holds a quantization config penjing cannot read")]
     for edit, message in cases:
-        _with_config(path, tmp_path / "bad.safetensors", edit)
+        def change(tensors, metadata, edit=edit):
+            metadata["config"] = edit(metadata["config"])
+
+        _rewrite(path, tmp_path / "bad.safetensors", change)
         with pytest.raises(FormatError, match=message):
             load_quantized(pj.models.create("lenet5"), tmp_path / "bad.safetensors")
     assert "this" not in sys.modules
@@ -193,20 +186,52 @@ def test_int4_weights_are_stored_two_to_a_byte(tmp_path):
 
 
 def test_a_packed_weight_of_the_wrong_length_is_a_format_error(tmp_path):
+    config = weight_only(bits=4)
+    q = ptq(pj.models.create("lenet5").eval(), [torch.randn(8, 1, 28, 28)], config)
+    save_quantized(q, config, tmp_path / "q.safetensors")
+    key = "fc1.parametrizations.weight.original.int4"
+
+    def shorten(tensors, metadata):  # a consistent file of the wrong size
+        tensors[key] = tensors[key][:-1].clone()
+
+    _rewrite(tmp_path / "q.safetensors", tmp_path / "short.safetensors", shorten)
+    with pytest.raises(FormatError, match="packed bytes of torch.uint8 cannot hold a weight"):
+        load_quantized(pj.models.create("lenet5"), tmp_path / "short.safetensors")
+
+
+def _rewrite(src, dst, edit) -> None:
+    """Copy a quantized checkpoint through edit(tensors, metadata), with a valid digest."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from penjing.quant.checkpoint import _digest
+
+    with safe_open(str(src), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors, metadata)
+    metadata["sha256"] = _digest(tensors)
+    save_file(tensors, str(dst), metadata=metadata)
+
+
+def test_format_1_files_still_load_and_newer_ones_ask_for_an_upgrade(tmp_path):
+    from penjing.quant.checkpoint import unpack_nibbles
 
     config = weight_only(bits=4)
     q = ptq(pj.models.create("lenet5").eval(), [torch.randn(8, 1, 28, 28)], config)
     save_quantized(q, config, tmp_path / "q.safetensors")
-    with safe_open(str(tmp_path / "q.safetensors"), framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(tmp_path / "q.safetensors")
-    key = "fc1.parametrizations.weight.original.int4"
-    tensors[key] = tensors[key][:-1].clone()
-    metadata["sha256"] = _digest(tensors)  # a consistent file of the wrong size
-    save_file(tensors, str(tmp_path / "short.safetensors"), metadata=metadata)
-    with pytest.raises(FormatError, match="packed bytes of torch.uint8 cannot hold a weight"):
-        load_quantized(pj.models.create("lenet5"), tmp_path / "short.safetensors")
+    shapes = {k: v.shape for k, v in q.state_dict().items()}
+
+    def as_format_1(tensors, metadata):  # int4 weights unpacked into int8, as format 1 did
+        for key in [k for k in tensors if k.endswith(".int4")]:
+            ints = unpack_nibbles(tensors.pop(key), -8, shapes[key.removesuffix(".int4")])
+            tensors[key.removesuffix("4")] = ints.to(torch.int8)
+        metadata["format"] = "penjing.quantized/1"
+
+    _rewrite(tmp_path / "q.safetensors", tmp_path / "v1.safetensors", as_format_1)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(load_quantized(pj.models.create("lenet5"), tmp_path / "v1.safetensors")(x),
+                       q(x))
+    _rewrite(tmp_path / "q.safetensors", tmp_path / "v9.safetensors",
+             lambda t, m: m.update(format="penjing.quantized/9"))
+    with pytest.raises(FormatError, match="newer than this penjing reads.*upgrade penjing"):
+        load_quantized(pj.models.create("lenet5"), tmp_path / "v9.safetensors")

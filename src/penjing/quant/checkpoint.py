@@ -28,7 +28,8 @@ from penjing.quant.fakequant import ActQuant, WeightQuant
 from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec, dequantize, quantize
 from penjing.train import save_checkpoint
 
-FORMAT = "penjing.quantized/1"
+FORMAT = "penjing.quantized/2"  # 2: weights of 4 bits and fewer packed two to a byte
+READABLE = ("penjing.quantized/1", FORMAT)  # 1 stored every weight in a whole integer type
 _INT_SUFFIX = ".int"  # key suffix of a weight stored as integers
 _NIBBLE_SUFFIX = ".int4"  # key suffix of a weight stored two integers to a byte
 
@@ -208,7 +209,13 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     except (SafetensorError, OSError) as err:
         raise FormatError(f"cannot read {str(path)!r} as safetensors ({err})") from err
-    if metadata.get("format") != FORMAT:
+    found = metadata.get("format")
+    if isinstance(found, str) and found.startswith("penjing.quantized/") and found not in READABLE:
+        raise FormatError(
+            f"{str(path)!r} is a quantized checkpoint of format {found!r}, newer than this "
+            f"penjing reads ({', '.join(READABLE)}); upgrade penjing"
+        )
+    if found not in READABLE:
         raise FormatError(
             f"{str(path)!r} is not a penjing quantized checkpoint (format "
             f"{metadata.get('format')!r}, expected {FORMAT!r}); write one with save_quantized"
