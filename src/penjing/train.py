@@ -218,24 +218,40 @@ def save_checkpoint(
     return len(data)
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None):
-    """Load a safetensors checkpoint (never pickle); fill `model` if given, else return the dict."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_checkpoint(
+    path: str | os.PathLike, what: str = "checkpoint",
+    writer: str = "penjing.train.save_checkpoint",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata of the safetensors file at `path`, read once and
+    never unpickled. A missing file is FileNotFoundError and an unreadable one FormatError,
+    naming `what` the file should be and the `writer` that makes one."""
+    from safetensors import SafetensorError, safe_open
 
     from penjing.errors import FormatError
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+            return tensors, f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise FormatError(
-            f"cannot read checkpoint {str(path)!r} as safetensors ({err}); "
-            "penjing saves checkpoints with penjing.train.save_checkpoint"
+            f"cannot read {what} {str(path)!r} as safetensors ({err}); penjing writes one "
+            f"with {writer}"
         ) from err
-    if model is None:
-        return state
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None):
+    """Load a safetensors checkpoint (never pickle); fill `model` if given, else return the dict."""
+    state, _ = read_checkpoint(path)
+    return load_state(model, state, path) if model is not None else state
+
+
+def load_state(
+    model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
+) -> nn.Module:
+    """`model` with `state` (read from `path`) loaded, or a ValueError naming what does not fit."""
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # missing, unexpected or mis-shaped tensors

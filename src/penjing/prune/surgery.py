@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 
 from penjing.errors import FormatError, UnsupportedLayerError
 from penjing.prune.graph import DependencyGraph
-from penjing.train import load_checkpoint, save_checkpoint
+from penjing.train import load_state, read_checkpoint, save_checkpoint
 
 METADATA_KEY = "penjing.prune.changes"
 
@@ -126,15 +126,8 @@ def save_pruned(model: nn.Module, changes: list[Change], path: str | os.PathLike
 
 def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild a pruned model: replay the saved changes on a fresh `model`, then load weights."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pruned model {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get(METADATA_KEY)
-    except (SafetensorError, OSError) as err:
-        raise FormatError(f"cannot read {str(path)!r} as safetensors ({err})") from err
+    state, metadata = read_checkpoint(path, "pruned model", "penjing.prune.save_pruned")
+    meta = metadata.get(METADATA_KEY)
     if meta is None:
         raise FormatError(f"{str(path)!r} has no {METADATA_KEY!r} metadata; write it with "
                           "penjing.prune.save_pruned")
@@ -146,4 +139,4 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                           f"[module, tensor, dim, kept indices] ({err}); write it with "
                           "penjing.prune.save_pruned") from err
     apply_(model, changes)
-    return load_checkpoint(path, model)
+    return load_state(model, state, path)

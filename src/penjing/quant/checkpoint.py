@@ -26,7 +26,7 @@ from penjing.errors import FormatError
 from penjing.quant.config import QuantConfig
 from penjing.quant.fakequant import ActQuant, WeightQuant
 from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec, dequantize, quantize
-from penjing.train import save_checkpoint
+from penjing.train import read_checkpoint, save_checkpoint
 
 FORMAT = "penjing.quantized/2"  # 2: weights of 4 bits and fewer packed two to a byte
 READABLE = ("penjing.quantized/1", FORMAT)  # 1 stored every weight in a whole integer type
@@ -199,16 +199,8 @@ def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLik
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"quantized checkpoint {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except (SafetensorError, OSError) as err:
-        raise FormatError(f"cannot read {str(path)!r} as safetensors ({err})") from err
+    tensors, metadata = read_checkpoint(path, "quantized checkpoint",
+                                        "penjing.quant.save_quantized")
     found = metadata.get("format")
     if isinstance(found, str) and found.startswith("penjing.quantized/") and found not in READABLE:
         raise FormatError(
