@@ -131,7 +131,7 @@ def test_lsq_trained_scales_export_and_agree(tmp_path, images):
     model = _model("lenet5")
     labels = torch.arange(len(images)) % 10
     loader = list(zip(images.split(64), labels.split(64), strict=True))
-    q = qat(model, loader, QuantConfig(learnable=True), epochs=1, lr=1e-2, calib_batches=2,
+    q = qat(model, loader, int8(learnable=True, **INT8), epochs=1, lr=1e-2, calib_batches=2,
             progress=False)
     calibrated = ptq(model, images[:128].split(64), int8())
     for name in ("conv1_output_quant", "fc2_output_quant"):  # learned, then baked in

@@ -54,12 +54,25 @@ def quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, ax
     return np.clip(q, info.min, info.max).astype(zero_point.dtype)
 
 
+# Element-wise ops the exporter leaves on constant weights (the clamp of a weight range
+# narrower than the int8 container, e.g. 7-bit weights): evaluated here so QuantizeLinear
+# sees a constant and the weight is stored as integers.
+_CONSTANT_OPS = {"Min": np.minimum, "Max": np.maximum}
+
+
 def fold_weight_quantizers(model: onnx.ModelProto) -> int:
-    """Replace QuantizeLinear(float constant) by its integer result; return how many."""
+    """Replace QuantizeLinear(float constant) by its integer result; return how many.
+
+    Min / Max nodes whose inputs are all constants are evaluated first."""
     graph = model.graph
     consts = _constants(graph)
     keep, new_inits, folded = [], [], 0
     for node in graph.node:
+        op = _CONSTANT_OPS.get(node.op_type)
+        if op is not None and len(node.input) == 2 and all(i in consts for i in node.input):
+            consts[node.output[0]] = op(*(consts[i] for i in node.input))
+            new_inits.append(numpy_helper.from_array(consts[node.output[0]], node.output[0]))
+            continue
         if node.op_type == "QuantizeLinear" and all(i in consts for i in node.input[:3]):
             if len(node.input) < 3:
                 keep.append(node)
