@@ -17,3 +17,8 @@ class UnsupportedLayerError(PenjingError, TypeError):
 
 class MissingDependencyError(PenjingError, ImportError):
     """An optional package that a feature needs is not installed."""
+
+
+class PenjingWarning(UserWarning):
+    """A call that did less than asked (a BatchNorm left unfolded, a group left whole),
+    with the reason."""

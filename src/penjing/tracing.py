@@ -1,6 +1,14 @@
-"""The one torch.fx tracer penjing uses, for pruning's dependency graph and for placing
-quantizers: torch.nn layers (and any extra leaf types) stay whole, and a model that cannot
-be traced is an error naming the module where tracing failed."""
+"""The one torch.fx tracer penjing uses, for pruning's dependency graph, BatchNorm folding
+and placing quantizers.
+
+A layer is a leaf by `isinstance`, not by where its class is defined: a subclass of a
+torch.nn layer (a Conv2d with TensorFlow-style "same" padding, a BatchNorm with extras) is
+still that layer, so the methods that look for convs, BatchNorms and linears find it. fx's
+default would trace into such a subclass and leave a bare `F.conv2d` that no rule ties to
+a module. Containers (Sequential, ModuleList, ModuleDict) and plain nn.Module subclasses
+are traced into. A model that cannot be traced is an error naming the module where
+tracing failed.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,27 @@ from torch import fx, nn
 
 from penjing.errors import UnsupportedLayerError
 
+# Classes of torch.nn that hold other modules rather than compute: never leaves.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList,
+               nn.ParameterDict)
+
+
+def layer_class(module: nn.Module) -> type[nn.Module] | None:
+    """The torch.nn layer class `module` is (itself or the nearest base), None for a model
+    or container of the user's own."""
+    if isinstance(module, _CONTAINERS):
+        return None
+    for cls in type(module).__mro__:
+        if cls is nn.Module:
+            return None
+        if cls.__module__.startswith(("torch.nn.", "torch.ao.nn.")):
+            return cls
+    return None
+
 
 class Tracer(fx.Tracer):
-    """The default fx tracer plus extra leaf types; remembers where tracing failed."""
+    """An fx tracer whose leaves are torch.nn layers and their subclasses, plus `leaves`;
+    remembers where tracing failed."""
 
     def __init__(self, leaves: tuple[type[nn.Module], ...] = ()) -> None:
         super().__init__()
@@ -18,7 +44,7 @@ class Tracer(fx.Tracer):
         self.failed_at: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, self.leaves) or layer_class(m) is not None
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx's signature
         try:

@@ -7,12 +7,14 @@ the same function with one layer less (and PTQ sees the weights inference will u
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from penjing.errors import PenjingWarning
 from penjing.prune.masks import Mask
 from penjing.tracing import Tracer
 
@@ -23,20 +25,32 @@ _FOLDABLE = {
 }
 
 
-def _pairs_by_graph(model: nn.Module) -> list[tuple[str, str]]:
+def _pairs_by_graph(model: nn.Module) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(layer, batchnorm) names where the layer's output feeds only that BatchNorm and
-    forward calls each of the two once: folding changes every call of both modules."""
+    forward calls each of the two once (folding changes every call of both modules), and
+    for every other BatchNorm the reason it cannot be folded."""
     graph = Tracer().trace(model)
+    modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    pairs = []
+    pairs, why = [], {}
     for node in graph.nodes:
-        if node.op != "call_module" or len(node.users) != 1 or calls[node.target] != 1:
+        if node.op != "call_module" or not isinstance(
+            modules.get(node.target), nn.modules.batchnorm._BatchNorm
+        ):
             continue
-        (user,) = node.users
-        if (user.op == "call_module" and user.args and user.args[0] is node
-                and calls[user.target] == 1):
-            pairs.append((node.target, user.target))
-    return pairs
+        source = node.args[0] if node.args else None
+        if calls[node.target] != 1:
+            why[node.target] = "forward calls it more than once"
+        elif not (isinstance(source, torch.fx.Node) and source.op == "call_module"):
+            what = source.format_node() if isinstance(source, torch.fx.Node) else repr(source)
+            why[node.target] = f"its input is not a layer's output ({what})"
+        elif calls[source.target] != 1:
+            why[node.target] = f"{source.target!r} before it is called more than once"
+        elif len(source.users) != 1:
+            why[node.target] = f"the output of {source.target!r} is also read elsewhere"
+        else:
+            pairs.append((source.target, node.target))
+    return pairs, why
 
 
 def _pairs_by_order(model: nn.Module) -> list[tuple[str, str]]:
@@ -82,31 +96,57 @@ def _fold_one(layer: nn.Module, bn: nn.Module, names: tuple[str, str]) -> None:
             layer.bias.copy_(new_bias)
 
 
+def _batchnorm_forward(bn: nn.Module) -> bool:
+    """Whether `bn` computes a plain BatchNorm (a subclass may add an activation)."""
+    return type(bn).forward is nn.modules.batchnorm._BatchNorm.forward
+
+
 def fold_bn_(model: nn.Module) -> list[tuple[str, str]]:
     """Fold every BatchNorm that directly follows a Linear/Conv into it, in place.
 
     Returns the (layer, batchnorm) name pairs folded; each BatchNorm is replaced by an
     nn.Identity. Uses the model's running statistics, so the result matches the model in
-    eval mode (to float rounding). Found by tracing with torch.fx; a layer or BatchNorm
-    that forward calls more than once is left alone. A model that does not trace is
-    searched by the order of nn.Sequential children instead.
+    eval mode (to float rounding). Found by tracing with torch.fx (subclasses of Conv,
+    Linear and BatchNorm count as those layers); a layer or BatchNorm that forward calls
+    more than once is left alone, and so is a BatchNorm subclass with its own forward
+    (it may hold an activation). A model that does not trace is searched by the order of
+    nn.Sequential children instead. BatchNorms left unfolded are named in a warning with
+    the reason.
     """
     modules = dict(model.named_modules())
     try:
-        candidates = _pairs_by_graph(model)
-    except Exception:  # noqa: BLE001 - any tracing failure means: fall back to module order
+        candidates, why = _pairs_by_graph(model)
+    except Exception as err:  # noqa: BLE001 - any tracing failure: fall back to module order
         candidates = _pairs_by_order(model)
+        why = {"": f"the model does not trace ({type(err).__name__}), so only adjacent "
+                   "children of nn.Sequential were paired"}
     folded = []
     for layer_name, bn_name in candidates:
         layer, bn = modules.get(layer_name), modules.get(bn_name)
-        kinds = _FOLDABLE.get(type(bn))
+        kinds = next((k for t, k in _FOLDABLE.items() if isinstance(bn, t)), None)
         if kinds is None or not isinstance(layer, kinds):
+            if kinds is not None:
+                why[bn_name] = f"{layer_name!r} before it is a {type(layer).__name__}"
             continue
         if layer.weight.shape[0] != bn.num_features:
-            continue  # e.g. a Linear over the wrong axis; not a per-channel affine pair
+            why[bn_name] = f"{layer_name!r} is not per channel along the BatchNorm's axis"
+            continue
+        if not _batchnorm_forward(bn):
+            why[bn_name] = f"{type(bn).__name__} has a forward of its own"
+            continue
         _fold_one(layer, bn, (layer_name, bn_name))
         parent_name, _, child = bn_name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         setattr(parent, child, nn.Identity())
         folded.append((layer_name, bn_name))
+    left = [n for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        reasons = "; ".join(f"{n!r}: {why.get(n, why.get('', 'it follows no Conv/Linear'))}"
+                            for n in left[:8])
+        more = f" (and {len(left) - 8} more)" if len(left) > 8 else ""
+        warnings.warn(
+            f"fold_bn_ folded {len(folded)} of {len(folded) + len(left)} BatchNorms; left in "
+            f"float: {reasons}{more}", PenjingWarning, stacklevel=2,
+        )
     return folded
