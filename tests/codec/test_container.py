@@ -365,7 +365,13 @@ def test_a_shape_too_large_for_memory_is_a_format_error(tmp_path: Path) -> None:
     (length,) = struct.unpack_from("<Q", data, 8)
     manifest = json.loads(zlib.decompress(data[20 : 20 + length]))
     assert manifest["tensors"][0]["encoding"] == "sparse"
-    manifest["tensors"][0]["shape"] = [2**25, 2**25]
+    manifest["tensors"][0]["shape"] = [2**20, 2**20]
     blob = zlib.compress(json.dumps(manifest).encode())
     header = struct.pack("<4sHHQI", b"PJZ\x00", 1, 0, len(blob), zlib.crc32(blob))
     _expect_format_error(tmp_path / "huge.pjz", header + blob + data[20 + length :], "memory")
+    # beyond 2**48 elements the manifest itself is refused, before any product is formed
+    manifest["tensors"][0]["shape"] = [2**25, 2**25]
+    blob = zlib.compress(json.dumps(manifest).encode())
+    header = struct.pack("<4sHHQI", b"PJZ\x00", 1, 0, len(blob), zlib.crc32(blob))
+    _expect_format_error(tmp_path / "huger.pjz", header + blob + data[20 + length :],
+                         "more than 281,474,976,710,656 elements")

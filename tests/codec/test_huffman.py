@@ -35,7 +35,7 @@ def test_encode_decode_is_exact(alphabet: int, make, path: str, monkeypatch) -> 
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("chunk", [1, 7, 1024, 10**6])
+@pytest.mark.parametrize("chunk", [1, 7, 1024, huffman.MAX_CHUNK])
 def test_any_chunk_size_round_trips(chunk: int, path: str, monkeypatch) -> None:
     monkeypatch.setattr(huffman, "_JUMP_WORK", PATHS[path])
     x = _skewed(np.random.default_rng(1), 20, 3001)

@@ -19,6 +19,7 @@ The manifest is compressed because on a small model its JSON is a few percent of
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from torch import nn
 
 from penjing.codec.encoding import (
     ENCODINGS,
+    PATTERN_DTYPES,
     SECTIONS,
     check_tensor,
     decode_tensor,
@@ -40,13 +42,18 @@ from penjing.codec.encoding import (
 from penjing.codec.relindex import check_index_bits
 from penjing.codec.report import CompressionReport, layer_report
 from penjing.errors import FormatError
-from penjing.io import atomic_write_bytes
+from penjing.io import atomic_write_bytes, parse_json
 
 MAGIC = b"PJZ\x00"
 FORMAT_VERSION = 1
 # A manifest inflating beyond this is hostile or broken: ~180 B per tensor allows 500 k tensors.
 MAX_MANIFEST_BYTES = 100 * 2**20
 MAX_CODEBOOK = 65535  # codes 1..65535 plus 0 for "zero" are 16-bit Huffman symbols
+MAX_NDIM = 32
+MAX_NUMEL = 2**48  # elements of one tensor; bounds every product before it is formed
+# Budget when the machine's memory cannot be read; otherwise half of physical memory.
+FALLBACK_MEMORY = 8 * 2**30
+SCRATCH_FIXED = 16 * 2**20  # decode tables and the pointer-jumping path of short streams
 _HEADER = struct.Struct("<4sHHQI")
 _FIX = "re-create it with penjing.codec.save"
 
@@ -203,9 +210,9 @@ def _read_manifest(blob: bytes, crc: int, path: str | os.PathLike, data_size: in
     if inflater.unconsumed_tail or not inflater.eof:
         raise _error(path, f"the manifest is cut short or over {MAX_MANIFEST_BYTES:,} bytes")
     try:
-        manifest = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise _error(path, f"the manifest is not valid UTF-8 JSON ({err})") from err
+        manifest = parse_json(text, "the manifest")
+    except ValueError as err:
+        raise _error(path, str(err)) from err
     try:
         _check_manifest(manifest)
     except (ValueError, TypeError, KeyError) as err:
@@ -225,40 +232,83 @@ def _is_count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def _numel(shape: list[int]) -> int:
+    """Elements of `shape`, refusing a product over MAX_NUMEL without forming it."""
+    if 0 in shape:
+        return 0
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > MAX_NUMEL:
+            raise ValueError(f"shape {shape[:MAX_NDIM]} has more than {MAX_NUMEL:,} elements")
+    return numel
+
+
+def _check_entry(entry: object, names: set) -> int:
+    """Check one tensor entry against the limits of docs/format.md; return its bytes."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"a tensor entry must be an object, got {type(entry).__name__}")
+    name = entry["name"]
+    if not isinstance(name, str) or name in names:
+        raise ValueError(f"tensor name {name!r} is not a str or is repeated")
+    names.add(name)
+    dtype = dtype_from_name(entry["dtype"])
+    shape, encoding = entry["shape"], entry["encoding"]
+    if not (
+        isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_count(d) for d in shape)
+    ):
+        raise ValueError(f"tensor {name!r} has shape {str(shape)[:200]} (at most {MAX_NDIM} "
+                         "non-negative ints)")
+    numel = _numel(shape)
+    if encoding not in ENCODINGS:
+        raise ValueError(f"tensor {name!r} has unknown encoding {str(encoding)[:50]!r}")
+    sections = entry["sections"]
+    kinds = [s[0] if isinstance(s, list) and s else None for s in sections] if isinstance(
+        sections, list) else None
+    if kinds != list(SECTIONS[encoding]) or not all(
+        len(s) == 3 and _is_count(s[1]) and _is_count(s[2]) for s in sections
+    ):
+        raise ValueError(f"tensor {name!r} has sections {str(sections)[:200]}")
+    size = dict((kind, length) for kind, length, _ in sections)
+    nonzero = entry["nonzero"]
+    if not _is_count(nonzero) or nonzero > numel:
+        raise ValueError(f"tensor {name!r} has nonzero count {nonzero!r} for {numel} elements")
+    if encoding == "raw":
+        if size["raw"] != numel * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: raw section of {size['raw']} bytes, shape "
+                             f"{shape} of {dtype} needs {numel * dtype.itemsize}")
+        return sum(size.values())
+    if dtype not in PATTERN_DTYPES:
+        raise ValueError(f"tensor {name!r}: encoding {encoding!r} needs a float16/bfloat16/"
+                         f"float32/float64 tensor, the manifest says {dtype}")
+    book = entry["codebook"]
+    if not _is_count(book) or book > MAX_CODEBOOK or size["codebook"] != book * dtype.itemsize:
+        raise ValueError(f"tensor {name!r} has a codebook of {book!r} entries in "
+                         f"{size['codebook']} bytes (at most {MAX_CODEBOOK})")
+    # Every Huffman code takes at least one bit, so a stream's symbols are at most 8 per byte.
+    if encoding == "dense" and numel > 8 * size["codes"]:
+        raise ValueError(f"tensor {name!r}: {numel} codes cannot fit in {size['codes']} bytes")
+    if encoding == "sparse":
+        check_index_bits(entry["index_bits"])
+        entries, padding = entry["entries"], entry["padding"]
+        if not (_is_count(entries) and _is_count(padding)) or entries != nonzero + padding:
+            raise ValueError(f"tensor {name!r}: {entries!r} entries are not {nonzero} non-zeros "
+                             f"plus {padding!r} padding")
+        if entries > numel or entries > 8 * min(size["gaps"], size["values"]):
+            raise ValueError(f"tensor {name!r}: {entries} entries cannot fit in {numel} "
+                             f"elements and streams of {size['gaps']} and {size['values']} bytes")
+    return sum(size.values())
+
+
 def _check_manifest(manifest: object) -> None:
-    """Raise ValueError unless the manifest has the shape `_build` writes."""
+    """Raise ValueError unless the manifest has the shape `_build` writes, within limits."""
     if not isinstance(manifest, dict) or manifest.get("format") != "pjz":
         raise ValueError("it is not a pjz manifest")
     tensors, total = manifest.get("tensors"), manifest.get("data_bytes")
     if not isinstance(tensors, list) or not _is_count(total):
         raise ValueError("'tensors' must be a list and 'data_bytes' a count")
-    names, summed = set(), 0
-    for entry in tensors:
-        name = entry["name"]
-        if not isinstance(name, str) or name in names:
-            raise ValueError(f"tensor name {name!r} is not a str or is repeated")
-        names.add(name)
-        dtype_from_name(entry["dtype"])
-        shape, encoding = entry["shape"], entry["encoding"]
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise ValueError(f"tensor {name!r} has shape {shape!r}")
-        if encoding not in ENCODINGS:
-            raise ValueError(f"tensor {name!r} has unknown encoding {encoding!r}")
-        sections = entry["sections"]
-        kinds = [s[0] for s in sections] if isinstance(sections, list) else None
-        if kinds != list(SECTIONS[encoding]) or not all(
-            len(s) == 3 and _is_count(s[1]) and _is_count(s[2]) for s in sections
-        ):
-            raise ValueError(f"tensor {name!r} has sections {sections!r}")
-        if not _is_count(entry["nonzero"]):
-            raise ValueError(f"tensor {name!r} has nonzero count {entry['nonzero']!r}")
-        if encoding != "raw" and not _is_count(entry["codebook"]):
-            raise ValueError(f"tensor {name!r} has codebook size {entry['codebook']!r}")
-        if encoding == "sparse":
-            check_index_bits(entry["index_bits"])
-            if not (_is_count(entry["entries"]) and _is_count(entry["padding"])):
-                raise ValueError(f"tensor {name!r} has bad entry or padding counts")
-        summed += sum(s[1] for s in sections)
+    names: set = set()
+    summed = sum(_check_entry(entry, names) for entry in tensors)
     if summed != total:
         raise ValueError(f"sections add up to {summed} bytes, 'data_bytes' says {total}")
 
@@ -270,37 +320,80 @@ def _physical_memory() -> int | None:
         return None
 
 
-def _check_decoded_size(manifest: dict, path: str | os.PathLike) -> None:
-    """Refuse a file whose tensors could not fit in this machine's memory once decoded.
+def default_max_memory() -> int:
+    """The memory budget `load` uses by default: half of physical memory (8 GiB if unknown)."""
+    memory = _physical_memory()
+    return memory // 2 if memory else FALLBACK_MEMORY
+
+
+def _scratch(entry: dict) -> int:
+    """Bytes of temporaries decoding `entry` needs on top of its result (docs/format.md)."""
+    sizes = {kind: length for kind, length, _ in entry["sections"]}
+    if entry["encoding"] == "dense":
+        return 4 * math.prod(entry["shape"]) + 16 * sizes["codes"] + SCRATCH_FIXED
+    if entry["encoding"] == "sparse":
+        return 32 * entry["entries"] + 16 * (sizes["gaps"] + sizes["values"]) + SCRATCH_FIXED
+    return 0
+
+
+def peak_memory(manifest: dict, file_size: int) -> int:
+    """Estimated peak bytes of loading a checked manifest: the file, every decoded tensor,
+    and the temporaries of the most demanding one."""
+    decoded = sum(
+        math.prod(e["shape"]) * dtype_from_name(e["dtype"]).itemsize for e in manifest["tensors"]
+    )
+    return file_size + decoded + max(map(_scratch, manifest["tensors"]), default=0)
+
+
+def _check_budget(manifest: dict, path: str | os.PathLike, file_size: int, budget: int) -> None:
+    """Refuse a file whose decoding would not fit the memory budget, before allocating.
 
     Sparse tensors end in zeros that cost no bytes, so a small file may rightly stand for
-    a large state_dict; a shape no machine here can hold is a damaged or hostile file,
-    and allocating it would kill the process instead of raising.
+    a large state_dict; one beyond the budget is damaged or hostile (or needs a larger
+    `max_memory`), and allocating it would kill the process instead of raising.
     """
-    claimed = sum(
-        math.prod(entry["shape"]) * dtype_from_name(entry["dtype"]).itemsize
-        for entry in manifest["tensors"]
-    )
-    memory = _physical_memory()
-    if memory is not None and claimed > memory:
+    peak = peak_memory(manifest, file_size)
+    if peak > budget:
         raise _error(
             path,
-            f"its tensors would take {claimed:,} bytes once decoded, more than this "
-            f"machine's {memory:,} bytes of memory: the shapes in the file are corrupt",
+            f"loading it would take about {peak:,} bytes of memory, more than the budget of "
+            f"{budget:,} bytes: its shapes are corrupt, or pass a larger max_memory",
+            "pass max_memory=... to penjing.codec.load if the model is really this large, "
+            "else " + _FIX,
         )
 
 
-def load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _budget(max_memory: int | None) -> int:
+    if max_memory is None:
+        return default_max_memory()
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+    return max_memory
+
+
+def _read_file(path: str | os.PathLike) -> bytes:
+    """The file's bytes; a folder or unreadable file is an OSError naming it."""
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{os.fspath(path)!r} is a folder, not a .pjz file")
+    return p.read_bytes()
+
+
+def load(path: str | os.PathLike, *, max_memory: int | None = None) -> dict[str, torch.Tensor]:
     """Read a .pjz file back into a state_dict, bit-exact; any damage is a FormatError.
 
-    Every section's CRC32 is checked before it is decoded, and nothing partial is returned.
+    Every count and shape is checked against the file's bytes, and the estimated peak
+    memory against `max_memory` bytes (default: half of physical memory), before anything
+    is allocated; every section's CRC32 is checked before it is decoded, and nothing
+    partial is returned. A missing file is FileNotFoundError.
     """
-    data = memoryview(Path(path).read_bytes())
+    budget = _budget(max_memory)
+    data = memoryview(_read_file(path))
     head = data[: _HEADER.size]
     length, crc = _read_header(head, path, len(data))
     start = _HEADER.size + length
     manifest = _read_manifest(data[_HEADER.size : start], crc, path, len(data) - start)
-    _check_decoded_size(manifest, path)
+    _check_budget(manifest, path, len(data), budget)
     # Check every CRC before decoding anything: damage is reported fast and nothing is
     # decoded from bytes that are not what `save` wrote.
     offset, pending = start, []
@@ -324,6 +417,11 @@ def load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state[entry["name"]] = decode_tensor(entry, sections)
         except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as err:
             raise _error(path, f"tensor {entry['name']!r} cannot be decoded: {err}") from err
+        except MemoryError as err:  # the budget is an estimate; the allocator has the last word
+            raise _error(
+                path, f"tensor {entry['name']!r} does not fit in memory once decoded",
+                "free memory, or check that the file is the model you meant",
+            ) from err
     return state
 
 
@@ -332,6 +430,8 @@ def inspect(path: str | os.PathLike) -> CompressionReport:
 
     Section CRCs are not checked and entropies are None; `load` verifies everything.
     """
+    if Path(path).is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{os.fspath(path)!r} is a folder, not a .pjz file")
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         length, crc = _read_header(f.read(_HEADER.size), path, size)

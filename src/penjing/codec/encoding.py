@@ -41,6 +41,9 @@ _PATTERN = {
 }
 
 
+PATTERN_DTYPES = frozenset(_PATTERN)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -233,15 +236,31 @@ def decode_tensor(entry: dict, sections: dict[str, memoryview]) -> torch.Tensor:
     cb_bytes = sections["codebook"]
     if not isinstance(size, int) or len(cb_bytes) != size * np.dtype(little).itemsize:
         raise ValueError(f"codebook section has {len(cb_bytes)} bytes for {size!r} entries")
+    table = np.zeros(size + 1, dtype=np.dtype(little).newbyteorder("="))
+    table[1:] = np.frombuffer(cb_bytes, dtype=little)
     if encoding == "dense":
         codes = huffman.decode(sections["codes"])
         if codes.size != numel:
             raise ValueError(f"code stream has {codes.size} codes for {numel} elements")
+        _check_codes(codes, size)
+        out = table[codes]
     else:
-        gaps, values = huffman.decode(sections["gaps"]), huffman.decode(sections["values"])
-        codes = relindex.decode(gaps, values, numel, entry["index_bits"])
+        gaps = huffman.decode(sections["gaps"])
+        values = huffman.decode(sections["values"])
+        if gaps.size != values.size:
+            raise ValueError(
+                f"gaps and values must pair up, got {gaps.size} gaps and {values.size} values"
+            )
+        _check_codes(values, size)
+        where = relindex.positions(gaps, numel, entry["index_bits"])
+        del gaps
+        # Zero-filled by the allocator and written only where entries are: the trailing
+        # zeros of a sparse tensor cost no time and no resident memory.
+        out = np.zeros(numel, dtype=table.dtype)
+        out[where] = table[values]
+    return torch.from_numpy(out).view(dtype).reshape(shape)
+
+
+def _check_codes(codes: np.ndarray, size: int) -> None:
     if codes.size and int(codes.max()) > size:
         raise ValueError(f"code {int(codes.max())} points past a codebook of {size} entries")
-    table = np.zeros(size + 1, dtype=np.dtype(little).newbyteorder("="))
-    table[1:] = np.frombuffer(cb_bytes, dtype=little)
-    return torch.from_numpy(table[codes]).view(dtype).reshape(shape)

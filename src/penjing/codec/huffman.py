@@ -32,6 +32,9 @@ FORMAT_VERSION = 1
 MAX_SYMBOLS = 1 << 16  # symbols are codebook indices or gaps of at most 16 bits
 MAX_CODE_LEN = 24  # a 24-bit code plus a 7-bit offset still fits one 32-bit window
 DEFAULT_CHUNK = 1024  # symbols per sync point: ~0.03 bits/symbol of sync overhead
+# Lockstep decoding takes min(chunk, n) numpy steps: a longer chunk (up to one chunk for
+# the whole stream) would decode one Python step per symbol, ~1000x slower.
+MAX_CHUNK = 4096
 _TABLE_BITS = 16  # first-level decode table of 64 Ki entries stays in cache
 _BLOCK = 1 << 20  # encoder works on blocks of symbols to bound its temporary memory
 _JUMP_WORK = 1 << 22  # bits x log2(symbols) below which pointer jumping beats lockstep
@@ -221,8 +224,8 @@ def encode(
 ) -> bytes:
     """Huffman-code a stream of symbols in [0, 65536) into a self-describing byte string."""
     _check_max_len(max_len)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK:
+        raise ValueError(f"chunk must be an int in 1..{MAX_CHUNK}, got {chunk!r}")
     arr = _as_symbols(symbols)
     n = arr.size
     if n == 0:
@@ -303,8 +306,19 @@ def decode(data: bytes | memoryview) -> np.ndarray:
     if version != FORMAT_VERSION:
         raise ValueError(f"Huffman stream version {version} is unknown; expected {FORMAT_VERSION}")
     n, chunk, total = r.varint(), r.varint(), r.varint()
-    if chunk < 1 or not 1 <= len_width <= 5:
-        raise ValueError(f"Huffman stream header is corrupt (chunk {chunk}, width {len_width})")
+    if not 1 <= chunk <= MAX_CHUNK or not 1 <= len_width <= 5:
+        raise ValueError(
+            f"Huffman stream header is corrupt (chunk {chunk}, at most {MAX_CHUNK}; "
+            f"length width {len_width}, 1..5)"
+        )
+    # Every code takes at least one bit: bound n and the payload by the bytes present
+    # before allocating anything sized by them.
+    room = 8 * (len(r.data) - r.pos)
+    if total > room or n > total:
+        raise ValueError(
+            f"Huffman stream claims {n} symbols in {total} bits, but only {room} bits follow "
+            "its header: corrupt stream"
+        )
     lengths = _read_table(r, mode, len_width)
     if n == 0:
         r.finish()
@@ -325,9 +339,13 @@ def decode(data: bytes | memoryview) -> np.ndarray:
     if np.any(np.diff(starts) < 0) or starts[-1] > total:
         raise ValueError("Huffman sync table is not increasing: corrupt stream")
     dec = _Decoder(lengths, top)
-    padded = np.concatenate([payload, np.zeros(3, dtype=np.uint8)]).astype(np.int64)
+    padded = np.concatenate([payload, np.zeros(3, dtype=np.uint8)])
     # words[i]: the 32 bits starting at byte i, so any code's window is one gather away.
-    words = (padded[:-3] << 24) | (padded[1:-2] << 16) | (padded[2:-1] << 8) | padded[3:]
+    # Built in place: 8 bytes per payload byte, no int64 temporaries.
+    words = padded[:-3].astype(np.int64)
+    for k in (1, 2, 3):
+        words <<= 8
+        words |= padded[k : k + payload.size]
     if total * n.bit_length() <= _JUMP_WORK:
         symbols, code_starts = _decode_jumping(dec, words, n, total)
         if not np.array_equal(code_starts[chunk::chunk], starts[1:]):

@@ -81,6 +81,29 @@ def encode(codes: np.ndarray, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
     return gaps, values
 
 
+def positions(gaps: np.ndarray, n: int, index_bits: int | None = None) -> np.ndarray:
+    """Flat position of every entry of a gap stream of a length-`n` tensor (int64);
+    gaps that do not fit `index_bits` or reach past `n` are a ValueError."""
+    gaps = np.asarray(gaps).ravel()
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if gaps.size and gaps.dtype.kind not in "ui":
+        raise ValueError(f"gaps must be integers, got dtype {gaps.dtype}")
+    steps = gaps.astype(np.int64) + 1
+    if steps.size and steps.min() < 1:
+        raise ValueError(f"gaps must be non-negative, got {int(steps.min()) - 1}")
+    if index_bits is not None and steps.size and steps.max() - 1 > max_gap(index_bits):
+        raise ValueError(
+            f"gap {int(steps.max()) - 1} does not fit in index_bits={index_bits} "
+            f"(at most {max_gap(index_bits)})"
+        )
+    where = np.cumsum(steps, out=steps)
+    where -= 1
+    if where.size and where[-1] >= n:
+        raise ValueError(f"entries reach position {int(where[-1])}, past the length n={n}")
+    return where
+
+
 def decode(
     gaps: np.ndarray, values: np.ndarray, n: int, index_bits: int | None = None
 ) -> np.ndarray:
@@ -90,19 +113,7 @@ def decode(
         raise ValueError(
             f"gaps and values must pair up, got {gaps.size} gaps and {values.size} values"
         )
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    steps = gaps.astype(np.int64) + 1
-    if steps.size and steps.min() < 1:
-        raise ValueError(f"gaps must be non-negative, got {int(steps.min()) - 1}")
-    if index_bits is not None and steps.size and steps.max() - 1 > max_gap(index_bits):
-        raise ValueError(
-            f"gap {int(steps.max()) - 1} does not fit in index_bits={index_bits} "
-            f"(at most {max_gap(index_bits)})"
-        )
-    where = np.cumsum(steps) - 1
-    if where.size and where[-1] >= n:
-        raise ValueError(f"entries reach position {int(where[-1])}, past the length n={n}")
+    where = positions(gaps, n, index_bits)
     out = np.zeros(int(n), dtype=values.dtype)
     out[where] = values
     return out
