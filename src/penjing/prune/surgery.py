@@ -124,19 +124,91 @@ def save_pruned(model: nn.Module, changes: list[Change], path: str | os.PathLike
     save_checkpoint(model, path, metadata={METADATA_KEY: meta})
 
 
+_MAX_DIM = 8  # tensors of more dimensions than this are not sliced by structured pruning
+
+
+def _changes_from_json(meta: object) -> list[Change]:
+    """The change list in a file's metadata, each row checked for types and order (a row
+    may only keep strictly increasing indices, so replaying it can only shrink a model)."""
+    from penjing.io import parse_json
+
+    rows = parse_json(meta, "the change list")
+    if not isinstance(rows, list):
+        raise ValueError(f"the change list must be a JSON list, got {type(rows).__name__}")
+    changes = []
+    for i, row in enumerate(rows):
+        if not (isinstance(row, list) and len(row) == 4):
+            raise ValueError(f"change {i} is not [module, tensor, dim, kept indices]")
+        fqn, name, dim, kept = row
+        if not (isinstance(fqn, str) and isinstance(name, str)):
+            raise ValueError(f"change {i}: module and tensor must be strings")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < _MAX_DIM:
+            raise ValueError(f"change {i}: dim must be an int in 0..{_MAX_DIM - 1}, got {dim!r}")
+        if not (isinstance(kept, list) and kept and all(
+                isinstance(k, int) and not isinstance(k, bool) for k in kept)):
+            raise ValueError(f"change {i}: kept indices must be a non-empty list of ints")
+        if kept[0] < 0 or any(b <= a for a, b in zip(kept, kept[1:], strict=False)):
+            raise ValueError(f"change {i}: kept indices must be non-negative and strictly "
+                             "increasing")
+        changes.append(Change(fqn, name, dim, tuple(kept)))
+    return changes
+
+
+def _check_against(model: nn.Module, changes: list[Change]) -> None:
+    """Every change names a module and tensor of `model`, a dim it has and indices within
+    its size (as already sliced by earlier changes): a ValueError otherwise."""
+    sizes: dict[tuple[str, str], list[int]] = {}
+    for i, c in enumerate(changes):
+        try:
+            module = model.get_submodule(c.fqn)
+        except AttributeError as err:
+            raise ValueError(f"change {i}: no module {c.fqn!r} in {type(model).__name__}; "
+                             "the file belongs to a different architecture") from err
+        if not c.name or c.name.startswith("@"):  # no tensor, or an int attribute: apply_
+            continue
+        own = dict(module.named_parameters(recurse=False))
+        own.update(module.named_buffers(recurse=False))
+        tensor = own.get(c.name)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"change {i}: module {c.fqn!r} has no tensor {c.name!r}")
+        shape = sizes.setdefault((c.fqn, c.name), list(tensor.shape))
+        if c.dim >= len(shape) or c.kept[-1] >= shape[c.dim]:
+            raise ValueError(f"change {i}: {c.fqn}.{c.name} of shape {tuple(shape)} cannot "
+                             f"keep index {c.kept[-1]} along dim {c.dim}")
+        shape[c.dim] = len(c.kept)
+
+
 def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Rebuild a pruned model: replay the saved changes on a fresh `model`, then load weights."""
+    """Rebuild a pruned model: replay the saved changes on a fresh `model`, then load weights.
+
+    The whole change list and the weights are checked on a copy first: a file that does
+    not fit is a FormatError and leaves `model` as it was.
+    """
+    import copy
+
     state, metadata = read_checkpoint(path, "pruned model", "penjing.prune.save_pruned")
     meta = metadata.get(METADATA_KEY)
     if meta is None:
         raise FormatError(f"{str(path)!r} has no {METADATA_KEY!r} metadata; write it with "
                           "penjing.prune.save_pruned")
     try:
-        changes = [Change(fqn, name, int(dim), tuple(int(i) for i in kept))
-                   for fqn, name, dim, kept in json.loads(meta)]
-    except (ValueError, TypeError) as err:  # bad JSON, or not [fqn, name, dim, kept] rows
+        changes = _changes_from_json(meta)
+    except ValueError as err:  # bad JSON, or not [fqn, name, dim, kept] rows
         raise FormatError(f"the {METADATA_KEY!r} metadata of {str(path)!r} is not a list of "
                           f"[module, tensor, dim, kept indices] ({err}); write it with "
                           "penjing.prune.save_pruned") from err
+    try:
+        _check_against(model, changes)
+        trial = copy.deepcopy(model)
+        apply_(trial, changes)
+        load_state(trial, state, path)
+    except FormatError:
+        raise
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError, RuntimeError,
+            UnsupportedLayerError) as err:
+        raise FormatError(f"the {METADATA_KEY!r} metadata of {str(path)!r} does not apply to "
+                          f"this {type(model).__name__} ({err}); write it with "
+                          "penjing.prune.save_pruned from this architecture") from err
+    # The copy took every change and weight; the same steps on `model` cannot fail.
     apply_(model, changes)
     return load_state(model, state, path)
