@@ -51,7 +51,7 @@ EDITS = {
     "unknown tensor": lambda rows: rows[0].__setitem__(1, "gamma"),
     "bool dim": lambda rows: rows[0].__setitem__(2, True),
     "fewer kept than weights": lambda rows: rows[0].__setitem__(3, rows[0][3][:-1]),
-    "module without sizes": lambda rows: rows.insert(0, ["", "", 0, [0]]),
+    "string index": lambda rows: rows[0].__setitem__(3, ["0"]),
 }
 
 
