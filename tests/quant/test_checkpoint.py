@@ -204,12 +204,17 @@ def _rewrite(src, dst, edit) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from penjing.quant.checkpoint import _digest
+    from penjing.quant.checkpoint import TENSOR_HASHED, _digest
+    from penjing.train import INTEGRITY_KEY, checkpoint_digest
 
     with safe_open(str(src), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     edit(tensors, metadata)
-    metadata["sha256"] = _digest(tensors)
+    metadata.pop(INTEGRITY_KEY, None)
+    if metadata["format"] in TENSOR_HASHED:
+        metadata["sha256"] = _digest(tensors)
+    else:
+        metadata[INTEGRITY_KEY] = checkpoint_digest(tensors, metadata)
     save_file(tensors, str(dst), metadata=metadata)
 
 

@@ -22,14 +22,19 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing.errors import FormatError
+from penjing.errors import FormatError, PenjingError
+from penjing.io import parse_json
 from penjing.quant.config import QuantConfig
 from penjing.quant.fakequant import ActQuant, WeightQuant
 from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec, dequantize, quantize
-from penjing.train import read_checkpoint, save_checkpoint
+from penjing.train import INTEGRITY_KEY, load_state, read_checkpoint, save_checkpoint
 
-FORMAT = "penjing.quantized/2"  # 2: weights of 4 bits and fewer packed two to a byte
-READABLE = ("penjing.quantized/1", FORMAT)  # 1 stored every weight in a whole integer type
+# 2: weights of 4 bits and fewer packed two to a byte; 3: the file's SHA-256
+# (penjing.sha256, see save_checkpoint) covers the config as well as the tensors.
+FORMAT = "penjing.quantized/3"
+# 1 stored every weight in a whole integer type; 1 and 2 hash the tensors only ("sha256")
+TENSOR_HASHED = ("penjing.quantized/1", "penjing.quantized/2")
+READABLE = (*TENSOR_HASHED, FORMAT)
 _INT_SUFFIX = ".int"  # key suffix of a weight stored as integers
 _NIBBLE_SUFFIX = ".int4"  # key suffix of a weight stored two integers to a byte
 
@@ -193,9 +198,8 @@ def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLik
             state[key + _NIBBLE_SUFFIX] = pack_nibbles(ints, quant.spec.qmin)
         else:
             state[key + _INT_SUFFIX] = ints.to(_storage_dtype(quant.spec))
-    metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config)),
-                "sha256": _digest(state)}
-    return save_checkpoint(state, path, metadata)
+    metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config))}
+    return save_checkpoint(state, path, metadata)  # adds the SHA-256 of all of it
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -212,24 +216,59 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, s
             f"{str(path)!r} is not a penjing quantized checkpoint (format "
             f"{metadata.get('format')!r}, expected {FORMAT!r}); write one with save_quantized"
         )
-    if _digest(tensors) != metadata.get("sha256"):
-        raise FormatError(f"{str(path)!r} is corrupt: its tensors do not match their SHA-256")
+    if found in TENSOR_HASHED:
+        if _digest(tensors) != metadata.get("sha256"):
+            raise FormatError(f"{str(path)!r} is corrupt: its tensors do not match their SHA-256")
+    elif INTEGRITY_KEY not in metadata:  # read_checkpoint checked it where present
+        raise FormatError(f"{str(path)!r} is corrupt: a {found} file must carry "
+                          f"{INTEGRITY_KEY!r}, it has none; write it with save_quantized")
     return tensors, metadata
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """The quantized model stored at `path`, rebuilt on `model` (a float model of the same
-    architecture, e.g. fresh from penjing.models.create; it is left unchanged)."""
-    from penjing.quant.ptq import prepare
-
+    architecture, e.g. fresh from penjing.models.create; it is left unchanged). Any file
+    that does not fit is a FormatError."""
     tensors, metadata = _read(path)
     try:
-        config = config_from_dict(json.loads(metadata["config"]))
-    except (KeyError, TypeError, ValueError) as err:  # ValueError includes bad JSON
+        config = config_from_dict(parse_json(metadata.get("config"), "the config"))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         raise FormatError(
             f"{str(path)!r} holds a quantization config penjing cannot read ({err}); write "
             "the file with save_quantized"
         ) from err
+    try:
+        return _rebuild(model, config, tensors, path)
+    except FormatError:
+        raise
+    except (PenjingError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            RuntimeError, OverflowError) as err:
+        raise FormatError(
+            f"{str(path)!r} does not fit this {type(model).__name__} ({err}): it was saved from "
+            "a different model or config; write it with save_quantized"
+        ) from err
+
+
+def _fitting(
+    tensors: dict, key: str, shape: torch.Size, path: str | os.PathLike
+) -> torch.Tensor:
+    """`tensors[key]` if it is no larger than its weight (a scale or zero point: one per
+    tensor, channel or group), so dequantizing cannot grow beyond the weight."""
+    value = tensors.get(key)
+    if value is None:
+        raise FormatError(f"{str(path)!r} holds no {key!r}: it was saved from a different "
+                          "model or config")
+    if value.dim() > len(shape) or value.numel() > max(shape.numel(), 1):
+        raise FormatError(f"{str(path)!r}: {key!r} of shape {tuple(value.shape)} is larger "
+                          f"than its weight's {tuple(shape)}")
+    return value
+
+
+def _rebuild(
+    model: nn.Module, config: QuantConfig, tensors: dict, path: str | os.PathLike
+) -> nn.Module:
+    from penjing.quant.ptq import prepare
+
     q = prepare(model, replace(config, learnable=False))  # learned scales are stored baked
     for name, module in q.named_modules():
         if isinstance(module, ActQuant):
@@ -257,23 +296,26 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"{str(path)!r}: integer weight {key!r} has no quantized layer in this "
                 f"{type(model).__name__}: it was saved from a different model or config"
             )
-        quant = integer[float_key]
+        quant, shape = integer[float_key], shapes[float_key]
         if suffix == _NIBBLE_SUFFIX:
             try:
-                ints = unpack_nibbles(value, quant.spec.qmin, shapes[float_key])
+                ints = unpack_nibbles(value, quant.spec.qmin, shape)
             except ValueError as err:
                 raise FormatError(
                     f"{str(path)!r}: {key!r}: {err}: it was saved from a different model"
                 ) from err
+        elif value.shape != shape or value.is_floating_point() or value.is_complex():
+            raise FormatError(f"{str(path)!r} does not fit this {type(model).__name__}: integer "
+                              f"weight {key!r} is {value.dtype} of shape {tuple(value.shape)}, "
+                              f"the layer needs integers of {tuple(shape)}")
         else:
             ints = value.to(torch.int32)
         base = float_key.removesuffix("original")
-        scale, zero = tensors[base + "0.scale"], tensors[base + "0.zero_point"]
+        scale = _fitting(tensors, base + "0.scale", shape, path)
+        zero = _fitting(tensors, base + "0.zero_point", shape, path)
         state[float_key] = dequantize(ints, scale, zero, quant.spec)
-    try:
-        q.load_state_dict(state)
-    except RuntimeError as err:
-        raise FormatError(
-            f"{str(path)!r} does not fit this {type(model).__name__}: {err}"
-        ) from err
+        if state[float_key].shape != shape:
+            raise FormatError(f"{str(path)!r}: the scales of {key!r} make a weight of shape "
+                              f"{tuple(state[float_key].shape)}, the layer's is {tuple(shape)}")
+    load_state(q, state, path)
     return q.eval()
