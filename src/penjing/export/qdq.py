@@ -138,6 +138,42 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     return done
 
 
+def pad_before_dequantize(model: onnx.ModelProto) -> int:
+    """Run a zero-filling Pad on the integers: DequantizeLinear → Pad becomes Pad (filled
+    with the zero point, which is 0.0 exactly) → DequantizeLinear, so the Conv after it
+    (TensorFlow-style "same" padding written as F.pad then F.conv2d) reads a
+    DequantizeLinear and ORT fuses it into QLinearConv. Returns how many were moved."""
+    graph = model.graph
+    consts = _constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    moved = []
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Pad" else None
+        mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+        if dq is None or dq.op_type != "DequantizeLinear" or mode != b"constant":
+            continue
+        fill = node.input[2] if len(node.input) > 2 else ""
+        zero = consts.get(dq.input[2]) if len(dq.input) > 2 else None
+        if (fill and (fill not in consts or consts[fill].any())) or zero is None or zero.size != 1:
+            continue  # a fill other than 0.0, or no single zero point to fill with
+        name = f"{node.output[0]}_integer"
+        graph.initializer.append(numpy_helper.from_array(zero.reshape(()), f"{name}_fill"))
+        pad_inputs = [dq.input[0], node.input[1], f"{name}_fill", *node.input[3:]]
+        del node.input[:]
+        node.input.extend(pad_inputs)
+        after = helper.make_node("DequantizeLinear", [name, *dq.input[1:]], [node.output[0]],
+                                 name=f"{node.name}_dequantize")
+        node.output[0] = name
+        moved.append((node, after, dq))
+    for pad, after, _ in moved:
+        graph.node.insert(list(graph.node).index(pad) + 1, after)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for dq in {id(dq): dq for _, _, dq in moved}.values():
+        if dq.output[0] not in read:  # the Pad was its only reader
+            graph.node.remove(dq)
+    return len(moved)
+
+
 def prune_unused(model: onnx.ModelProto) -> None:
     """Drop initializers and Constant nodes that no node or graph output reads any more."""
     graph = model.graph
@@ -153,6 +189,7 @@ def prune_unused(model: onnx.ModelProto) -> None:
 def finish_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """Integer weights, int32 biases, no dead constants: the graph ORT's QDQ fusions expect."""
     fold_weight_quantizers(model)
+    pad_before_dequantize(model)
     quantize_biases(model)
     prune_unused(model)
     return model
