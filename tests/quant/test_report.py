@@ -55,3 +55,15 @@ def test_sixteen_bit_operands_would_overflow_int32_accumulators(lenet5_trained):
     rows = layer_report(model, q, calib[0])
     assert all(r.accumulator_bits > 32 for r in rows)
     assert all(r.weight_sqnr > 80 for r in rows)  # 16 bits: ~96 dB minus the peaks
+
+
+def test_each_row_says_where_the_output_quantizer_sits(lenet5_trained):
+    model, _, _, calib, _ = lenet5_trained
+    rows = layer_report(model, ptq(model, calib, int8()), calib[0])
+    # conv1 and conv2 feed a max-pool, fc1 a ReLU (its quantizer goes after it), fc2 nothing
+    assert [r.output for r in rows] == ["layer output", "layer output", "fused relu",
+                                        "layer output"]
+    table = format_layers(rows).splitlines()
+    assert table[0].endswith("output quantizer") and table[4].endswith("fused relu")
+    four = layer_report(model, ptq(model, None, weight_only(bits=4, group_size=32)), calib[0])
+    assert [r.output for r in four] == ["none"] * 4

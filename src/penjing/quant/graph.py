@@ -1,32 +1,79 @@
 """Insert activation quantizers into a traced copy of a model (torch.fx).
 
-For each chosen layer: a quantizer on its input and one on its output, placed after a
-ReLU that directly follows (so the output range is one-sided and uint8 loses nothing).
-A value that reaches a layer through value-preserving ops (max-pool, flatten, reshape)
-from an already quantized value reuses that quantizer's scale, so ONNX Runtime keeps the
-whole chain in integers.
+For each chosen layer: a quantizer on its input and one on its output. Where the output
+goes next decides where that quantizer sits (`ACTIVATIONS`, one table):
+
+- a *clipping* activation (ReLU, ReLU6, Hardtanh, clamp) that directly follows the layer
+  takes the quantizer after it: the range is the clipped one (one-sided from 0 for ReLU,
+  ReLU6 and clamp(0, …), so uint8 spends no code on negatives), and ONNX Runtime fuses
+  the Relu / Clip into QLinearConv because the QuantizeLinear after it already carries
+  that range. Quantizing before it would spend the 256 codes on the wide pre-activation
+  range and need a second quantizer after.
+- an *own-quantizer* activation (SiLU, Hardswish, GELU, Sigmoid, Tanh, …) changes the
+  range non-linearly: the layer's output is quantized before it, and its output gets a
+  quantizer of its own when a quantized layer reads it.
+
+A value that reaches a layer through value-preserving ops (max-pool, flatten, reshape,
+dropout, a clip) from an already quantized value reuses that quantizer's scale, so ONNX
+Runtime keeps the whole chain in integers.
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from penjing import tracing
 from penjing.quant.config import QuantConfig
 from penjing.quant.fakequant import ActQuant
 
-_RELU_MODULES = (nn.ReLU,)
-_RELU_FUNCTIONS = {torch.relu, nn.functional.relu}
-_KEEP_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout,
-                 nn.Identity)
-_KEEP_FUNCTIONS = {torch.relu, nn.functional.relu, torch.flatten, nn.functional.max_pool1d,
-                   nn.functional.max_pool2d, nn.functional.max_pool3d, nn.functional.dropout,
-                   torch.reshape, operator.getitem}
-_KEEP_METHODS = {"relu", "flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze"}
+CLIPPING, OWN = "clipping", "own-quantizer"
+
+# Activation families: {module class | function | tensor method name: (family, label)}.
+# A module matches by isinstance (its nearest class here), so a subclass of nn.ReLU6 is
+# ReLU6. F.sigmoid and F.tanh trace as the tensor methods.
+ACTIVATIONS: dict[type[nn.Module] | Callable | str, tuple[str, str]] = {
+    nn.ReLU: (CLIPPING, "relu"), nn.ReLU6: (CLIPPING, "relu6"),
+    nn.Hardtanh: (CLIPPING, "hardtanh"),
+    torch.relu: (CLIPPING, "relu"), torch.relu_: (CLIPPING, "relu"),
+    F.relu: (CLIPPING, "relu"), F.relu_: (CLIPPING, "relu"), F.relu6: (CLIPPING, "relu6"),
+    F.hardtanh: (CLIPPING, "hardtanh"), F.hardtanh_: (CLIPPING, "hardtanh"),
+    torch.clamp: (CLIPPING, "clamp"), torch.clip: (CLIPPING, "clip"),
+    torch.clamp_: (CLIPPING, "clamp"), torch.clip_: (CLIPPING, "clip"),
+    "relu": (CLIPPING, "relu"), "relu_": (CLIPPING, "relu"), "clamp": (CLIPPING, "clamp"),
+    "clamp_": (CLIPPING, "clamp"), "clip": (CLIPPING, "clip"), "clip_": (CLIPPING, "clip"),
+    nn.SiLU: (OWN, "silu"), nn.Hardswish: (OWN, "hardswish"), nn.GELU: (OWN, "gelu"),
+    nn.Sigmoid: (OWN, "sigmoid"), nn.Hardsigmoid: (OWN, "hardsigmoid"), nn.Tanh: (OWN, "tanh"),
+    nn.Mish: (OWN, "mish"), nn.LeakyReLU: (OWN, "leaky_relu"), nn.ELU: (OWN, "elu"),
+    nn.SELU: (OWN, "selu"), nn.CELU: (OWN, "celu"), nn.PReLU: (OWN, "prelu"),
+    nn.Softplus: (OWN, "softplus"),
+    F.silu: (OWN, "silu"), F.hardswish: (OWN, "hardswish"), F.gelu: (OWN, "gelu"),
+    torch.sigmoid: (OWN, "sigmoid"), F.hardsigmoid: (OWN, "hardsigmoid"),
+    torch.tanh: (OWN, "tanh"), F.mish: (OWN, "mish"), F.leaky_relu: (OWN, "leaky_relu"),
+    F.elu: (OWN, "elu"), F.selu: (OWN, "selu"), F.celu: (OWN, "celu"), F.prelu: (OWN, "prelu"),
+    F.softplus: (OWN, "softplus"),
+    "sigmoid": (OWN, "sigmoid"), "tanh": (OWN, "tanh"),
+}
+
+# Ops whose output, fed a quantized value, is again on that value's grid (max, reshape,
+# identity in eval), or is clipped to bounds that land on it up to one rounding, which
+# ONNX Runtime does the same way (Clip between DequantizeLinear and QuantizeLinear).
+_KEEP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                 nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
+_KEEP_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.hardtanh, torch.clamp, torch.clip,
+                   torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout,
+                   F.dropout1d, F.dropout2d, F.dropout3d, torch.reshape, operator.getitem}
+_KEEP_METHODS = {"relu", "clamp", "clip", "flatten", "view", "reshape", "contiguous",
+                 "squeeze", "unsqueeze"}
+
+# GraphModule.meta key: {layer name: how its output was quantized}, for the report
+PLACEMENTS = "penjing_output_placement"
 
 
 def trace(model: nn.Module, leaves: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
@@ -50,10 +97,45 @@ def _is(gm, node: fx.Node, modules, functions, methods=frozenset()) -> bool:
     return node.op == "call_method" and node.target in methods
 
 
+def activation(gm: fx.GraphModule, node: fx.Node) -> tuple[str, str] | None:
+    """(family, label) of `node` from `ACTIVATIONS`, or None when it is no activation."""
+    if node.op == "call_module":
+        for cls in type(_module(gm, node)).__mro__:  # nearest class first: ReLU6 before Hardtanh
+            if cls in ACTIVATIONS:
+                return ACTIVATIONS[cls]
+        return None
+    if node.op in ("call_function", "call_method"):
+        try:
+            return ACTIVATIONS.get(node.target)
+        except TypeError:  # an unhashable target is no activation
+            return None
+    return None
+
+
+def _only_activation_after(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, str, str] | None:
+    """The activation that is the only reader of `node` and reads it as its input."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    found = activation(gm, user)
+    if found is None or not user.args or user.args[0] is not node:
+        return None
+    return user, *found
+
+
 def layer_order(model: nn.Module, config: QuantConfig) -> list[str]:
     """Names of the quantizable layers in the order forward calls them."""
     gm = trace(model, config.types)
     return [n.target for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def output_placements(gm: nn.Module) -> dict[str, str]:
+    """{layer name: where its output quantizer sits} as `insert_quantizers` chose:
+    'fused relu6' (after a clipping activation), 'own quantizer (silu)' (before the
+    activation, which has one of its own), 'before silu' (the activation's output stays
+    float: no quantized layer reads it), 'layer output'. Empty for a model without them."""
+    meta = getattr(gm, "meta", None)
+    return dict(meta.get(PLACEMENTS, {})) if isinstance(meta, dict) else {}
 
 
 def insert_quantizers(
@@ -68,6 +150,7 @@ def insert_quantizers(
     quantized: dict[fx.Node, fx.Node] = {}  # value -> the node that quantizes it
     outputs: set[fx.Node] = set()  # nodes that are quantizer outputs
     added: dict[str, ActQuant] = {}
+    placements: dict[str, str] = {}
 
     def new_quantizer(base: str, after: fx.Node, observe: bool = True, target: str | None = None):
         if target is None:
@@ -84,6 +167,15 @@ def insert_quantizers(
             kwargs = {} if observe else {"observe": False}
             return graph.call_module(target, (after,), kwargs)
 
+    def quantize_all_uses(base: str, value: fx.Node) -> fx.Node:
+        users = list(value.users)
+        q = new_quantizer(base, value)
+        for user in users:
+            user.replace_input_with(value, q)
+        quantized[value] = q
+        outputs.add(q)
+        return q
+
     def origin(value: fx.Node) -> fx.Node | None:
         while value not in outputs:
             if not _is(gm, value, _KEEP_MODULES, _KEEP_FUNCTIONS, _KEEP_METHODS):
@@ -92,6 +184,20 @@ def insert_quantizers(
                 return None
             value = value.args[0]
         return value
+
+    def read_by_layer(value: fx.Node) -> bool:
+        """Whether a chosen layer reads `value`, directly or through value-preserving ops."""
+        todo, seen = list(value.users), set()
+        while todo:
+            user = todo.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module" and user.target in layers:
+                return True
+            if _is(gm, user, _KEEP_MODULES, _KEEP_FUNCTIONS, _KEEP_METHODS):
+                todo.extend(user.users)
+        return False
 
     for node in list(graph.nodes):
         if node.op != "call_module" or node.target not in layers:
@@ -111,17 +217,19 @@ def insert_quantizers(
                 quantized[value] = q
                 outputs.add(q)
             node.replace_input_with(value, q)
-        out = node
-        if len(node.users) == 1:
-            (user,) = node.users
-            if _is(gm, user, _RELU_MODULES, _RELU_FUNCTIONS, {"relu"}):
-                out = user
-        users = list(out.users)
-        q = new_quantizer(f"{node.target}_output_quant", out)
-        for user in users:
-            user.replace_input_with(out, q)
-        quantized[out] = q
-        outputs.add(q)
+        out, placement, own = node, "layer output", None
+        while (found := _only_activation_after(gm, out)) is not None:
+            act, family, label = found
+            if family == OWN:
+                own, placement = (act, label), f"before {label}"
+                break
+            out, placement = act, f"fused {label}"  # clipping: the range after it
+        quantize_all_uses(f"{node.target}_output_quant", out)
+        if own is not None and read_by_layer(own[0]):
+            quantize_all_uses(f"{node.target}_{own[1]}_quant", own[0])
+            placement = f"own quantizer ({own[1]})"
+        placements[node.target] = placement
     graph.lint()
     gm.recompile()
+    gm.meta[PLACEMENTS] = placements
     return added

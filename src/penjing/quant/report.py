@@ -3,9 +3,11 @@
 For each quantized layer: how its weights are stored, the range of its weight scales
 and the weight SQNR, the scale of the activation quantizer after it, and the SQNR of the
 layer's output against the float model on the same inputs (the error that has built up
-by that layer), and the worst-case accumulator width a + w + ⌈log2(fan-in)⌉ bits that an
-integer kernel needs (every kernel we export to has 32). SQNR = 10·log10(‖x‖² / ‖x − x̂‖²)
-dB; +6 dB is one more good bit.
+by that layer), the worst-case accumulator width a + w + ⌈log2(fan-in)⌉ bits that an
+integer kernel needs (every kernel we export to has 32), and where the output quantizer
+sits: after a clipping activation ('fused relu6'), before an activation that has its own
+('own quantizer (silu)'), right after the layer ('layer output'), or nowhere ('none').
+SQNR = 10·log10(‖x‖² / ‖x − x̂‖²) dB; +6 dB is one more good bit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import fx, nn
 
 from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_tensors
 from penjing.quant.fold import fold_bn_
+from penjing.quant.graph import output_placements
 from penjing.quant.linear import PerChannel, PerGroup, QuantSpec, sqnr
 
 
@@ -35,6 +38,7 @@ class LayerStats:
     output_scale: float | None  # scale of the activation quantizer after the layer
     output_sqnr: float  # dB, layer output against the float model's, same inputs
     accumulator_bits: int | None  # worst case a·w + log2(fan-in): must fit int32 kernels
+    output: str = "none"  # where the output quantizer sits, see quant.graph.output_placements
 
 
 _SHORT = {"MultiheadAttention": "MHA"}
@@ -111,6 +115,7 @@ def layer_report(
         if _weight_quant(module)[0] is not None or out_q is not None:
             names.append(name)
     inputs_quantized = _input_quantizers(quantized)
+    placements = output_placements(quantized)
     was_training = quantized.training
     quantized.eval()
     try:
@@ -144,6 +149,7 @@ def layer_report(
                 output_scale=float(out_q.scale.max()) if out_q is not None else None,
                 output_sqnr=sqnr(want[name], got[name]),
                 accumulator_bits=acc,
+                output="none" if out_q is None else placements.get(name, "layer output"),
             )
         )
     return rows
@@ -156,7 +162,7 @@ def format_layers(rows: list[LayerStats]) -> str:
 
     header = (
         f"{'layer':<24} {'type':<8} {'weight':<9} {'weight scales':>21} {'W SQNR dB':>9} "
-        f"{'out scale':>9} {'out SQNR dB':>11} {'acc bits':>8}"
+        f"{'out scale':>9} {'out SQNR dB':>11} {'acc bits':>8}  output quantizer"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -164,6 +170,6 @@ def format_layers(rows: list[LayerStats]) -> str:
         lines.append(
             f"{r.name:<24} {r.kind:<8} {r.weight:<9} {scales:>21} "
             f"{num(r.weight_sqnr, '.1f'):>9} {num(r.output_scale, '.4f'):>9} "
-            f"{num(r.output_sqnr, '.1f'):>11} {num(r.accumulator_bits, 'd'):>8}"
+            f"{num(r.output_sqnr, '.1f'):>11} {num(r.accumulator_bits, 'd'):>8}  {r.output}"
         )
     return "\n".join(lines)
