@@ -191,3 +191,14 @@ def test_activation_no_layer_reads_stays_float_after_its_input_quantizer():
     assert activation(q, out.args[0]) == (OWN, "tanh")  # the model returns tanh in float
     assert [n.target for n in _quantizer_nodes(q)] == ["0_input_quant", "0_output_quant"]
     assert {r.output for r in layer_report(model, q, x)} == {"before tanh"}
+
+
+def test_an_activation_that_is_itself_a_chosen_layer_keeps_its_own_quantizers():
+    model = nn.Sequential(nn.Linear(8, 8), nn.PReLU(8), nn.Linear(8, 4)).eval()
+    q = ptq(model, [torch.randn(32, 8)], int8(types=(nn.Linear, nn.PReLU)))
+    assert output_placements(q) == {"0": "layer output", "1": "layer output", "2": "layer output"}
+    # one quantizer per value, none stacked on another
+    assert [n.target for n in _quantizer_nodes(q)] == [
+        "0_input_quant", "0_output_quant", "1_output_quant", "2_output_quant"]
+    assert all(n.args[0].op != "call_module" or not isinstance(
+        q.get_submodule(n.args[0].target), ActQuant) for n in _quantizer_nodes(q))

@@ -220,6 +220,8 @@ def insert_quantizers(
         out, placement, own = node, "layer output", None
         while (found := _only_activation_after(gm, out)) is not None:
             act, family, label = found
+            if act.op == "call_module" and act.target in layers:
+                break  # a chosen layer (e.g. PReLU among config.types) places its own
             if family == OWN:
                 own, placement = (act, label), f"before {label}"
                 break
