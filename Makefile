@@ -38,3 +38,21 @@ lint: $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+
+# The torchvision zoo (bench/zoo.py) needs torchvision, whose wheels need the torch they were
+# built with (2.14.1; none matches the project's CPU torch 2.13.0), so it gets its own
+# environment and leaves .venv and `make test` alone. `make zoo ZOO_ARGS=--quick` for a smoke run.
+ZOO_VENV := .venv-zoo
+ZOO_STAMP := $(ZOO_VENV)/.installed
+ZOO_ARGS ?=
+
+.PHONY: zoo
+
+$(ZOO_STAMP): pyproject.toml constraints-zoo.txt
+	test -x $(ZOO_VENV)/bin/python || $(PYTHON) -m venv $(ZOO_VENV)
+	$(ZOO_VENV)/bin/pip install --quiet -r constraints-zoo.txt
+	$(ZOO_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+zoo: $(ZOO_STAMP)
+	$(ZOO_VENV)/bin/python bench/zoo.py $(ZOO_ARGS)

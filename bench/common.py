@@ -47,23 +47,25 @@ def git_revision() -> str:
         return "unknown"
 
 
-def write_section(name: str, body: str, quick: bool = False) -> None:
+def write_section(name: str, body: str, quick: bool = False, reproduce: str | None = None) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md, keeping the others.
 
     `name` is also the script's: bench/<name>.py wrote the section and reproduces it.
 
     A quick smoke run (`quick=True`) leaves the file alone: its figures are not the
-    reference ones.
+    reference ones. `reproduce` replaces the default command in the footer (a benchmark
+    that needs its own environment).
     """
     if quick:
         print(f"quick run: BENCHMARKS.md left as it was (section {name!r} not written)")
         return
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    reproduce = reproduce or (f"`.venv/bin/python bench/{name}.py` (`make bench` runs every "
+                              "benchmark)")
     section = (
         f"{start}\n{body.rstrip()}\n\n_Measured {stamp} at revision {git_revision()} on "
-        f"{machine()}. Reproduce with `.venv/bin/python bench/{name}.py` (`make bench` runs "
-        f"every benchmark)._\n{end}"
+        f"{machine()}. Reproduce with {reproduce}._\n{end}"
     )
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else (
         "# Benchmarks\n\nEvery figure here is written by a script under `bench/`; "
