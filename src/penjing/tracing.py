@@ -12,6 +12,8 @@ tracing failed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import fx, nn
 
 from penjing.errors import UnsupportedLayerError
@@ -34,17 +36,24 @@ def layer_class(module: nn.Module) -> type[nn.Module] | None:
     return None
 
 
-class Tracer(fx.Tracer):
-    """An fx tracer whose leaves are torch.nn layers and their subclasses, plus `leaves`;
-    remembers where tracing failed."""
+def is_layer(module: nn.Module) -> bool:
+    """Whether `module` is a torch.nn layer or a subclass of one: the default leaf test."""
+    return layer_class(module) is not None
 
-    def __init__(self, leaves: tuple[type[nn.Module], ...] = ()) -> None:
+
+class Tracer(fx.Tracer):
+    """An fx tracer whose leaves are `leaves` and the modules `whole` accepts (by default
+    torch.nn layers and their subclasses); remembers where tracing failed."""
+
+    def __init__(self, leaves: tuple[type[nn.Module], ...] = (),
+                 whole: Callable[[nn.Module], bool] = is_layer) -> None:
         super().__init__()
         self.leaves = tuple(leaves)
+        self.whole = whole
         self.failed_at: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaves) or layer_class(m) is not None
+        return isinstance(m, self.leaves) or self.whole(m)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx's signature
         try:
@@ -56,11 +65,12 @@ class Tracer(fx.Tracer):
 
 
 def trace(
-    model: nn.Module, leaves: tuple[type[nn.Module], ...] = (), *, advice: str
+    model: nn.Module, leaves: tuple[type[nn.Module], ...] = (), *, advice: str,
+    whole: Callable[[nn.Module], bool] = is_layer,
 ) -> fx.GraphModule:
     """`model` as a GraphModule sharing its layers; untraceable → `UnsupportedLayerError`
     naming the module (or forward) that failed, followed by `advice` on what to do."""
-    tracer = Tracer(leaves)
+    tracer = Tracer(leaves, whole)
     try:
         graph = tracer.trace(model)
     except Exception as err:  # noqa: BLE001 - fx raises many types; all mean "cannot trace"

@@ -63,14 +63,21 @@ def test_half_the_channels_removed_computes_the_same_for_kept_channels(name, mak
     small.eval()
     out = small(x)
     assert out.shape == model(x).shape
-    torch.testing.assert_close(out, reference(x), atol=1e-5, rtol=1e-4)
+    if name not in RENORMALIZED:
+        torch.testing.assert_close(out, reference(x), atol=1e-5, rtol=1e-4)
     params, macs = count_params(model), count_macs(model, x[:1])
-    # Conv nets lose about 3/4 of their MACs; the ViT only its MLP hidden units (its
-    # residual stream goes through LayerNorm, which pins it).
-    transformers = ("zoo.vit", "zoo.vit_mha", "models.encoder")
-    bound = 0.9 if name in (*transformers, "models.lenet300", "models.mlp30") else 0.5
+    # Conv nets lose about 3/4 of their MACs, and so does a ViT whose residual width goes
+    # (LayerNorm and nn.MultiheadAttention couple it); the written-out attention of zoo.vit
+    # and the encoder reads its width off the block input's shape, which keeps it.
+    partial = ("zoo.vit", "models.encoder", "models.lenet300", "models.mlp30")
+    bound = 0.9 if name in partial else 0.35 if name in RENORMALIZED else 0.5
     assert count_macs(small, x[:1]) < bound * macs, name
     assert count_params(small) < bound * params, name
+
+
+# Where LayerNorm renormalizes the kept channels over fewer, or attention's head size
+# changes its 1/sqrt(d) scale, removing channels is not the same as zeroing them.
+RENORMALIZED = {"zoo.vit_mha"}
 
 
 NOOP = [c for c in CASES if c[0] in ("models.vgg", "models.mobilenetv2", "models.lenet5",

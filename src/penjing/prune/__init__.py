@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from penjing.prune.compact import ShapeConv2d, StripeConv2d, compact_
 from penjing.prune.criteria import CRITERIA, taylor
+from penjing.prune.explain import explain
 from penjing.prune.graph import DependencyGraph, dependency_graph
 from penjing.prune.groups import Group, Slice
 from penjing.prune.heads import HeadAttention, heads_
 from penjing.prune.magnitude import check_sparsity, magnitude_
 from penjing.prune.masks import PRUNABLE, Mask, finalize_, get_mask, masks, select_layers, set_mask_
 from penjing.prune.nm import is_nm, nm_, nm_mask
+from penjing.prune.ops import KINDS, register_op
 from penjing.prune.patterns import (
     PATTERNS,
     Block,
@@ -32,6 +34,7 @@ from penjing.prune.swp import FilterSkeleton, skeleton_, skeleton_l1, skeleton_l
 
 __all__ = [
     "CRITERIA",
+    "KINDS",
     "GRANULARITIES",
     "PATTERNS",
     "PRUNABLE",
@@ -56,6 +59,7 @@ __all__ = [
     "check_sparsity",
     "compact_",
     "dependency_graph",
+    "explain",
     "finalize_",
     "get_mask",
     "group_lasso",
@@ -73,6 +77,7 @@ __all__ = [
     "pattern_",
     "pattern_mask",
     "ratio_for_macs",
+    "register_op",
     "save_pruned",
     "select_layers",
     "set_mask_",

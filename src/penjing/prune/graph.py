@@ -16,6 +16,7 @@ their channels: those stay, everything else can still be pruned.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch.fx
 from torch import nn
 
 from penjing import tracing
+from penjing.errors import PenjingWarning, UnsupportedLayerError
 from penjing.prune import ops
 from penjing.prune.labels import Slot, UnionFind
 from penjing.prune.propagate import Propagator
@@ -47,13 +49,50 @@ class DependencyGraph:
         return build_groups(self)
 
 
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """The model as a torch.fx GraphModule sharing its layers; untraceable → a clear error."""
-    return tracing.trace(
-        model, ops.LEAVES,
-        advice="Structured pruning needs a forward without Python control flow on tensor "
-        "values; rewrite that part or move it outside the model",
-    )
+# Layers whose channels their weights fix, whatever a subclass's forward adds (padding, an
+# activation): the graph keeps them whole. Other torch.nn layers are kept whole only with
+# their stock forward; a subclass that overrides it (a LayerNorm over channels that
+# permutes first) is traced into, so the graph sees what it really normalizes.
+_WHOLE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.Embedding,
+          nn.MultiheadAttention, nn.PReLU)
+
+
+def _whole(module: nn.Module) -> bool:
+    cls = tracing.layer_class(module)
+    if cls is None:
+        return False
+    return isinstance(module, _WHOLE) or type(module).forward is cls.forward
+
+
+def trace(model: nn.Module, *, training: bool = False) -> torch.fx.GraphModule:
+    """The model as a torch.fx GraphModule sharing its layers; untraceable → a clear error.
+
+    `training=True` traces the forward of train mode (auxiliary heads, for example)."""
+    was = model.training
+    model.train(training)
+    try:
+        return tracing.trace(
+            model, tuple(ops.LEAVES), whole=_whole,
+            advice="Structured pruning needs a forward without Python control flow on tensor "
+            "values; rewrite that part or move it outside the model",
+        )
+    finally:
+        model.train(was)
+
+
+def _unreached(model: nn.Module, gm: torch.fx.GraphModule) -> list[str]:
+    """Modules with parameters of their own that the traced forward never calls (itself
+    or inside a layer it calls) nor reads a tensor of."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    read = {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+
+    def covered(name: str) -> bool:
+        parts = name.split(".")
+        return name in read or any(".".join(parts[:i]) in called
+                                   for i in range(1, len(parts) + 1))
+
+    return [name for name, m in model.named_modules()
+            if any(True for _ in m.parameters(recurse=False)) and not covered(name)]
 
 
 def dependency_graph(
@@ -62,9 +101,25 @@ def dependency_graph(
     """Trace `model`, run it once on `example_inputs` and record how its channels are coupled.
 
     The model is run in eval mode under no_grad, so BatchNorm statistics do not move.
+    Layers that only train mode calls (auxiliary classifiers) are found by tracing train
+    mode's forward as well, so pruning keeps them consistent; layers neither mode calls
+    are named in a warning and left as they are.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
     gm = trace(model)
+    missing = _unreached(model, gm)
+    if missing:
+        try:
+            trained = trace(model, training=True)
+        except UnsupportedLayerError:
+            trained = None
+        if trained is not None and len(_unreached(model, trained)) < len(missing):
+            gm, missing = trained, _unreached(model, trained)
+    if missing:
+        warnings.warn(
+            f"forward never calls {missing[:6]}{' ...' if len(missing) > 6 else ''} in eval "
+            "or train mode: they are left as they are, and fail if they read channels that "
+            "pruning removes", PenjingWarning, stacklevel=3)
     graph = DependencyGraph(model)
     with eval_mode(model), torch.no_grad():
         Propagator(gm, graph).run(*inputs)

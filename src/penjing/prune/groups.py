@@ -81,6 +81,8 @@ def build_groups(graph: DependencyGraph) -> list[Group]:
                 owned.setdefault(int(root), {})[(slot.fqn, slot.name, slot.dim)] = idx
     by_footprint: dict[Any, list[int]] = {}
     for root, parts in owned.items():
+        if not any(graph.slots[key].role in ("out", "dw") for key in parts):
+            continue  # no layer makes these channels (a parameter read alone): nothing to cut
         footprint = tuple((key, len(idx)) for key, idx in parts.items())
         by_footprint.setdefault(footprint, []).append(root)
     groups = []

@@ -34,18 +34,29 @@ class Slot:
 
 
 class UnionFind:
-    """Disjoint sets over element ids 0..n-1 (0 is PIN), grown as layers create channels."""
+    """Disjoint sets over element ids 0..n-1 (0 is PIN), grown as layers create channels.
+
+    Beside the sets, a *shadow* forest records the same unions except those with PIN, and
+    each shadow set keeps the reasons its elements were pinned: `reasons(x)` says why x
+    must stay (the op that pinned it or a channel it is coupled to), for explanations.
+    """
+
+    MAX_REASONS = 4
 
     def __init__(self) -> None:
         self.parent: list[int] = [PIN]
+        self.shadow: list[int] = [PIN]
+        self.why: dict[int, list[str]] = {PIN: ["a model input, output or constant"]}
+        self.where = ""  # the op being labelled, named in the reasons of what it pins
 
     def new(self, count: int) -> np.ndarray:
         start = len(self.parent)
         self.parent.extend(range(start, start + count))
+        self.shadow.extend(range(start, start + count))
         return np.arange(start, start + count, dtype=np.int64)
 
-    def find(self, a: int) -> int:
-        parent = self.parent
+    @staticmethod
+    def _find(parent: list[int], a: int) -> int:
         root = a
         while parent[root] != root:
             root = parent[root]
@@ -53,7 +64,31 @@ class UnionFind:
             parent[a], a = root, parent[a]
         return root
 
+    def find(self, a: int) -> int:
+        return self._find(self.parent, a)
+
+    def _shadow_union(self, a: int, b: int) -> None:
+        ra, rb = self._find(self.shadow, a), self._find(self.shadow, b)
+        if ra == rb:
+            return
+        if rb < ra:
+            ra, rb = rb, ra
+        self.shadow[rb] = ra
+        moved = self.why.pop(rb, None)
+        if moved:
+            mine = self.why.setdefault(ra, [])
+            mine += [r for r in moved if r not in mine][: self.MAX_REASONS - len(mine)]
+
     def union(self, a: int, b: int) -> None:
+        if a == PIN or b == PIN:
+            where = f" at {self.where}" if self.where else ""
+            self._pin_one(b if a == PIN else a, f"it meets a model input, output or "
+                                                  f"constant{where}")
+            return
+        self._shadow_union(a, b)
+        self._link(a, b)
+
+    def _link(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
@@ -61,6 +96,13 @@ class UnionFind:
         if rb == PIN or (ra != PIN and rb < ra):
             ra, rb = rb, ra
         self.parent[rb] = ra
+
+    def _pin_one(self, x: int, why: str) -> None:
+        if x != PIN and self.find(x) != PIN:
+            reasons = self.why.setdefault(self._find(self.shadow, x), [])
+            if why not in reasons and len(reasons) < self.MAX_REASONS:
+                reasons.append(why)
+        self._link(PIN, x)
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unite a[i] with b[i] for every i (arrays broadcast against each other)."""
@@ -70,10 +112,19 @@ class UnionFind:
             if x != y:
                 self.union(int(x), int(y))
 
-    def pin(self, labels: np.ndarray | torch.Tensor) -> None:
+    def pin(self, labels: np.ndarray | torch.Tensor, why: str | None = None) -> None:
+        """Keep every element in `labels`; `why` (default: the op being labelled) is
+        remembered for `reasons`."""
         values = labels.numpy() if isinstance(labels, torch.Tensor) else labels
+        why = why or self.where or "pinned"
         for x in np.unique(values):
-            self.union(PIN, int(x))
+            self._pin_one(int(x), why)
+
+    def reasons(self, x: int) -> list[str]:
+        """Why element `x` is pinned (empty when it is free)."""
+        if self.find(x) != PIN:
+            return []
+        return list(self.why.get(self._find(self.shadow, x), [])) or list(self.why[PIN])
 
     def roots(self, labels: np.ndarray) -> np.ndarray:
         flat = np.asarray(labels).ravel()

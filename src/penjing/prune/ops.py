@@ -44,13 +44,13 @@ MODULE_RULES: list[tuple[Any, str]] = [
     (_ELEMENTWISE + _SPATIAL, "module_same"),
     ((nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle),
      "module_replay"),
-    ((nn.MultiheadAttention, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
-     "module_opaque"),
+    (nn.MultiheadAttention, "attention"),
+    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "module_opaque"),
     # compacted convs come last in a pipeline; attention loses heads with heads_, not here
     ((StripeConv2d, ShapeConv2d, HeadAttention), "module_opaque"),
 ]
 # Layers outside torch.nn that the tracer must not trace into (their rule is above).
-LEAVES = (StripeConv2d, ShapeConv2d, HeadAttention)
+LEAVES: list[type[nn.Module]] = [StripeConv2d, ShapeConv2d, HeadAttention]
 
 _SAME_FUNCTIONS = [
     torch.relu, torch.relu_, F.relu, F.relu6, F.gelu, F.silu, F.mish, torch.sigmoid,
@@ -74,6 +74,7 @@ _BINARY_FUNCTIONS = [
     torch.lerp, torch.addcmul,
 ]
 _REPLAY_FUNCTIONS = [
+    torch.swapaxes, torch.swapdims,
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
     torch.squeeze, torch.cat, torch.concat, torch.stack, torch.chunk, torch.split,
     torch.unbind, torch.narrow, torch.flip, torch.movedim, torch.tensor_split,
@@ -106,7 +107,7 @@ _BINARY_METHODS = ["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "
 _REPLAY_METHODS = ["view", "reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze",
                    "expand", "expand_as", "repeat", "chunk", "split", "unbind", "narrow",
                    "flip", "movedim", "t", "view_as", "reshape_as", "unflatten",
-                   "tensor_split"]
+                   "tensor_split", "swapaxes", "swapdims", "roll"]
 _REDUCE_METHODS = ["mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp",
                    "prod"]
 METHOD_RULES: dict[str, str] = {
@@ -117,6 +118,66 @@ METHOD_RULES: dict[str, str] = {
     "softmax": "softmax", "log_softmax": "softmax",
     "matmul": "matmul", "bmm": "matmul", "size": "fresh", "dim": "fresh",
 }
+
+
+# Functions of other packages, by qualified name, so the rule needs no import of them.
+# torchvision wraps these for torch.fx (they appear as one call in the trace).
+NAMED_RULES: dict[str, str] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": "same",
+    "torchvision.models.swin_transformer._patch_merging_pad": "same",
+    "torchvision.models.swin_transformer._get_relative_position_bias": "fresh",
+    "torchvision.models.swin_transformer.shifted_window_attention": "window_attention",
+}
+JOINS = {"cat", "concat", "concatenate", "stack"}
+# What a user may teach the graph, and what each kind means.
+KINDS = {
+    "same": "keeps every channel where it was (element-wise, activation, pooling, padding)",
+    "binary": "element-wise over several tensors: channels that meet are coupled",
+    "replay": "moves data (view, permute, cat, getitem): replayed on the channel labels",
+    "reduce": "reduces over its `dim` argument; channels reduced over are kept",
+    "opaque": "mixes channels in a way surgery cannot follow: every channel it touches stays",
+    "fresh": "makes a new tensor whose entries belong to no channel (zeros, arange, a table)",
+}
+
+
+def qualified_name(op: Any) -> str:
+    return f"{getattr(op, '__module__', '')}.{getattr(op, '__qualname__', op)}"
+
+
+def register_op(op: Any, kind: str) -> None:
+    """Teach the dependency graph an op: `register_op(my_fn, "same")`.
+
+    `op` is a function (or its qualified name "package.module.function"), a tensor method
+    name ("swapaxes"), or an nn.Module class, which then stays whole in the trace. `kind`
+    is one of KINDS ("same", "binary", "replay", "reduce", "opaque", "fresh"); modules take
+    "same", "replay" or "opaque".
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown op rule {kind!r}; choose one of {sorted(KINDS)}: "
+                         + "; ".join(f"{k}: {v}" for k, v in KINDS.items()))
+    if isinstance(op, type) and issubclass(op, nn.Module):
+        if kind not in ("same", "replay", "opaque"):
+            raise ValueError(f"a module class takes 'same', 'replay' or 'opaque', got {kind!r}")
+        MODULE_RULES.insert(0, (op, f"module_{kind}"))
+        LEAVES.append(op)
+    elif isinstance(op, str) and "." in op:
+        NAMED_RULES[op] = kind
+    elif isinstance(op, str):
+        METHOD_RULES[op] = kind
+    elif callable(op):
+        FUNCTION_RULES[op] = kind
+    else:
+        raise TypeError(f"op must be a function, a qualified name, a tensor method name or an "
+                        f"nn.Module class, got {type(op).__name__}")
+
+
+def function_rule(target: Any) -> str | None:
+    """The rule of a called function: by identity, else by qualified name."""
+    try:
+        rule = FUNCTION_RULES.get(target)
+    except TypeError:  # an unhashable callable
+        rule = None
+    return rule if rule is not None else NAMED_RULES.get(qualified_name(target))
 
 
 def _arg(node: torch.fx.Node, i: int, *names: str) -> Any:
@@ -143,9 +204,9 @@ def fixed_split(node: torch.fx.Node) -> bool:
     return any(_written(s) for s in (sizes if isinstance(sizes, list | tuple) else [sizes]))
 
 
-def fixed_dims(node: torch.fx.Node, module: nn.Module | None, ndim: int) -> set[int]:
-    """Output dims of a view, reshape or unflatten of an `ndim`-D input whose size is a
-    number in the code."""
+def written_sizes(node: torch.fx.Node, module: nn.Module | None, ndim: int) -> dict[int, int]:
+    """{output dim: size} for the sizes of a view, reshape or unflatten of an `ndim`-D input
+    that are numbers in the code (not -1, not computed from a shape)."""
     start = 0
     if isinstance(module, nn.Unflatten):
         start, sizes = module.dim, module.unflattened_size
@@ -156,10 +217,33 @@ def fixed_dims(node: torch.fx.Node, module: nn.Module | None, ndim: int) -> set[
     elif node.target is torch.reshape:
         sizes = (_arg(node, 1, "shape"),)
     else:
-        return set()
+        return {}
     if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
         sizes = sizes[0]
     if not isinstance(start, int) or not isinstance(sizes, list | tuple):
-        return set()
+        return {}
     start = start + ndim if start < 0 else start
-    return {start + i for i, s in enumerate(sizes) if _written(s)}
+    return {start + i: s for i, s in enumerate(sizes) if _written(s)}
+
+
+def shape_reads(value: Any) -> list[tuple[torch.fx.Node, int | None]]:
+    """The (tensor node, dim) shape reads a size computed in the code comes from
+    (`x.size(2) // heads`, `b, t, d = x.shape`); dim None when a whole shape is read."""
+    if not isinstance(value, torch.fx.Node):
+        if isinstance(value, list | tuple):
+            return [r for v in value for r in shape_reads(v)]
+        return []
+    if value.op == "call_method" and value.target == "size":
+        dim = _arg(value, 1, "dim")
+        return [(value.args[0], dim if isinstance(dim, int) else None)]
+    if value.op == "call_function" and value.target is getattr and value.args[1] == "shape":
+        return [(value.args[0], None)]
+    if value.op == "call_function" and value.target is operator.getitem:
+        inner = shape_reads(value.args[0])
+        index = value.args[1]
+        if isinstance(index, int) and len(inner) == 1 and inner[0][1] is None:
+            return [(inner[0][0], index)]
+        return inner
+    if value.op in ("call_function", "call_method"):
+        return [r for a in (*value.args, *value.kwargs.values()) for r in shape_reads(a)]
+    return []

@@ -67,6 +67,34 @@ def _pinned_like(value: Any):
     return None
 
 
+def _module_of(n: torch.fx.Node) -> str:
+    """The module whose forward an op sits in, quoted, or '' at the top level."""
+    stack = n.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        if path:
+            return f"module {path!r}"
+    return ""
+
+
+def _op_name(root: nn.Module, n: torch.fx.Node) -> str:
+    """A node's op as the rule tables name it: "cat", "view", a module type in lowercase."""
+    if n.op == "call_module":
+        return type(root.get_submodule(n.target)).__name__.lower()
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+
+
+def _where(n: torch.fx.Node) -> str:
+    if n.op == "output":
+        return "the model's output"
+    if n.op == "placeholder":
+        return f"the model input {n.name!r}"
+    if n.op == "call_module":
+        return f"module {n.target!r}"
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", n.target)
+    inside = _module_of(n)
+    return f"{name} ({n.name})" + (f" in {inside}" if inside else "")
+
+
 def _dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
@@ -105,7 +133,10 @@ class Propagator(torch.fx.Interpreter):
         return result
 
     def label(self, n: torch.fx.Node, result: Any) -> Any:
-        if n.op in ("placeholder", "get_attr"):
+        self.uf.where = _where(n)
+        if n.op == "get_attr":
+            return self.attribute(n.target, result)
+        if n.op == "placeholder":
             return _pinned_like(result)
         if n.op == "output":
             torch.fx.node.map_arg(n.args, lambda a: self._pin_value(self.labels.get(a)))
@@ -130,14 +161,23 @@ class Propagator(torch.fx.Interpreter):
                 "graph does not know, so it cannot tell how it couples channels; supported: "
                 f"{', '.join(known)}"
             )
-        table = ops.FUNCTION_RULES if n.op == "call_function" else ops.METHOD_RULES
-        rule = table.get(n.target)
+        if n.op == "call_function":
+            rule = ops.function_rule(n.target)
+        else:
+            rule = ops.METHOD_RULES.get(n.target)
         if rule is None:
-            name = getattr(n.target, "__name__", str(n.target))
+            if n.op == "call_method":
+                name, teach = n.target, repr(n.target)
+            elif ops.qualified_name(n.target).startswith("torch."):
+                name, teach = n.target.__name__, f"torch.{n.target.__name__}"
+            else:
+                name = teach = repr(ops.qualified_name(n.target))
             raise UnsupportedLayerError(
-                f"op {name!r} at node {n.name!r} ({n.format_node()}) is not one the dependency "
-                "graph knows, so it cannot tell how it couples channels; write that part with "
-                "torch.nn layers or common tensor ops (add, cat, view, permute, mean, ...)"
+                f"op {name!r} at node {n.name!r} in {_module_of(n) or 'the model itself'} "
+                f"is not one the dependency graph knows, so it cannot tell how it couples "
+                f"channels ({n.format_node()}). Teach it in one line, e.g. "
+                f"penjing.prune.register_op({teach}, 'same'), with one of the kinds "
+                f"{sorted(ops.KINDS)} (see penjing.prune.ops.KINDS)"
             )
         return getattr(self, rule)(call)
 
@@ -151,15 +191,20 @@ class Propagator(torch.fx.Interpreter):
     # --- generic rules -------------------------------------------------------------------
     def replay(self, call: _Call) -> Any:
         """Data-movement ops: run the very same op on the materialized labels."""
-        def swap(v, lv):
+        def swap(v, lv, data=True):
+            # an integer or bool tensor beside the data is an index or a mask: its values
+            # say where data moves, so it stays as it is
+            if isinstance(v, torch.Tensor) and not data and not v.is_floating_point():
+                return v
             if isinstance(v, torch.Tensor) and isinstance(lv, torch.Tensor):
                 return lab.full(lv, v.shape)
             if isinstance(v, list | tuple) and isinstance(lv, list | tuple):
-                return type(v)(swap(a, b) for a, b in zip(v, lv, strict=True))
+                return type(v)(swap(a, b, data) for a, b in zip(v, lv, strict=True))
             return v
 
-        args = tuple(swap(v, lv) for v, lv in zip(call.args, call.largs, strict=True))
-        kwargs = {k: swap(v, call.lkwargs.get(k)) for k, v in call.kwargs.items()}
+        args = tuple(swap(v, lv, i == 0)
+                     for i, (v, lv) in enumerate(zip(call.args, call.largs, strict=True)))
+        kwargs = {k: swap(v, call.lkwargs.get(k), False) for k, v in call.kwargs.items()}
         node = call.node
         if node.op == "call_method":
             out = getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -168,10 +213,38 @@ class Propagator(torch.fx.Interpreter):
         else:
             out = node.target(*args, **kwargs)
         out = _compress_tree(out)
+        if _op_name(self.module, node) in ops.JOINS:
+            joined = self.join(call, out)
+            if joined is not None:
+                return joined
         tensors = call.tensors()
         if not tensors or not isinstance(call.args[0], torch.Tensor):
             return out
         return self.keep_consistent(call, *tensors[0], out)
+
+    def join(self, call: _Call, out: Any) -> torch.Tensor | None:
+        """cat / stack along a dim where no piece's channels vary (a class token before the
+        patches, tensors stacked on a new dim): the pieces' channels become the same
+        channels, so they are coupled. None when the pieces are joined along their channels
+        (concatenating feature maps), which the plain replay already follows."""
+        values, labels = call.arg(0, "tensors"), call.largs[0] if call.largs else None
+        if not isinstance(values, list | tuple) or not isinstance(labels, list | tuple):
+            return None
+        if not all(isinstance(lv, torch.Tensor) for lv in labels) or not labels:
+            return None
+        stack = _op_name(self.module, call.node) == "stack"
+        ndim = values[0].dim() + (1 if stack else 0)
+        dim = _dim(call.arg(1, "dim", 0), ndim)
+        if not stack and any(lv.shape[dim] > 1 for lv in labels):
+            return None
+        try:
+            shape = torch.broadcast_shapes(*(lv.shape for lv in labels))
+        except RuntimeError:
+            return None
+        base = labels[0].expand(shape).contiguous()
+        for other in labels[1:]:
+            self.uf.union_arrays(base.numpy(), other.expand(shape).contiguous().numpy())
+        return lab.compress(base.unsqueeze(dim) if stack else base)
 
     def keep_consistent(self, call: _Call, value: torch.Tensor, before: torch.Tensor,
                         out: Any) -> Any:
@@ -184,12 +257,9 @@ class Propagator(torch.fx.Interpreter):
         only if every piece loses the same positions: those positions are coupled. A size
         computed from a shape (x.size(1) // 2) is an fx node, not a number, and follows.
         """
-        node, module = call.node, None
-        if node.op == "call_module":
-            module = self.module.get_submodule(node.target)
-            name = type(module).__name__.lower()
-        else:
-            name = node.target if isinstance(node.target, str) else node.target.__name__
+        node = call.node
+        module = self.module.get_submodule(node.target) if node.op == "call_module" else None
+        name = _op_name(self.module, node)
         if name in ops.SPLITS and isinstance(out, tuple):
             pieces = [p for p in out if isinstance(p, torch.Tensor)]
             line = self.roots(before).reshape(-1)
@@ -214,15 +284,68 @@ class Propagator(torch.fx.Interpreter):
             self.uf.union_arrays(grid[:, :1], grid)
             return out
         if name in ops.RESHAPES and isinstance(out, torch.Tensor):
+            if self.sized_by_another(node, before):
+                return lab.pinned(out.dim())
             dims = lab.varying(out)
             if len(dims) > 1:  # prune the innermost of the split dims, the same in every block
                 block = out.permute(*[d for d in range(out.dim()) if d not in dims], *dims)
                 block = block.reshape(-1, out.shape[dims[-1]]).numpy()
                 self.uf.union_arrays(block[:1], block)
-            if ops.fixed_dims(node, module, value.dim()) & set(lab.varying(self.roots(out))):
-                self.uf.pin(before)
+            sizes = ops.written_sizes(node, module, value.dim())
+            fixed = set(sizes) & set(lab.varying(self.roots(out)))
+            if fixed and not self.sized_by_attribute(node, out, {d: sizes[d] for d in fixed}):
+                self.uf.pin(before, f"{_where(node)} writes the size of a channel dim as a "
+                            "number in the code")
                 return lab.pinned(out.dim())
         return out
+
+    def sized_by_another(self, node: torch.fx.Node, before: torch.Tensor) -> bool:
+        """A reshape sized from another tensor's channel count (`q.reshape(b, t, h, d // h)`
+        with d read off the block's input x): pruning must keep the two counts equal, which
+        a channel set cannot say, so both keep their channels (pinned, True returned)."""
+        source = node.args[0] if node.args else None
+        reads = [r for a in (*node.args[1:], *node.kwargs.values()) for r in ops.shape_reads(a)]
+        coupled = []
+        for tensor, dim in reads:
+            if tensor is source or not isinstance(self.labels.get(tensor), torch.Tensor):
+                continue
+            labels = self.labels[tensor]
+            dims = lab.varying(labels) if dim is None else [_dim(dim, labels.dim())]
+            if not any(labels.shape[d] > 1 for d in dims):
+                continue
+            # the same channels in another layout (a channel shuffle's view back) keep
+            # the same count under any pruning
+            mine = set(self.uf.roots(before.numpy()).ravel().tolist())
+            if set(self.uf.roots(labels.numpy()).ravel().tolist()) != mine:
+                coupled.append(tensor)
+        if not coupled:
+            return False
+        why = (f"{_where(node)} takes a size from the shape of {coupled[0].name!r}, whose "
+               "channel count must then stay")
+        for tensor in coupled:
+            self.uf.pin(self.labels[tensor], why)
+        self.uf.pin(before, why)
+        return True
+
+    def sized_by_attribute(self, node: torch.fx.Node, out: torch.Tensor,
+                           sizes: dict[int, int]) -> bool:
+        """Whether each written size in `dims` is an int attribute of the module the op sits
+        in (`x.reshape(n, self.hidden_dim, -1)`): the channels stay free, and surgery sets
+        the attribute to the new count. A size that no attribute or several give is a
+        number in the code, and pins its channels."""
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        path = next((p for p, _ in reversed(stack)), "")
+        owner = self.dep.model.get_submodule(path)
+        found = []
+        for d, size in sizes.items():
+            names = [k for k, v in vars(owner).items() if not k.startswith("_")
+                     and type(v) is int and v == size]
+            if len(names) != 1:
+                return False
+            found.append((path, names[0], d))
+        for path, attr, d in found:
+            self.slot(path, f"@{attr}", 0, "size", lab.vector(out, d, out.shape[d]))
+        return True
 
     def roots(self, labels: torch.Tensor) -> torch.Tensor:
         """Each label's set, shrunk to size 1 along dims where the sets do not change."""
@@ -305,9 +428,20 @@ class Propagator(torch.fx.Interpreter):
         return self.along_dim(call, [call.arg(2, "dim", 1)])
 
     def layer_norm_fn(self, call: _Call) -> torch.Tensor:
+        """F.layer_norm over the last dim: its weight and bias (read from the model) are
+        coupled to the channels; over several dims the channels stay."""
         shape = call.arg(1, "normalized_shape")
         count = 1 if isinstance(shape, int) else len(shape)
-        return self.along_dim(call, list(range(-count, 0)))
+        value, labels = call.tensors()[0]
+        if count != 1 or any(d != value.dim() - 1 for d in lab.varying(labels)):
+            return self.along_dim(call, list(range(-count, 0)))
+        channels = lab.vector(labels, value.dim() - 1, value.shape[-1])
+        for i, name in ((2, "weight"), (3, "bias")):
+            param = call.lkwargs.get(name) if len(call.largs) <= i else call.largs[i]
+            if isinstance(param, torch.Tensor):
+                self.uf.union_arrays(channels,
+                                     lab.vector(param, param.dim() - 1, value.shape[-1]))
+        return labels
 
     def matmul(self, call: _Call) -> torch.Tensor:
         (a, la), (b, lb) = call.tensors()[:2]
@@ -405,11 +539,104 @@ class Propagator(torch.fx.Interpreter):
         self.slot(fqn, "weight", 0, "norm", channels)
         return lab.along(channels, 1, value.dim())
 
+    def _norm_slots(self, m: nn.Module, fqn: str, channels: np.ndarray) -> None:
+        names = [n for n in ("weight", "bias") if getattr(m, n, None) is not None]
+        for name in names or [""]:
+            self.slot(fqn, name, 0, "norm", channels)
+
     def layer_norm(self, call: _Call, m: nn.LayerNorm, fqn: str) -> torch.Tensor:
-        return self.along_dim(call, list(range(-len(m.normalized_shape), 0)))
+        """LayerNorm over the last dim normalizes a residual stream's channels together;
+        removing some renormalizes the rest over fewer, as after any width pruning, so its
+        channels stay free, coupled to its weight and bias. Over several dims they stay."""
+        value, labels = call.tensors()[0]
+        last = value.dim() - 1
+        if len(m.normalized_shape) != 1 or any(d != last for d in lab.varying(labels)):
+            return self.along_dim(call, list(range(-len(m.normalized_shape), 0)))
+        self._norm_slots(m, fqn, lab.vector(labels, last, m.normalized_shape[0]))
+        return labels
 
     def group_norm(self, call: _Call, m: nn.GroupNorm, fqn: str) -> torch.Tensor:
-        return self.along_dim(call, [1])
+        """GroupNorm: every group keeps the same count, so position p goes in all groups."""
+        value, labels = call.tensors()[0]
+        channels = self.channel_vector(labels, 1, m.num_channels)
+        grid = channels.reshape(m.num_groups, -1)
+        self.uf.union_arrays(grid[:1], grid)
+        self._norm_slots(m, fqn, channels)
+        return labels
+
+    def attention(self, call: _Call, m: nn.MultiheadAttention, fqn: str) -> Any:
+        """nn.MultiheadAttention: its width is its input's, so the stream's channel p, the
+        p-th row of each of q, k, v and the p-th column and row of out_proj go together, and
+        position p of a head goes in every head (all keep one head size)."""
+        names = ("query", "key", "value")
+        given = [(call.arg(i, n), call.largs[i] if len(call.largs) > i else call.lkwargs.get(n))
+                 for i, n in enumerate(names)]
+        if (not m._qkv_same_embed_dim or m.bias_k is not None or
+                not all(isinstance(v, torch.Tensor) and isinstance(lv, torch.Tensor)
+                        for v, lv in given)):
+            return self.opaque(call)
+        width, heads = m.embed_dim, m.num_heads
+        last = given[0][0].dim() - 1
+        channels = [self.channel_vector(lv, last, width) for _, lv in given]
+        for other in channels[1:]:
+            self.uf.union_arrays(channels[0], other)
+        base = channels[0]
+        grid = base.reshape(heads, -1)
+        self.uf.union_arrays(grid[:1], grid)
+        rows = np.concatenate([base] * 3)
+        self.slot(fqn, "in_proj_weight", 1, "in", base)
+        self.slot(fqn, "in_proj_weight", 0, "out", rows)
+        if m.in_proj_bias is not None:
+            self.slot(fqn, "in_proj_bias", 0, "out", rows)
+        out = f"{fqn}.out_proj" if fqn else "out_proj"
+        self.slot(out, "weight", 1, "in", base)
+        self.slot(out, "weight", 0, "out", base)
+        if m.out_proj.bias is not None:
+            self.slot(out, "bias", 0, "out", base)
+        result = call.result
+        first = result[0] if isinstance(result, tuple) else result
+        labels = lab.along(base, first.dim() - 1, first.dim())
+        return (labels, _pinned_like(result[1])) if isinstance(result, tuple) else labels
+
+    def window_attention(self, call: _Call) -> torch.Tensor:
+        """torchvision's shifted_window_attention(x, qkv_weight, proj_weight, ...): the input
+        channels meet the qkv weight's columns, the output is proj's rows; the heads inside
+        stay whole."""
+        value, labels = call.tensors()[0]
+        last = value.dim() - 1
+        qkv = call.largs[1] if len(call.largs) > 1 else None
+        nodes = call.node.args
+        proj = nodes[2] if len(nodes) > 2 else None
+        if not (isinstance(qkv, torch.Tensor) and isinstance(proj, torch.fx.Node)
+                and proj.op == "get_attr"):
+            return self.opaque(call)
+        self.uf.union_arrays(self.channel_vector(labels, last, value.shape[last]),
+                             lab.vector(qkv, qkv.dim() - 1, value.shape[last]))
+        fqn = proj.target.rpartition(".")[0]
+        out = self.produce(fqn, call.result.shape[-1])
+        self.slot(fqn, "weight", 0, "out", out)
+        bias = call.node.kwargs.get("proj_bias")
+        if isinstance(bias, torch.fx.Node) and bias.op == "get_attr":
+            self.slot(fqn, "bias", 0, "out", out)
+        return lab.along(out, call.result.dim() - 1, call.result.dim())
+
+    def attribute(self, target: str, value: Any) -> Any:
+        """A parameter or buffer that forward reads directly (a layer scale, a class token,
+        a position embedding): its channels run along its last dim longer than 1; the ops
+        that read it couple them to the model's. Integer tensors (indices) stay whole."""
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return _pinned_like(value)
+        dims = [d for d in range(value.dim()) if value.shape[d] > 1]
+        if not dims:
+            return _pinned_like(value)
+        dim = dims[-1]
+        fqn, _, name = target.rpartition(".")
+        owner = self.dep.model.get_submodule(fqn)
+        if isinstance(getattr(owner, name, None), torch.Tensor) is False:
+            return _pinned_like(value)
+        labels = self.produce(f"{target}@{dim}", value.shape[dim])
+        self.slot(fqn, name, dim, "norm", labels)
+        return lab.along(labels, dim, value.dim())
 
     def embedding(self, call: _Call, m: nn.Embedding, fqn: str) -> torch.Tensor:
         self.pin_all(call)

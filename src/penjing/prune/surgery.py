@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from penjing.errors import FormatError, UnsupportedLayerError
 from penjing.prune.graph import DependencyGraph
+from penjing.tracing import layer_class
 from penjing.train import load_state, read_checkpoint, save_checkpoint
 
 METADATA_KEY = "penjing.prune.changes"
@@ -71,6 +72,13 @@ def apply_(model: nn.Module, changes: Iterable[Change]) -> list[str]:
             raise ValueError(f"module {change.fqn!r} carries a parametrization (a mask?); "
                              "call penjing.finalize_(model) before structured pruning")
         sizes.setdefault(change.fqn, {})[(change.name, change.dim)] = len(change.kept)
+        if change.name.startswith("@"):  # an int attribute that sizes a reshape in forward
+            attr = change.name[1:]
+            if type(getattr(module, attr, None)) is not int:
+                raise ValueError(f"{change.fqn or type(model).__name__}.{attr} is not an int "
+                                 "attribute; the changes belong to a different architecture")
+            setattr(module, attr, len(change.kept))
+            continue
         if not change.name:
             continue
         tensor = getattr(module, change.name)
@@ -111,6 +119,16 @@ def _sync(module: nn.Module, fqn: str, old: tuple, counts: dict[tuple[str, int],
         module.num_parameters = module.weight.numel()
     elif isinstance(module, nn.Embedding):
         module.embedding_dim = module.weight.shape[1]
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = (next(iter(counts.values())),)
+    elif isinstance(module, nn.GroupNorm):
+        module.num_channels = next(iter(counts.values()))
+    elif isinstance(module, nn.MultiheadAttention):
+        width = module.in_proj_weight.shape[1]
+        module.embed_dim = module.kdim = module.vdim = width
+        module.head_dim = width // module.num_heads
+    elif layer_class(module) is None or all(name.startswith("@") for name, _ in counts):
+        return  # parameters of the user's own module, or int attributes: nothing else to set
     else:
         raise UnsupportedLayerError(
             f"module {fqn!r} ({type(module).__name__}) has no known size attributes to update "
