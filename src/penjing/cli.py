@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from dataclasses import replace
 
 from penjing.errors import PenjingError
@@ -44,7 +47,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _prune(args: argparse.Namespace) -> None:
     from penjing.prune.command import prune_command
 
-    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    shape = args.input_shape
     summary = prune_command(
         args.model, granularity=args.granularity, ratio=args.ratio, criterion=args.criterion,
         weights=args.weights, input_shape=shape,
@@ -86,10 +89,34 @@ def _distill(args: argparse.Namespace) -> None:
     print(summary.format())
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    """--input-shape: comma-separated positive ints."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive ints such as 32,3,224,224, got {text!r}"
+        )
+    return shape
+
+
+EXIT_CODES = """exit codes:
+  0    success
+  1    internal error: a bug in penjing (set PENJING_TRACEBACK=1 to see where)
+  2    bad input: an option, a missing or unreadable file, a file that is not what it
+       should be (penjing.errors.FormatError), a model and weights or data that differ
+  130  interrupted (Ctrl-C); 143 terminated (SIGTERM). No half-written file is left.
+Every error is one line on stderr naming the file or option and what to do."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="penjing",
         description="Make trained PyTorch networks smaller and faster without losing accuracy.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -152,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--data", default="mnist",
                        help="mnist, digits, package.module:function returning a DataSplit, "
                        "or none; for training, Taylor, fine-tuning and accuracy")
-    prune.add_argument("--input-shape", help="e.g. 32,3,224,224 (default: batch 32 of --data)")
+    prune.add_argument("--input-shape", type=_shape,
+                       help="e.g. 32,3,224,224 (default: batch 32 of --data)")
     prune.add_argument("--train-epochs", type=int, default=0,
                        help="train first when no --weights are given")
     prune.add_argument("--finetune-epochs", type=int, default=0,
@@ -243,20 +271,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str, limit: int = 500) -> str:
+    line = "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _os_message(err: OSError) -> str:
+    """An OSError as 'what went wrong: which file', without '[Errno N]'."""
+    if err.filename is not None:
+        return f"{err.strerror or err}: {os.fsdecode(err.filename)!r}"
+    return err.strerror if err.errno is not None and err.strerror else str(err)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an output path that cannot be written before the work, not after it."""
+    from penjing.io import check_writable
+
+    if args.command in ("prune", "quantize", "distill"):
+        for option in ("out", "onnx"):
+            value = getattr(args, option, None)
+            if value:
+                check_writable(value, f"--{option}")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(143)  # unwinds like Ctrl-C, so atomic writes remove their temp file
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prefix = f"penjing {args.command}: error:"
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
+        _check_outputs(args)
         args.run(args)
-    except (PenjingError, ValueError, TypeError, OSError) as err:
-        print(f"penjing {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"penjing {args.command}: interrupted; no partial output was written",
+              file=sys.stderr)
+        return 130
+    except OSError as err:  # files: not found, a folder, not writable, disk full
+        print(f"{prefix} {_one_line(_os_message(err))}", file=sys.stderr)
+        return 2
+    except (PenjingError, ValueError, TypeError) as err:
+        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # PyTorch's own errors: most often a model and input that differ
         print(
-            f"penjing {args.command}: error: PyTorch refused the model: {err}\n"
+            f"{prefix} PyTorch refused the model: {_one_line(err, 300)}; "
             "check that the weights, --input-shape and --data match the model",
             file=sys.stderr,
         )
         return 2
+    except MemoryError:
+        print(f"{prefix} out of memory; use a smaller model, batch or --calib-images",
+              file=sys.stderr)
+        return 2
+    except Exception as err:  # anything else is a bug: still one line, traceback on request
+        if os.environ.get("PENJING_TRACEBACK"):
+            raise
+        print(
+            f"penjing {args.command}: internal error: {type(err).__name__}: {_one_line(err, 300)}"
+            " (a bug in penjing; rerun with PENJING_TRACEBACK=1 and report the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
