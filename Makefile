@@ -39,6 +39,12 @@ lint: $(TEST_STAMP)
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
 
+# Structure-aware fuzzing of every loader (tests/fuzz/harness.py): 100,000 inputs in worker
+# processes; writes the fuzz section of BENCHMARKS.md. `make test` runs a bounded share.
+.PHONY: fuzz
+fuzz: $(TEST_STAMP)
+	$(PY) bench/fuzz.py
+
 # The torchvision zoo (bench/zoo.py) needs torchvision, whose wheels need the torch they were
 # built with (2.14.1; none matches the project's CPU torch 2.13.0), so it gets its own
 # environment and leaves .venv and `make test` alone. `make zoo ZOO_ARGS=--quick` for a smoke run.
