@@ -121,6 +121,19 @@ def dependency_graph(
             "or train mode: they are left as they are, and fail if they read channels that "
             "pruning removes", PenjingWarning, stacklevel=3)
     graph = DependencyGraph(model)
+    propagator = Propagator(gm, graph)
     with eval_mode(model), torch.no_grad():
-        Propagator(gm, graph).run(*inputs)
+        try:
+            propagator.run(*inputs)
+        except UnsupportedLayerError as err:  # without the graph dump fx appends
+            raise UnsupportedLayerError(str(err).split("\n\nWhile executing")[0]) from None
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                      for t in inputs]
+            first = str(err).split("\n")[0]
+            raise ValueError(
+                f"{type(model).__name__} does not run on the example inputs {shapes}: at "
+                f"{graph.sets.where or 'its forward'}: {first}. Pass example inputs of the "
+                "shapes and types the model's forward takes (a tuple for several inputs)"
+            ) from None
     return graph

@@ -128,12 +128,12 @@ class Propagator(torch.fx.Interpreter):
 
     # --- the walk ------------------------------------------------------------------------
     def run_node(self, n: torch.fx.Node) -> Any:
+        self.uf.where = _where(n)
         result = super().run_node(n)
         self.labels[n] = self.label(n, result)
         return result
 
     def label(self, n: torch.fx.Node, result: Any) -> Any:
-        self.uf.where = _where(n)
         if n.op == "get_attr":
             return self.attribute(n.target, result)
         if n.op == "placeholder":
@@ -171,7 +171,8 @@ class Propagator(torch.fx.Interpreter):
             elif ops.qualified_name(n.target).startswith("torch."):
                 name, teach = n.target.__name__, f"torch.{n.target.__name__}"
             else:
-                name = teach = repr(ops.qualified_name(n.target))
+                name = ops.qualified_name(n.target)
+                teach = repr(name)
             raise UnsupportedLayerError(
                 f"op {name!r} at node {n.name!r} in {_module_of(n) or 'the model itself'} "
                 f"is not one the dependency graph knows, so it cannot tell how it couples "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from penjing.analysis.stats import count_macs
+from penjing.errors import PenjingWarning
 from penjing.prune.criteria import Criterion, resolve
 from penjing.prune.graph import DependencyGraph, dependency_graph
 from penjing.prune.groups import Group
@@ -211,9 +213,34 @@ def channels_(
                           ignored_layers=ignored_layers)
     removed = select(scored, ratio, global_ranking=global_ranking, round_to=round_to,
                      ratios=ratios, max_ratio=max_ratio, normalize=normalize)
+    if not removed and (ratio > 0 or any(ratios.values() if ratios else ())):
+        _warn_nothing_removed(graph, len(scored))
     changes = plan(graph, removed)
     apply_(model, changes)
     return changes
+
+
+def _warn_nothing_removed(graph: DependencyGraph, scored: int) -> None:
+    """Say why a call that was asked to prune removes nothing: which layers' channels stay,
+    and the op that keeps each."""
+    from penjing.prune.explain import pinned
+
+    stay = pinned(graph)
+    found = len(graph.groups())
+    if scored:
+        why = (f"{scored} group(s) were scored but each is too small to lose a channel at "
+               "this ratio (raise the ratio, or lower round_to)")
+    elif found:
+        why = (f"all {found} group(s) are made by ignored layers or the criterion could not "
+               "score them")
+    else:
+        why = "no group of channels can be removed"
+    detail = "; ".join(str(p) for p in stay[:4])
+    more = f" (and {len(stay) - 4} more layers)" if len(stay) > 4 else ""
+    warnings.warn(f"channel pruning removed nothing: {why}. "
+                  + (f"Channels that stay: {detail}{more}. " if stay else "")
+                  + "penjing.prune.explain(model, example_inputs) lists every group and why "
+                  "each channel stays", PenjingWarning, stacklevel=3)
 
 
 def _for_copy(model: nn.Module, kwargs: dict) -> dict:
