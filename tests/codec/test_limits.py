@@ -138,3 +138,13 @@ def test_a_symbol_count_beyond_the_payload_bits_is_refused():
 def test_a_folder_is_named_as_a_folder(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a folder, not a .pjz file"):
         codec.load(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["qint8", "quint4x2", "bits8", "load", "Tensor"])
+def test_dtypes_save_never_writes_are_refused(zeros, tmp_path, dtype):
+    manifest, data = zeros
+    manifest["tensors"][0].update(dtype=dtype, encoding="raw", shape=[0],
+                                  sections=[["raw", 0, 0]])
+    manifest["data_bytes"] = 0
+    with pytest.raises(FormatError, match=f"unknown dtype '{dtype}'"):
+        codec.load(_write(tmp_path / "q.pjz", manifest, b""))

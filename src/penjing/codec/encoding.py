@@ -49,10 +49,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_from_name(name: object) -> torch.dtype:
-    """The torch dtype a manifest names; anything else (e.g. 'load') is a ValueError."""
+    """The torch dtype a manifest names; anything else (e.g. 'load', or a quantized dtype
+    `save` never writes) is a ValueError."""
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
+    if not isinstance(dtype, torch.dtype) or name.startswith(("q", "bits")):
+        raise ValueError(f"unknown dtype {str(name)[:50]!r}")
     return dtype
 
 
