@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +28,12 @@ def _per_index(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _gather(per_index: torch.Tensor, part: Slice) -> torch.Tensor:
-    return torch.stack([per_index[torch.as_tensor(idx)].sum() for idx in part.indices])
+    """Σ per_index over each channel's indices, for all channels at once."""
+    sizes = [len(idx) for idx in part.indices]
+    flat = torch.from_numpy(np.concatenate(part.indices).astype(np.int64))
+    channel = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes))
+    total = torch.zeros(len(sizes), dtype=per_index.dtype)
+    return total.index_add_(0, channel, per_index[flat])
 
 
 def _weight_slices(model: nn.Module, group: Group) -> list[tuple[Slice, torch.Tensor]]:
@@ -50,7 +56,7 @@ def _powers(model: nn.Module, group: Group, p: int) -> torch.Tensor:
     column as important.
     """
     parts = _weight_slices(model, group)
-    sums = [_gather(_per_index(w.detach().float().abs() ** p, s.dim), s) for s, w in parts]
+    sums = [_gather(_per_index(_power(w.detach().float(), p), s.dim), s) for s, w in parts]
     depthwise = [i for i, (s, _) in enumerate(parts) if s.role == "dw"]
     pointwise = [i for i, (s, _) in enumerate(parts)
                  if s.role == "in" and _is_pointwise(model.get_submodule(s.fqn))]
@@ -63,6 +69,10 @@ def _powers(model: nn.Module, group: Group, p: int) -> torch.Tensor:
     for v in sums:
         total += v
     return total
+
+
+def _power(w: torch.Tensor, p: int) -> torch.Tensor:
+    return w.abs() if p == 1 else w.square() if p == 2 else w.abs() ** p
 
 
 def l1(model: nn.Module, group: Group) -> torch.Tensor:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import stateless
 
 from penjing import tracing
 from penjing.errors import PenjingWarning, UnsupportedLayerError
@@ -46,6 +47,7 @@ class DependencyGraph:
         """The prunable groups of coupled channels (see `penjing.prune.groups.Group`)."""
         from penjing.prune.groups import build_groups
 
+        self.sets.freeze()
         return build_groups(self)
 
 
@@ -120,11 +122,13 @@ def dependency_graph(
             f"forward never calls {missing[:6]}{' ...' if len(missing) > 6 else ''} in eval "
             "or train mode: they are left as they are, and fail if they read channels that "
             "pruning removes", PenjingWarning, stacklevel=3)
-    graph = DependencyGraph(model)
-    propagator = Propagator(gm, graph)
     with eval_mode(model), torch.no_grad():
+        graph = _on_meta(model, gm, inputs)
+        if graph is not None:
+            return graph
+        graph = DependencyGraph(model)
         try:
-            propagator.run(*inputs)
+            Propagator(gm, graph).run(*inputs)
         except UnsupportedLayerError as err:  # without the graph dump fx appends
             raise UnsupportedLayerError(str(err).split("\n\nWhile executing")[0]) from None
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
@@ -136,4 +140,22 @@ def dependency_graph(
                 f"{graph.sets.where or 'its forward'}: {first}. Pass example inputs of the "
                 "shapes and types the model's forward takes (a tuple for several inputs)"
             ) from None
+    return graph
+
+
+def _on_meta(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> DependencyGraph | None:
+    """The graph from a run on the meta device: shapes without arithmetic, so a large model
+    costs no forward pass. None when the model does not run there (an op without a meta
+    kernel, a tensor made on the CPU in forward, Python that reads tensor values); the
+    caller then runs it for real."""
+    def meta(t: Any) -> Any:
+        return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+    swapped = {name: meta(t) for name, t in [*gm.named_parameters(), *gm.named_buffers()]}
+    graph = DependencyGraph(model)
+    try:
+        with stateless._reparametrize_module(gm, swapped):
+            Propagator(gm, graph).run(*(meta(t) for t in inputs))
+    except Exception:  # noqa: BLE001 - any failure on meta means: run it for real
+        return None
     return graph

@@ -48,6 +48,7 @@ class UnionFind:
         self.shadow: list[int] = [PIN]
         self.why: dict[int, list[str]] = {PIN: ["a model input, output or constant"]}
         self.where = ""  # the op being labelled, named in the reasons of what it pins
+        self._all: np.ndarray | None = None  # every element's root, while no union happens
 
     def new(self, count: int) -> np.ndarray:
         start = len(self.parent)
@@ -92,6 +93,7 @@ class UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
+        self._all = None
         # PIN stays the root of its set so "is pinned" is find(x) == PIN.
         if rb == PIN or (ra != PIN and rb < ra):
             ra, rb = rb, ra
@@ -126,7 +128,20 @@ class UnionFind:
             return []
         return list(self.why.get(self._find(self.shadow, x), [])) or list(self.why[PIN])
 
+    def freeze(self) -> None:
+        """Find every element's root at once (pointer doubling), for fast `roots` until
+        the next union."""
+        parent = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+        self._all = parent
+
     def roots(self, labels: np.ndarray) -> np.ndarray:
+        if self._all is not None and len(self._all) == len(self.parent):
+            return self._all[np.asarray(labels)]
         flat = np.asarray(labels).ravel()
         uniq, inverse = np.unique(flat, return_inverse=True)
         found = np.array([self.find(int(x)) for x in uniq], dtype=np.int64)

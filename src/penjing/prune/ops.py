@@ -129,6 +129,10 @@ NAMED_RULES: dict[str, str] = {
     "torchvision.models.swin_transformer.shifted_window_attention": "window_attention",
 }
 JOINS = {"cat", "concat", "concatenate", "stack"}
+# Data movement that is right on labels shrunk to size 1 where they do not vary, so the
+# labels need not be materialized to the activation's shape first.
+LAYOUT = {"permute", "transpose", "movedim", "swapaxes", "swapdims", "t", "unsqueeze",
+          "contiguous", "flip", "permute_"}
 # What a user may teach the graph, and what each kind means.
 KINDS = {
     "same": "keeps every channel where it was (element-wise, activation, pooling, padding)",

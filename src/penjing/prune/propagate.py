@@ -192,13 +192,15 @@ class Propagator(torch.fx.Interpreter):
     # --- generic rules -------------------------------------------------------------------
     def replay(self, call: _Call) -> Any:
         """Data-movement ops: run the very same op on the materialized labels."""
+        layout = _op_name(self.module, call.node) in ops.LAYOUT
+
         def swap(v, lv, data=True):
             # an integer or bool tensor beside the data is an index or a mask: its values
             # say where data moves, so it stays as it is
             if isinstance(v, torch.Tensor) and not data and not v.is_floating_point():
                 return v
             if isinstance(v, torch.Tensor) and isinstance(lv, torch.Tensor):
-                return lab.full(lv, v.shape)
+                return lv if layout else lab.full(lv, v.shape)
             if isinstance(v, list | tuple) and isinstance(lv, list | tuple):
                 return type(v)(swap(a, b, data) for a, b in zip(v, lv, strict=True))
             return v

@@ -38,6 +38,7 @@ class Change:
 def plan(graph: DependencyGraph, removed: Iterable[int]) -> list[Change]:
     """The changes that remove the channel sets `removed` (ids from `Group.channels`)."""
     removed = np.fromiter((int(r) for r in removed), dtype=np.int64)
+    graph.sets.freeze()
     changes = []
     for slot in sorted(graph.slots.values(), key=lambda s: s.order):
         roots = graph.sets.roots(slot.labels)
