@@ -5,6 +5,8 @@ auxiliary heads that only train mode runs. Each is built here, tiny, with random
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from torch import fx, nn
@@ -134,8 +136,14 @@ class VisionTransformerish(nn.Module):
         return self.heads(self.ln(self.layers(x))[:, 0])
 
 
+class Outputs(NamedTuple):
+    logits: torch.Tensor
+    aux: torch.Tensor
+
+
 class WithAux(nn.Module):
-    """An auxiliary classifier that only train mode runs, as GoogLeNet's and Inception's."""
+    """An auxiliary classifier that only train mode runs, as GoogLeNet's and Inception's,
+    returned in a named tuple."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -148,7 +156,7 @@ class WithAux(nn.Module):
         mid = self.a(x)
         out = self.fc(self.b(mid).mean((2, 3)))
         if self.training:
-            return out, self.aux(mid)
+            return Outputs(out, self.aux(mid))
         return out
 
 

@@ -161,6 +161,8 @@ class Propagator(torch.fx.Interpreter):
                 "graph does not know, so it cannot tell how it couples channels; supported: "
                 f"{', '.join(known)}"
             )
+        if isinstance(n.target, type) and issubclass(n.target, tuple):
+            return n.target(*call.largs, **call.lkwargs)  # a named tuple of outputs
         if n.op == "call_function":
             rule = ops.function_rule(n.target)
         else:
