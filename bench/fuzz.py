@@ -38,7 +38,7 @@ def _worker(args: tuple[int, int]) -> object:
     shm = Path("/dev/shm")
     folder = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else None))
     fuzzer = harness.Fuzzer(folder, seed=seed)
-    stats = fuzzer.campaign(inputs, SHARES)
+    stats = fuzzer.campaign(inputs, SHARES, progress=5_000)
     stats.failures = stats.failures[:KEEP_FAILURES]
     return stats
 
@@ -65,6 +65,7 @@ def main() -> None:
         total.accepted.update(s.accepted)
         total.exceptions.update(s.exceptions)
         total.failures += s.failures
+        total.mutator_errors += s.mutator_errors
         total.slowest = max(total.slowest, s.slowest)
         total.peak_memory = max(total.peak_memory, s.peak_memory)
     out = ROOT / "runs" / "fuzz"
@@ -93,6 +94,8 @@ def main() -> None:
         "",
         f"- inputs: {total.total:,} in {wall:,.0f} s ({args.workers} worker processes)",
         f"- failures by type: {failures}",
+        f"- mutations that failed in the harness itself (the seed ran instead): "
+        f"{total.mutator_errors:,}",
         f"- slowest input: {total.slowest[0]:.3f} s ({total.slowest[1]})",
         f"- peak memory of one input: {total.peak_memory / 2**20:.1f} MiB above the "
         "process before it",

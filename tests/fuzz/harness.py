@@ -21,6 +21,7 @@ import math
 import resource
 import signal
 import struct
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -238,7 +239,7 @@ def _raw_text(rng: np.random.Generator, text: str) -> str:
     if op == 2:
         return text.replace("1", "NaN", 1)
     if op == 3:
-        return text[: int(rng.integers(len(text)))]
+        return text[: int(rng.integers(len(text) + 1))]
     return text.replace("[", "[[", 1)
 
 
@@ -465,6 +466,7 @@ class Stats:
     accepted: collections.Counter = field(default_factory=collections.Counter)
     exceptions: collections.Counter = field(default_factory=collections.Counter)
     failures: list[tuple[str, str, bytes]] = field(default_factory=list)
+    mutator_errors: int = 0  # mutations that failed (the seed ran instead): harness bugs
     slowest: tuple[float, str] = (0.0, "")
     peak_memory: int = 0
     seconds: float = 0.0
@@ -546,7 +548,7 @@ class Fuzzer:
             stats.failures.append((kind, error, data))
 
     def campaign(self, inputs: int, shares: dict[str, float], seconds: float = math.inf,
-                 stats: Stats | None = None) -> Stats:
+                 stats: Stats | None = None, progress: int = 0) -> Stats:
         """Run up to `inputs` mutated inputs, kinds drawn by `shares`, within `seconds`."""
         stats = stats or Stats()
         kinds = list(shares)
@@ -563,7 +565,15 @@ class Fuzzer:
                 if time.perf_counter() - start > seconds:
                     break
                 kind = kinds[self.rng.choice(len(kinds), p=p)]
-                self.run(kind, self.mutate(kind), stats)
+                try:
+                    data = self.mutate(kind)
+                except Exception:  # a harness bug must not end a long run; it is counted
+                    stats.mutator_errors += 1
+                    data = self.seed_bytes(kind)
+                self.run(kind, data, stats)
+                if progress and stats.total % progress == 0:
+                    print(f"{stats.total:,} inputs, failures {dict(stats.exceptions)}",
+                          file=sys.stderr, flush=True)
         finally:
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         stats.seconds += time.perf_counter() - start

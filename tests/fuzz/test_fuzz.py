@@ -47,6 +47,7 @@ def test_mutated_files_are_refused_with_penjing_errors_only(fuzzer):
                                     "quantized": 0.05}, seconds=BUDGET_S)
     assert stats.total >= 100
     assert stats.failures == [], [(k, e) for k, e, _ in stats.failures[:10]]
+    assert stats.mutator_errors == 0
     # the mutations reach past the checksums: most inputs are refused, some still load
     assert 0 < sum(stats.accepted.values()) < stats.total
 
