@@ -32,6 +32,8 @@ bench: $(TEST_STAMP)
 	$(PY) bench/quantization.py
 	$(PY) bench/structured.py
 	$(PY) bench/distillation.py
+	$(PIP) install --quiet -c constraints.txt -e ".[bench]"
+	$(PY) bench/pretrained.py
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests bench
