@@ -108,11 +108,14 @@ class UnionFind:
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unite a[i] with b[i] for every i (arrays broadcast against each other)."""
-        a, b = np.broadcast_arrays(np.asarray(a), np.asarray(b))
-        pairs = np.unique(np.stack([a.ravel(), b.ravel()], axis=1), axis=0)
-        for x, y in pairs:
-            if x != y:
-                self.union(int(x), int(y))
+        a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
+        a, b = a.ravel(), b.ravel()
+        differ = a != b
+        # one int64 key per pair: np.unique on a flat array, not on rows
+        keys = np.unique(a[differ] * len(self.parent) + b[differ])
+        for x, y in zip((keys // len(self.parent)).tolist(), (keys % len(self.parent)).tolist(),
+                        strict=True):
+            self.union(x, y)
 
     def pin(self, labels: np.ndarray | torch.Tensor, why: str | None = None) -> None:
         """Keep every element in `labels`; `why` (default: the op being labelled) is

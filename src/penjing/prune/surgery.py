@@ -37,12 +37,13 @@ class Change:
 
 def plan(graph: DependencyGraph, removed: Iterable[int]) -> list[Change]:
     """The changes that remove the channel sets `removed` (ids from `Group.channels`)."""
-    removed = np.fromiter((int(r) for r in removed), dtype=np.int64)
     graph.sets.freeze()
+    gone = np.zeros(len(graph.sets.parent), dtype=bool)
+    gone[np.fromiter((int(r) for r in removed), dtype=np.int64)] = True
     changes = []
     for slot in sorted(graph.slots.values(), key=lambda s: s.order):
         roots = graph.sets.roots(slot.labels)
-        kept = np.nonzero(~np.isin(roots, removed))[0]
+        kept = np.nonzero(~gone[roots])[0]
         if len(kept) < len(roots):
             if len(kept) == 0:
                 raise ValueError(
@@ -87,7 +88,7 @@ def apply_(model: nn.Module, changes: Iterable[Change]) -> list[str]:
         if len(change.kept) and int(index.max()) >= tensor.shape[change.dim]:
             raise ValueError(f"{change.fqn}.{change.name} has {tensor.shape[change.dim]} entries "
                              f"along dim {change.dim}, the change keeps index {int(index.max())}")
-        new = tensor.detach().index_select(change.dim, index).clone()
+        new = tensor.detach().index_select(change.dim, index)  # a new tensor already
         if isinstance(tensor, nn.Parameter):
             setattr(module, change.name, nn.Parameter(new, requires_grad=tensor.requires_grad))
         else:
