@@ -77,8 +77,10 @@ class InvertedResidual(nn.Module):
 
 
 def _quantizer_nodes(q: fx.GraphModule) -> list[fx.Node]:
+    """The quantizer calls that set a scale of their own (not a reuse with observe=False)."""
     return [n for n in q.graph.nodes
-            if n.op == "call_module" and isinstance(q.get_submodule(n.target), ActQuant)]
+            if n.op == "call_module" and isinstance(q.get_submodule(n.target), ActQuant)
+            and n.kwargs.get("observe", True)]
 
 
 CONVS = ["stem.0", "expand.0", "dw.0", "project.0"]
@@ -202,3 +204,26 @@ def test_an_activation_that_is_itself_a_chosen_layer_keeps_its_own_quantizers():
         "0_input_quant", "0_output_quant", "1_output_quant", "2_output_quant"]
     assert all(n.args[0].op != "call_module" or not isinstance(
         q.get_submodule(n.args[0].target), ActQuant) for n in _quantizer_nodes(q))
+
+
+def test_input_quantizer_goes_ahead_of_a_flatten_so_the_pool_runs_on_integers(images, tmp_path):
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 8, 3, 2), nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.adaptive_avg_pool2d(F.relu6(self.conv(x)), 1)
+            return self.fc(torch.flatten(x, 1))
+
+    q = ptq(Head().eval(), images.split(64), int8(**INT8))
+    observing, reusing = (n for n in q.graph.nodes if n.target == "fc_input_quant")
+    assert observing.args[0].target is F.adaptive_avg_pool2d and not observing.kwargs
+    # the flattened value reuses that quantizer's scale without observing: same numbers
+    assert reusing.args[0].target is torch.flatten and reusing.kwargs == {"observe": False}
+    assert next(n for n in q.graph.nodes if n.target == "fc").args[0] is reusing
+    assert [n.target for n in _quantizer_nodes(q)] == [
+        "conv_input_quant", "conv_output_quant", "fc_input_quant", "fc_output_quant"]
+    ops = optimized_ops(export_onnx(q, tmp_path / "q.onnx", images[:1]))
+    assert ops.get("QLinearGlobalAveragePool") == 1 and "GlobalAveragePool" not in ops
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1  # all else integer

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from penjing import tracing
 from penjing.quant.config import QuantConfig
 from penjing.quant.fakequant import ActQuant
+from penjing.quant.linear import PerTensor
 
 CLIPPING, OWN = "clipping", "own-quantizer"
 
@@ -71,6 +72,14 @@ _KEEP_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.hardtanh, torch.clamp, torch.c
                    F.dropout1d, F.dropout2d, F.dropout3d, torch.reshape, operator.getitem}
 _KEEP_METHODS = {"relu", "clamp", "clip", "flatten", "view", "reshape", "contiguous",
                  "squeeze", "unsqueeze"}
+# The subset that only moves values: quantizing before them or after gives the same
+# numbers and the same range, and before them ONNX Runtime can fuse the op that produced
+# the value (GlobalAveragePool → QLinearGlobalAveragePool ahead of a Flatten).
+_RESHAPE_MODULES = (nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout, F.dropout1d, F.dropout2d,
+                      F.dropout3d}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze"}
 
 # GraphModule.meta key: {layer name: how its output was quantized}, for the report
 PLACEMENTS = "penjing_output_placement"
@@ -185,6 +194,17 @@ def insert_quantizers(
             value = value.args[0]
         return value
 
+    def before_reshapes(value: fx.Node) -> fx.Node:
+        """The value `value` is a reshape of, through reshapes no one else reads; per-tensor
+        scales only (a reshape moves a per-channel axis)."""
+        if not isinstance(spec.granularity, PerTensor):
+            return value
+        while (_is(gm, value, _RESHAPE_MODULES, _RESHAPE_FUNCTIONS, _RESHAPE_METHODS)
+               and value.args and isinstance(value.args[0], fx.Node)
+               and len(value.args[0].users) == 1 and value.args[0] not in quantized):
+            value = value.args[0]
+        return value
+
     def read_by_layer(value: fx.Node) -> bool:
         """Whether a chosen layer reads `value`, directly or through value-preserving ops."""
         todo, seen = list(value.users), set()
@@ -210,6 +230,9 @@ def insert_quantizers(
                 q = quantized[value]
             else:
                 source = origin(value)
+                base = before_reshapes(value) if source is None else value
+                if base is not value:  # quantize ahead of the reshapes, pass it through them
+                    source = quantize_all_uses(f"{node.target}_input_quant", base)
                 if source is not None:
                     q = new_quantizer("", value, observe=False, target=source.target)
                 else:
