@@ -15,7 +15,9 @@ goes next decides where that quantizer sits (`ACTIVATIONS`, one table):
 
 A value that reaches a layer through value-preserving ops (max-pool, flatten, reshape,
 dropout, a clip) from an already quantized value reuses that quantizer's scale, so ONNX
-Runtime keeps the whole chain in integers.
+Runtime keeps the whole chain in integers. A new input quantizer goes ahead of pure
+reshapes (flatten, view, dropout) and is reused after them, so the op before them (a
+global average pool) runs on integers too.
 """
 
 from __future__ import annotations
