@@ -8,6 +8,15 @@ default would trace into such a subclass and leave a bare `F.conv2d` that no rul
 a module. Containers (Sequential, ModuleList, ModuleDict) and plain nn.Module subclasses
 are traced into. A model that cannot be traced is an error naming the module where
 tracing failed.
+
+Why torch.fx with leaves, and not torch.export or an autograd-graph walk: structured
+surgery re-runs the model's own Python, so the graph must tell a size written in the code
+(`x.view(-1, 128)`, `self.hidden_dim`) from one read off a shape (`x.size(1) // 2`); fx
+records the latter as a node while torch.export specializes both to the same int, and an
+autograd walk sees neither. Leaves keep module identity, which BatchNorm folding, quantizer
+placement and the ONNX exporter need, and fx's graph runs on the meta device, so building
+the dependency graph of a large model costs no forward pass. What fx cannot trace (Python
+branching on tensor values) is an error naming the module.
 """
 
 from __future__ import annotations
