@@ -124,8 +124,8 @@ METHOD_RULES: dict[str, str] = {
 # torchvision wraps these for torch.fx (they appear as one call in the trace).
 NAMED_RULES: dict[str, str] = {
     "torchvision.ops.stochastic_depth.stochastic_depth": "same",
-    "torchvision.models.swin_transformer._patch_merging_pad": "same",
-    "torchvision.models.swin_transformer._get_relative_position_bias": "fresh",
+    "torchvision.models.swin_transformer._patch_merging_pad": "replay",  # pad, 4 slices, cat
+    "torchvision.models.swin_transformer._get_relative_position_bias": "opaque",
     "torchvision.models.swin_transformer.shifted_window_attention": "window_attention",
 }
 JOINS = {"cat", "concat", "concatenate", "stack"}

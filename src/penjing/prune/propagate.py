@@ -604,25 +604,42 @@ class Propagator(torch.fx.Interpreter):
         return (labels, _pinned_like(result[1])) if isinstance(result, tuple) else labels
 
     def window_attention(self, call: _Call) -> torch.Tensor:
-        """torchvision's shifted_window_attention(x, qkv_weight, proj_weight, ...): the input
-        channels meet the qkv weight's columns, the output is proj's rows; the heads inside
-        stay whole."""
+        """torchvision's shifted_window_attention(x, qkv_weight, proj_weight, ...): it takes
+        the head size from the input's width, so as in nn.MultiheadAttention the input's
+        channel p, the p-th row of each of q, k, v and proj's p-th column go together, and
+        position p of a head goes in every head. The output is proj's rows."""
         value, labels = call.tensors()[0]
         last = value.dim() - 1
-        qkv = call.largs[1] if len(call.largs) > 1 else None
-        nodes = call.node.args
-        proj = nodes[2] if len(nodes) > 2 else None
-        if not (isinstance(qkv, torch.Tensor) and isinstance(proj, torch.fx.Node)
-                and proj.op == "get_attr"):
+        width = value.shape[last]
+        nodes, kwargs = call.node.args, call.node.kwargs
+        heads = call.arg(5, "num_heads")
+        params = {name: nodes[i] if len(nodes) > i else kwargs.get(name)
+                  for i, name in ((1, "qkv_weight"), (2, "proj_weight"), (9, "qkv_bias"),
+                                  (10, "proj_bias"))}
+        if not (isinstance(heads, int) and width % heads == 0 and all(
+                isinstance(params[k], torch.fx.Node) and params[k].op == "get_attr"
+                for k in ("qkv_weight", "proj_weight"))):
             return self.opaque(call)
-        self.uf.union_arrays(self.channel_vector(labels, last, value.shape[last]),
-                             lab.vector(qkv, qkv.dim() - 1, value.shape[last]))
-        fqn = proj.target.rpartition(".")[0]
-        out = self.produce(fqn, call.result.shape[-1])
-        self.slot(fqn, "weight", 0, "out", out)
-        bias = call.node.kwargs.get("proj_bias")
-        if isinstance(bias, torch.fx.Node) and bias.op == "get_attr":
-            self.slot(fqn, "bias", 0, "out", out)
+        used = {nodes[0] if nodes else kwargs.get("input"), *params.values()}
+        for arg, arg_labels in [*zip(nodes, call.largs, strict=False),
+                                *((kwargs[k], call.lkwargs[k]) for k in kwargs)]:
+            if arg not in used:  # the position bias and logit scale keep every head
+                self._pin_value(arg_labels)
+        base = self.channel_vector(labels, last, width)
+        grid = base.reshape(heads, -1)
+        self.uf.union_arrays(grid[:1], grid)
+        rows = np.concatenate([base] * 3)
+        qkv = params["qkv_weight"].target.rpartition(".")[0]
+        proj = params["proj_weight"].target.rpartition(".")[0]
+        self.slot(qkv, "weight", 1, "in", base)
+        self.slot(qkv, "weight", 0, "out", rows)
+        if isinstance(params["qkv_bias"], torch.fx.Node):
+            self.slot(qkv, "bias", 0, "out", rows)
+        self.slot(proj, "weight", 1, "in", base)
+        out = self.produce(proj, call.result.shape[-1])
+        self.slot(proj, "weight", 0, "out", out)
+        if isinstance(params["proj_bias"], torch.fx.Node):
+            self.slot(proj, "bias", 0, "out", out)
         return lab.along(out, call.result.dim() - 1, call.result.dim())
 
     def attribute(self, target: str, value: Any) -> Any:
