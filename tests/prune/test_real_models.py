@@ -263,3 +263,24 @@ def test_inputs_that_do_not_fit_the_model_are_named_and_the_model_kept():
         pj.prune.channels_(model, torch.randn(2, 1, 15, 15), ratio=0.5)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_model_that_makes_cpu_tensors_in_forward_is_run_for_real():
+    """The graph runs on the meta device when it can; a tensor made on the CPU inside
+    forward cannot meet meta tensors, so the graph is built from a real run instead."""
+
+    class Offsets(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            y = y + torch.linspace(0, 1, y.shape[-1])  # made on the CPU, not on x's device
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Offsets().eval(), torch.randn(2, 3, 8, 8)
+    assert pj.prune.graph._on_meta(model, pj.prune.graph.trace(model), (x,)) is None
+    small = pj.prune.channels(model, x, ratio=0.5)
+    assert small.conv.out_channels == 4 and small(x).shape == (2, 4)

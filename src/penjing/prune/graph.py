@@ -123,11 +123,11 @@ def dependency_graph(
             "or train mode: they are left as they are, and fail if they read channels that "
             "pruning removes", PenjingWarning, stacklevel=3)
     with eval_mode(model), torch.no_grad():
-        graph = _on_meta(model, gm, inputs)
-        if graph is not None:
-            return graph
         graph = DependencyGraph(model)
         try:
+            meta = _on_meta(model, gm, inputs)
+            if meta is not None:
+                return meta
             Propagator(gm, graph).run(*inputs)
         except UnsupportedLayerError as err:  # without the graph dump fx appends
             raise UnsupportedLayerError(str(err).split("\n\nWhile executing")[0]) from None
@@ -156,6 +156,8 @@ def _on_meta(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> Depen
     try:
         with stateless._reparametrize_module(gm, swapped):
             Propagator(gm, graph).run(*(meta(t) for t in inputs))
-    except Exception:  # noqa: BLE001 - any failure on meta means: run it for real
+    except UnsupportedLayerError:
+        raise  # an op the graph does not know: a real run would say the same
+    except Exception:  # noqa: BLE001 - any other failure on meta means: run it for real
         return None
     return graph

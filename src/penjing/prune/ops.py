@@ -96,7 +96,9 @@ FUNCTION_RULES: dict[Any, str] = {
     torch.einsum: "opaque", F.scaled_dot_product_attention: "opaque",
     torch.zeros_like: "fresh", torch.ones_like: "fresh", torch.full_like: "fresh",
     torch.rand_like: "fresh", torch.randn_like: "fresh", torch.zeros: "fresh",
-    torch.ones: "fresh", torch.arange: "fresh", torch.full: "fresh",
+    torch.ones: "fresh", torch.arange: "fresh", torch.full: "fresh", torch.linspace: "fresh",
+    torch.logspace: "fresh", torch.empty: "fresh", torch.empty_like: "fresh",
+    torch.eye: "fresh", torch.rand: "fresh", torch.randn: "fresh", torch.tensor: "fresh",
     getattr: "replay",  # x.T, x.mT
 }
 _SAME_METHODS = ["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "log", "sqrt",
