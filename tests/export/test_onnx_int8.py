@@ -171,3 +171,21 @@ def test_quantized_model_with_unsupported_op_names_the_op(tmp_path, images):
     q = ptq(_Bessel(), images[:64].split(64), int8())
     with pytest.raises(UnsupportedLayerError, match=r"cannot export aten::i0"):
         export_onnx(q, tmp_path / "q.onnx", images[:1])
+
+
+class _HalvedConv(nn.Conv2d):
+    """A Conv2d subclass whose forward scales its input first: that Mul sits between the
+    input quantizer and the convolution in the exported file."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * 0.5)
+
+
+def test_layers_left_in_float_by_the_export_are_named_in_a_warning(tmp_path, images):
+    model = nn.Sequential(_HalvedConv(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    q = ptq(model.eval(), images[:64].split(32), int8(**INT8))
+    with pytest.warns(pj.errors.PenjingWarning, match=r"1 of them in float: \['/0/Conv'\] read "
+                      r"a value that is not dequantized"):
+        export_onnx(q, tmp_path / "q.onnx", images[:1])
+    ops = optimized_ops(tmp_path / "q.onnx")
+    assert ops.get("QGemm") == 1 and ops.get("QLinearConv", 0) == 0

@@ -82,6 +82,47 @@ def _check_quantizers(model: nn.Module) -> None:
             )
 
 
+def _quantized_layers(model: nn.Module) -> list[str]:
+    """Conv / Linear layers of a PTQ / QAT model whose input and weight are both quantized:
+    each should become one integer kernel in the exported file."""
+    from torch import fx
+
+    from penjing.quant.fakequant import ActQuant, get_weight_quant
+
+    if not isinstance(model, fx.GraphModule):
+        return []
+    found = []
+    for node in model.graph.nodes:
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        layer, source = model.get_submodule(node.target), node.args[0]
+        if (isinstance(layer, nn.Linear | nn.modules.conv._ConvNd)
+                and not isinstance(layer, nn.modules.conv._ConvTransposeNd)
+                and get_weight_quant(layer, "weight") is not None
+                and source.op == "call_module"
+                and isinstance(model.get_submodule(source.target), ActQuant)):
+            found.append(node.target)
+    return found
+
+
+def _check_integer_layers(model: nn.Module, proto) -> None:
+    """Warn when the file has fewer integer-ready layers than the model quantized: an op
+    between a quantizer and its layer (inside a layer subclass's forward, say) leaves that
+    layer to a float kernel in ONNX Runtime."""
+    from penjing.errors import PenjingWarning
+    from penjing.export.qdq import float_layers
+
+    expected = _quantized_layers(model)
+    fused, left = float_layers(proto)
+    if fused < len(expected):
+        warnings.warn(
+            f"the exported file has {fused} integer-ready Conv/Gemm/MatMul nodes for "
+            f"{len(expected)} quantized layers, so ONNX Runtime runs "
+            f"{len(expected) - fused} of them in float: {left[:6]} read a value that is not "
+            "dequantized (an op sits between the quantizer and the layer); move that op out "
+            "of the layer's forward, or export FP32", PenjingWarning, stacklevel=3)
+
+
 def onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -157,6 +198,7 @@ def onnx(
     proto = onnx_lib.load_from_string(buffer.getvalue())
     if any(node.op_type == "QuantizeLinear" for node in proto.graph.node):
         finish_qdq(proto)
+        _check_integer_layers(model, proto)
     onnx_lib.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
     return str(path)

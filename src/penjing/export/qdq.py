@@ -193,3 +193,29 @@ def finish_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     quantize_biases(model)
     prune_unused(model)
     return model
+
+
+_INTEGER_OPS = ("Conv", "Gemm", "MatMul")
+_MOVES = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+
+
+def float_layers(model: onnx.ModelProto) -> tuple[int, list[str]]:
+    """How many Conv / Gemm / MatMul nodes read dequantized values on both inputs (ONNX
+    Runtime fuses those into integer kernels), and the names of those that do not."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def dequantized(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type in _MOVES:  # ORT moves these past the DQ
+            node = producer.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    fused, left = 0, []
+    for node in model.graph.node:
+        if node.op_type not in _INTEGER_OPS:
+            continue
+        if all(dequantized(name) for name in node.input[:2]):
+            fused += 1
+        else:
+            left.append(node.name or node.op_type)
+    return fused, left
