@@ -194,7 +194,8 @@ class Propagator(torch.fx.Interpreter):
     # --- generic rules -------------------------------------------------------------------
     def replay(self, call: _Call) -> Any:
         """Data-movement ops: run the very same op on the materialized labels."""
-        layout = _op_name(self.module, call.node) in ops.LAYOUT
+        op = _op_name(self.module, call.node)
+        layout = op in ops.LAYOUT
 
         def swap(v, lv, data=True):
             # an integer or bool tensor beside the data is an index or a mask: its values
@@ -218,7 +219,7 @@ class Propagator(torch.fx.Interpreter):
         else:
             out = node.target(*args, **kwargs)
         out = _compress_tree(out)
-        if _op_name(self.module, node) in ops.JOINS:
+        if op in ops.JOINS:
             joined = self.join(call, out)
             if joined is not None:
                 return joined
@@ -654,7 +655,7 @@ class Propagator(torch.fx.Interpreter):
         dim = dims[-1]
         fqn, _, name = target.rpartition(".")
         owner = self.dep.model.get_submodule(fqn)
-        if isinstance(getattr(owner, name, None), torch.Tensor) is False:
+        if not isinstance(getattr(owner, name, None), torch.Tensor):
             return _pinned_like(value)
         labels = self.produce(f"{target}@{dim}", value.shape[dim])
         self.slot(fqn, name, dim, "norm", labels)
