@@ -19,6 +19,7 @@ The manifest is compressed because on a small model its JSON is a few percent of
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import math
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from penjing.codec.encoding import (
     ENCODINGS,
@@ -64,6 +66,13 @@ def _error(path: str | os.PathLike, problem: str, fix: str = _FIX) -> FormatErro
 
 def _state_dict(obj: object) -> dict:
     if isinstance(obj, nn.Module):
+        if any(parametrize.is_parametrized(m) for m in obj.modules()):
+            # live masks or shared weights: store what the layers compute, not the raw
+            # originals and int64 codes, which no fresh model could load
+            from penjing.prune.masks import finalize_
+
+            obj = copy.deepcopy(obj)
+            finalize_(obj)
         return obj.state_dict()
     if not isinstance(obj, dict):
         raise TypeError(
@@ -112,13 +121,13 @@ def _build(
         b = bits.get(name, default_index_bits(t))
         encoded.append(encode_tensor(name, t, b, max_codebook))
     data = [section for e in encoded for _, section in e.sections]
+    manifest = {"format": "pjz", "data_bytes": sum(map(len, data)),
+                "tensors": [e.entry for e in encoded]}
+    if isinstance(obj, nn.Module) and (steps := structure(obj)):
+        manifest["history"] = steps  # penjing.load rebuilds the pruned structure from it
     manifest = zlib.compress(
         json.dumps(
-            {
-                "format": "pjz",
-                "data_bytes": sum(map(len, data)),
-                "tensors": [e.entry for e in encoded],
-            },
+            manifest,
             separators=(",", ":"),
             ensure_ascii=False,
         ).encode("utf-8"),
@@ -423,6 +432,27 @@ def load(path: str | os.PathLike, *, max_memory: int | None = None) -> dict[str,
                 "free memory, or check that the file is the model you meant",
             ) from err
     return state
+
+
+def structure(model: nn.Module) -> list[dict]:
+    """The steps of `model`'s history that change its structure (see penjing.history);
+    masks and shared weights are baked into a .pjz, so their steps are left out."""
+    from penjing import history
+
+    return [s for s in history.steps(model) if s["op"] in ("channels", "heads", "compact")]
+
+
+def read_history(path: str | os.PathLike) -> list:
+    """The structural history a .pjz file records (empty when it has none), read from its
+    checked manifest without decoding any tensor."""
+    data = memoryview(_read_file(path))
+    length, crc = _read_header(data[: _HEADER.size], path, len(data))
+    start = _HEADER.size + length
+    manifest = _read_manifest(data[_HEADER.size : start], crc, path, len(data) - start)
+    found = manifest.get("history", [])
+    if not isinstance(found, list):
+        raise _error(path, "its history is not a list")
+    return found
 
 
 def inspect(path: str | os.PathLike) -> CompressionReport:
