@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from penjing import codec, data, distill, errors, export, models, prune, quant, train
+from penjing.model_file import load, save
 from penjing.prune.masks import finalize_
 
 __version__ = "0.1.0"
@@ -14,8 +15,10 @@ __all__ = [
     "errors",
     "export",
     "finalize_",
+    "load",
     "models",
     "prune",
     "quant",
+    "save",
     "train",
 ]

@@ -48,10 +48,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        if isinstance(self.attn, nn.MultiheadAttention):
-            x = x + self.attn(h, h, h, need_weights=False)[0]
-        else:
+        if isinstance(self.attn, Attention):
             x = x + self.attn(h)
+        else:  # nn.MultiheadAttention, or the HeadAttention heads_ puts in its place
+            x = x + self.attn(h, h, h, need_weights=False)[0]
         return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
 
 

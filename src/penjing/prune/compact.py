@@ -16,6 +16,7 @@ loading.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from penjing import history
 from penjing.errors import UnsupportedLayerError
 
 
@@ -203,4 +205,37 @@ def compact_(
         new.train(conv.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new.to(conv.weight.device))
+    if done:
+        history.record(model, {"op": "compact", "layers": {
+            name: [kind, _kept_lists(model.get_submodule(name))] for name, kind in done.items()
+        }})
     return done
+
+
+def _kept_lists(layer: StripeConv2d | ShapeConv2d) -> list[list[int]]:
+    """The filters (stripe) or input channels (shape) kept at each kernel position."""
+    index = (layer.rows if isinstance(layer, StripeConv2d) else layer.cols).tolist()
+    starts = [0, *itertools.accumulate(layer.counts)]
+    return [index[a:b] for a, b in itertools.pairwise(starts)]
+
+
+def replay_compact_(model: nn.Module, layers: dict[str, list]) -> None:
+    """Replace convs as `compact_` did, from the {layer: [kind, kept lists]} it recorded
+    (weights are loaded afterwards). A ValueError when the record does not fit."""
+    for name, (kind, kept) in layers.items():
+        conv = model.get_submodule(name)
+        if not _compactable(conv) or kind not in ("stripe", "shape"):
+            raise ValueError(f"layer {name!r} ({type(conv).__name__}) cannot be a {kind} conv")
+        size = conv.out_channels if kind == "stripe" else conv.in_channels
+        positions = _positions(tuple(conv.kernel_size))
+        if len(kept) != len(positions):
+            raise ValueError(f"layer {name!r}: {len(kept)} kernel positions recorded, the conv "
+                             f"has {len(positions)}")
+        mask = torch.zeros(size, *conv.kernel_size, dtype=torch.bool)
+        for (i, j), rows in zip(positions, kept, strict=True):
+            if rows and (min(rows) < 0 or max(rows) >= size):
+                raise ValueError(f"layer {name!r}: kept index out of 0..{size - 1}")
+            mask[rows, i, j] = True
+        new = (StripeConv2d if kind == "stripe" else ShapeConv2d)(conv, mask)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)

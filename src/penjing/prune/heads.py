@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from penjing import history
 from penjing.errors import UnsupportedLayerError
 
 
@@ -192,4 +193,25 @@ def heads_(
         if keep < n:
             _keep_heads(attn, kept)
         kept_heads[name] = tuple(int(i) for i in kept)
+    history.record(model, {"op": "heads", "layers": {k: list(v) for k, v in kept_heads.items()}})
     return kept_heads
+
+
+def replay_heads_(model: nn.Module, layers: dict[str, list[int]]) -> None:
+    """Swap and cut attention layers as `heads_` did, from its returned {layer: kept}
+    (weights are loaded afterwards). A ValueError when a layer is not attention."""
+    for name, kept in layers.items():
+        attn = model.get_submodule(name) if name else model
+        if isinstance(attn, nn.MultiheadAttention):
+            if not name:
+                raise ValueError("the model itself is a MultiheadAttention")
+            attn = HeadAttention.from_mha(attn, name)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, attn)
+        if not isinstance(attn, HeadAttention):
+            raise ValueError(f"layer {name!r} is {type(attn).__name__}, not attention")
+        index = torch.tensor(kept, dtype=torch.long)
+        if not len(kept) or int(index.min()) < 0 or int(index.max()) >= attn.num_heads:
+            raise ValueError(f"layer {name!r} has {attn.num_heads} heads; cannot keep {kept}")
+        if len(kept) < attn.num_heads:
+            _keep_heads(attn, index)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from penjing import history
 from penjing.errors import FormatError, UnsupportedLayerError
 from penjing.prune.graph import DependencyGraph
 from penjing.tracing import layer_class
@@ -60,6 +61,7 @@ def apply_(model: nn.Module, changes: Iterable[Change]) -> list[str]:
     Weights under a parametrization (masks, shared weights) must be baked in first with
     `penjing.finalize_`.
     """
+    changes = list(changes)
     sizes: dict[str, dict[tuple[str, int], int]] = {}
     old: dict[str, tuple] = {}
     for change in changes:
@@ -95,6 +97,8 @@ def apply_(model: nn.Module, changes: Iterable[Change]) -> list[str]:
             module._buffers[change.name] = new
     for fqn, counts in sizes.items():
         _sync(model.get_submodule(fqn), fqn, old[fqn], counts)
+    if changes:
+        history.record(model, {"op": "channels", "changes": changes_to_rows(changes)})
     return list(sizes)
 
 
@@ -138,9 +142,14 @@ def _sync(module: nn.Module, fqn: str, old: tuple, counts: dict[tuple[str, int],
         )
 
 
+def changes_to_rows(changes: Iterable[Change]) -> list[list]:
+    """The change list as JSON-ready [module, tensor, dim, kept] rows."""
+    return [[c.fqn, c.name, c.dim, list(c.kept)] for c in changes]
+
+
 def save_pruned(model: nn.Module, changes: list[Change], path: str | os.PathLike) -> None:
     """Write the pruned weights as safetensors with the change list in its metadata, atomically."""
-    meta = json.dumps([[c.fqn, c.name, c.dim, list(c.kept)] for c in changes])
+    meta = json.dumps(changes_to_rows(changes))
     save_checkpoint(model, path, metadata={METADATA_KEY: meta})
 
 
@@ -152,7 +161,11 @@ def _changes_from_json(meta: object) -> list[Change]:
     may only keep strictly increasing indices, so replaying it can only shrink a model)."""
     from penjing.io import parse_json
 
-    rows = parse_json(meta, "the change list")
+    return changes_from_rows(parse_json(meta, "the change list"))
+
+
+def changes_from_rows(rows: object) -> list[Change]:
+    """Rows as `changes_to_rows` writes them, checked for types and order."""
     if not isinstance(rows, list):
         raise ValueError(f"the change list must be a JSON list, got {type(rows).__name__}")
     changes = []

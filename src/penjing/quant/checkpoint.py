@@ -190,14 +190,7 @@ def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLik
                 f"activation quantizer {name!r} is not calibrated yet; save the model that "
                 "ptq / qat returned"
             )
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    for key, quant in _integer_weights(model).items():
-        ints = quantize(state.pop(key).float(), quant.scale.detach(), quant.zero_point,
-                        quant.spec)
-        if _fits_a_nibble(quant.spec):
-            state[key + _NIBBLE_SUFFIX] = pack_nibbles(ints, quant.spec.qmin)
-        else:
-            state[key + _INT_SUFFIX] = ints.to(_storage_dtype(quant.spec))
+    state = integer_state(model)
     metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config))}
     return save_checkpoint(state, path, metadata)  # adds the SHA-256 of all of it
 
@@ -270,6 +263,27 @@ def _rebuild(
     from penjing.quant.ptq import prepare
 
     q = prepare(model, replace(config, learnable=False))  # learned scales are stored baked
+    load_state(q, restore_state(q, tensors, path), path)
+    return q.eval()
+
+
+def integer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state with every fake-quantized weight as its integers (keys ending in
+    .int, or .int4 for two to a byte), as `save_quantized` stores it."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for key, quant in _integer_weights(model).items():
+        ints = quantize(state.pop(key).float(), quant.scale.detach(), quant.zero_point,
+                        quant.spec)
+        if _fits_a_nibble(quant.spec):
+            state[key + _NIBBLE_SUFFIX] = pack_nibbles(ints, quant.spec.qmin)
+        else:
+            state[key + _INT_SUFFIX] = ints.to(_storage_dtype(quant.spec))
+    return state
+
+
+def restore_state(q: nn.Module, tensors: dict, path: str | os.PathLike) -> dict:
+    """Set the activation quantizers of `q` (a model `prepare` made) from `tensors` (as
+    `integer_state` wrote them) and return the float state_dict that `q` then loads."""
     for name, module in q.named_modules():
         if isinstance(module, ActQuant):
             prefix = f"{name}."
@@ -294,7 +308,7 @@ def _rebuild(
         if float_key not in integer:
             raise FormatError(
                 f"{str(path)!r}: integer weight {key!r} has no quantized layer in this "
-                f"{type(model).__name__}: it was saved from a different model or config"
+                f"{type(q).__name__}: it was saved from a different model or config"
             )
         quant, shape = integer[float_key], shapes[float_key]
         if suffix == _NIBBLE_SUFFIX:
@@ -305,7 +319,7 @@ def _rebuild(
                     f"{str(path)!r}: {key!r}: {err}: it was saved from a different model"
                 ) from err
         elif value.shape != shape or value.is_floating_point() or value.is_complex():
-            raise FormatError(f"{str(path)!r} does not fit this {type(model).__name__}: integer "
+            raise FormatError(f"{str(path)!r} does not fit this {type(q).__name__}: integer "
                               f"weight {key!r} is {value.dtype} of shape {tuple(value.shape)}, "
                               f"the layer needs integers of {tuple(shape)}")
         else:
@@ -317,5 +331,4 @@ def _rebuild(
         if state[float_key].shape != shape:
             raise FormatError(f"{str(path)!r}: the scales of {key!r} make a weight of shape "
                               f"{tuple(state[float_key].shape)}, the layer's is {tuple(shape)}")
-    load_state(q, state, path)
-    return q.eval()
+    return state

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from penjing import history
+from penjing.quant.checkpoint import config_to_dict
 from penjing.quant.config import QuantConfig, select
 from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_tensors
 from penjing.quant.fold import fold_bn_
@@ -42,7 +44,9 @@ def quantize_(
     >>> pj.quant.quantize_(model, pj.quant.weight_only(bits=4, group_size=32))
     """
     _check_config(config)
-    return _quantize_weights(model, select(model, config, order), config, qat)
+    added = _quantize_weights(model, select(model, config, order), config, qat)
+    history.record(model, {"op": "quantize", "config": config_to_dict(config), "in_place": True})
+    return added
 
 
 def _quantize_weights(
@@ -77,12 +81,14 @@ def prepare(model: nn.Module, config: QuantConfig, *, qat: bool = False) -> nn.M
     activations, traced (a GraphModule) with observing activation quantizers, ready for
     `calibrate_`. BatchNorm is folded first (the copy is put in eval mode for that)."""
     _check_config(config)
-    model = copy.deepcopy(model).eval()
+    source, model = model, copy.deepcopy(model).eval()
     fold_bn_(model)
     order = layer_order(model, config) if config.activation is not None else None
     chosen = select(model, config, order)
     _quantize_weights(model, chosen, config, qat)
+    step = {"op": "quantize", "config": config_to_dict(config)}
     if config.activation is None:
+        history.record(model, step)
         return model
     modules = dict(model.named_modules())
     layers = [  # attention keeps float activations: it returns a tuple, not one tensor
@@ -90,6 +96,8 @@ def prepare(model: nn.Module, config: QuantConfig, *, qat: bool = False) -> nn.M
     ]
     gm = trace(model, config.types)
     insert_quantizers(gm, layers, config)
+    history.carry(source, gm)
+    history.record(gm, step)
     return gm
 
 
