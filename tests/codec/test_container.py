@@ -78,7 +78,7 @@ def test_round_trip_is_bit_exact(state: dict, tmp_path: Path) -> None:
     report = codec.save(state, path)
     _assert_same_bits(state, codec.load(path))
     enc = {layer.name: layer.encoding for layer in report.layers}
-    assert enc["fc.weight"] == "sparse"
+    assert enc["fc.weight"] in ("dense", "sparse")  # rANS makes dense codes competitive
     assert enc["conv.bias"] == enc["fc.bias"] == enc["bn.num_batches_tracked"] == "raw"
     for name in ("half", "bf16", "f64", "odd", "zeros"):
         assert enc[name] in ("dense", "sparse"), name
@@ -89,7 +89,7 @@ def test_negative_zero_is_a_zero(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     w = _shared((200, 100), 15, 0.9, g)
     assert (torch.signbit(w) & (w == 0)).any()
-    report = codec.save({"w": w}, tmp_path / "w.pjz")
+    report = codec.save({"w": w}, tmp_path / "w.pjz", coders=("huffman",))
     back = codec.load(tmp_path / "w.pjz")["w"]
     assert torch.equal(back, w)  # equal values; -0.0 comes back as +0.0
     assert not (torch.signbit(back) & (back == 0)).any()
@@ -112,7 +112,7 @@ def test_module_round_trip(tmp_path: Path) -> None:
 def test_sparse_fc_compresses_over_20x(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(2)
     w = _shared((300, 784), 31, 0.9, g)
-    report = codec.save({"fc1.weight": w}, tmp_path / "fc.pjz")
+    report = codec.save({"fc1.weight": w}, tmp_path / "fc.pjz", coders=("huffman",))
     layer = report.layers[0]
     assert layer.encoding == "sparse" and layer.index_bits == 5 and layer.weight_bits == 5
     assert report.compressed_bytes == os.path.getsize(tmp_path / "fc.pjz")
@@ -158,12 +158,13 @@ def test_inspect_reads_the_manifest(state: dict, tmp_path: Path) -> None:
 
 
 def test_index_bits_override(state: dict) -> None:
-    by_int = codec.report_size(state, index_bits=3)
+    huffman = ("huffman",)  # with rANS the dense codes win and there are no gaps
+    by_int = codec.report_size(state, index_bits=3, coders=huffman)
     assert next(r for r in by_int.layers if r.name == "fc.weight").index_bits == 3
-    by_name = codec.report_size(state, index_bits={"fc.weight": 2})
+    by_name = codec.report_size(state, index_bits={"fc.weight": 2}, coders=huffman)
     rows = {r.name: r for r in by_name.layers}
     assert rows["fc.weight"].index_bits == 2
-    default = {r.name: r for r in codec.report_size(state).layers}
+    default = {r.name: r for r in codec.report_size(state, coders=huffman).layers}
     assert default["fc.weight"].index_bits == 5
     assert rows["fc.weight"].padding > default["fc.weight"].padding
     with pytest.raises(ValueError, match="not in the state_dict"):
@@ -360,7 +361,7 @@ def test_a_shape_too_large_for_memory_is_a_format_error(tmp_path: Path) -> None:
     # an all-zero sparse tensor costs a few bytes whatever its shape, so a file may claim
     # a shape of 2**50 elements with valid checksums; loading must refuse, not allocate
     path = tmp_path / "zeros.pjz"
-    codec.save({"w": torch.zeros(1000, 1000)}, path)
+    codec.save({"w": torch.zeros(1000, 1000)}, path, coders=("huffman",))
     data = path.read_bytes()
     (length,) = struct.unpack_from("<Q", data, 8)
     manifest = json.loads(zlib.decompress(data[20 : 20 + length]))

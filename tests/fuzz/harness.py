@@ -2,7 +2,7 @@
 
 Byte flips only test the checksums. Here each input is a valid file (a .pjz, or a plain,
 pruned or quantized safetensors checkpoint) edited where it means something — manifest
-fields, shapes, counts, Huffman headers and chunk sizes, change lists, quantization
+fields, shapes, counts, Huffman and rANS headers and chunk sizes, change lists, quantization
 configs, tensors — with its checksums and hashes recomputed, so the edit reaches the
 parser behind them. Every input runs in-process under a watchdog; a loader passes when it
 returns or raises a `penjing.errors.PenjingError`, in under `SLOW_S` seconds, with its peak
@@ -35,13 +35,13 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 import penjing as pj
-from penjing.codec import container
+from penjing.codec import container, rans
 from penjing.codec.bitpack import Reader, varint
 from penjing.errors import PenjingError
 from penjing.prune.surgery import METADATA_KEY, Change
 from penjing.quant import ptq, save_quantized
 from penjing.quant.checkpoint import load_quantized
-from penjing.quant.command import make_config
+from penjing.quant.config import make_config
 from penjing.train import INTEGRITY_KEY, checkpoint_digest
 
 SLOW_S = 2.0  # an input that takes longer is a failure
@@ -98,9 +98,12 @@ def pjz_seeds() -> list[bytes]:
         {"long": _shared((200, 200), 16, 0.5, g)},  # long streams: the lockstep decoder
     ]
     seeds = []
-    for state in states:
-        parts, _ = container._build(state, None, container.MAX_CODEBOOK)
-        seeds.append(b"".join(parts))
+    # Each state twice: streams the smaller of Huffman and rANS (as `save` writes), and
+    # Huffman only, so both decoders meet every kind of stream.
+    for coders in (("huffman", "rans"), ("huffman",)):
+        for state in states:
+            parts, _ = container._build(state, None, container.MAX_CODEBOOK, coders)
+            seeds.append(b"".join(parts))
     return seeds
 
 
@@ -213,6 +216,37 @@ def _edit_huffman(rng: np.random.Generator, blob: bytes) -> bytes:
     return head + blob[end:]
 
 
+def _rans_fields(blob: bytes) -> list[int] | None:
+    """tag, precision, n, lanes, alphabet size, top symbol, width, then the header's end."""
+    try:
+        r = Reader(blob, "stream")
+        if r.u8() != rans.TAG:
+            return None
+        fields = [rans.TAG, r.u8(), r.varint(), r.varint(), r.varint(), r.varint(), r.u8()]
+        return fields + [r.pos]
+    except ValueError:
+        return None
+
+
+def _edit_rans(rng: np.random.Generator, blob: bytes) -> bytes:
+    fields = _rans_fields(blob)
+    if fields is None:
+        return blob
+    *values, end = fields
+    i = int(rng.integers(7))
+    n = values[2]
+    choices = {
+        0: [1, 2, 3, 255],
+        1: [0, 1, 15, 16, 17, 255],
+        6: [0, 1, 15, 16, 17, 255],
+    }.get(i, [0, 1, n, n + 1, n - 1, 2 * n, 8192, 8193, 2**16, 2**17 + 1, 2**40, 2**63])
+    values[i] = max(int(choices[rng.integers(len(choices))]), 0)
+    if i in (0, 1, 6):
+        values[i] %= 256
+    head = bytes(values[:2]) + b"".join(varint(v) for v in values[2:6]) + bytes([values[6]])
+    return head + blob[end:]
+
+
 def _edit_bytes(rng: np.random.Generator, blob: bytes) -> bytes:
     op = rng.integers(4)
     data = bytearray(blob)
@@ -279,11 +313,14 @@ def mutate_pjz(rng: np.random.Generator, seed: bytes) -> bytes:
             else:
                 shape = shape[::-1] + [1] * int(rng.integers(0, 40))
             entry["shape"] = shape
-        elif op < 65 and t is not None:  # a Huffman stream's header: n, chunk, bits, widths
-            coded = [i for i, b in enumerate(f.sections[t]) if _huffman_fields(b)]
+        elif op < 65 and t is not None:  # a stream's header: counts, chunk, lanes, widths
+            coded = [i for i, b in enumerate(f.sections[t])
+                     if _huffman_fields(b) or _rans_fields(b)]
             if coded:
                 i = int(rng.choice(coded))
-                f.sections[t][i] = _edit_huffman(rng, f.sections[t][i])
+                blob = f.sections[t][i]
+                edit = _edit_rans if _rans_fields(blob) else _edit_huffman
+                f.sections[t][i] = edit(rng, blob)
         elif op < 78 and t is not None and f.sections[t]:  # a section's bytes
             i = int(rng.integers(len(f.sections[t])))
             f.sections[t][i] = _edit_bytes(rng, f.sections[t][i])

@@ -1,8 +1,9 @@
 """Deep Compression storage: pruned, weight-shared tensors as Huffman-coded sparse streams.
 
 `save` writes a state_dict as a checksummed .pjz file and reports what every tensor cost;
-`load` reads it back bit-exact without unpickling anything. `huffman` and `relindex` are
-the two codes underneath, usable on their own.
+`load` reads it back bit-exact without unpickling anything. `relindex`, `huffman` and
+`rans` are the codes underneath (`entropy` picks the smaller coder per stream), usable
+on their own.
 
     import penjing.codec as codec
     report = codec.save(model, "model.pjz")
@@ -12,7 +13,7 @@ the two codes underneath, usable on their own.
 
 from __future__ import annotations
 
-from penjing.codec import huffman, relindex
+from penjing.codec import entropy, huffman, rans, relindex
 from penjing.codec.container import inspect, load, report_size, save
 from penjing.codec.report import CompressionReport, LayerReport, StreamReport
 
@@ -20,9 +21,11 @@ __all__ = [
     "CompressionReport",
     "LayerReport",
     "StreamReport",
+    "entropy",
     "huffman",
     "inspect",
     "load",
+    "rans",
     "relindex",
     "report_size",
     "save",

@@ -2,8 +2,9 @@
 
 A float tensor with few distinct values (pruned, then weight-shared) is stored as a
 codebook of its distinct non-zero values plus a code per element (0 = zero weight), and
-the codes either densely (Huffman over every position) or sparsely (relative-index gaps
-and values, both Huffman-coded). Whichever of dense, sparse and raw bytes is smallest wins.
+the codes either densely (entropy-coded over every position) or sparsely (relative-index
+gaps and values). Each stream is Huffman- or rANS-coded, whichever is smaller, and
+whichever of dense, sparse and raw bytes is smallest wins.
 Everything else (integer buffers, bool masks, dense biases) is stored raw, little-endian.
 
 Coded tensors round-trip bit-exactly except for the sign of zero: -0.0 (what `w * mask`
@@ -22,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from penjing.codec import huffman, relindex
+from penjing.codec import entropy, huffman, relindex
 from penjing.codec.report import LayerReport, layer_report
 
 ENCODINGS = ("raw", "dense", "sparse")
@@ -165,19 +166,27 @@ class _Choice(NamedTuple):
 
 
 def _coded_choices(
-    patterns: np.ndarray, codes: np.ndarray, dtype: torch.dtype, index_bits: int
+    patterns: np.ndarray,
+    codes: np.ndarray,
+    dtype: torch.dtype,
+    index_bits: int,
+    coders: tuple[str, ...],
 ) -> list[_Choice]:
     """The dense and the sparse way to store a codebook and its codes."""
     book = ("codebook", patterns.astype(_PATTERN[dtype][1]).tobytes())
+
+    def code(symbols: np.ndarray) -> bytes:
+        return entropy.encode(symbols, coders=coders)
+
     fields = {"codebook": int(patterns.size)}
     dense = _Choice(
-        [book, ("codes", huffman.encode(codes))],
+        [book, ("codes", code(codes))],
         {"encoding": "dense", **fields},
         weight_entropy=huffman.entropy_bits(codes),
     )
     gaps, values = relindex.encode(codes, index_bits)
     sparse = _Choice(
-        [book, ("gaps", huffman.encode(gaps)), ("values", huffman.encode(values))],
+        [book, ("gaps", code(gaps)), ("values", code(values))],
         {
             "encoding": "sparse",
             **fields,
@@ -192,15 +201,20 @@ def _coded_choices(
 
 
 def encode_tensor(
-    name: str, tensor: torch.Tensor, index_bits: int, max_codebook: int
+    name: str,
+    tensor: torch.Tensor,
+    index_bits: int,
+    max_codebook: int,
+    coders: tuple[str, ...] = entropy.CODER_NAMES,
 ) -> EncodedTensor:
-    """Encode one tensor in the smallest of raw, dense and sparse form (raw wins ties)."""
+    """Encode one tensor in the smallest of raw, dense and sparse form (raw wins ties),
+    each stream with the smallest of `coders`."""
     t = check_tensor(name, tensor)
     raw = _raw_bytes(t)
     choices = [_Choice([("raw", raw)], {"encoding": "raw"})]
     book = _codebook(t, max_codebook) if t.dtype in _PATTERN and t.numel() else None
     if book is not None:
-        choices += _coded_choices(*book, t.dtype, index_bits)
+        choices += _coded_choices(*book, t.dtype, index_bits, coders)
     best = min(choices, key=lambda c: c.size)
     entry = {
         "name": name,
@@ -240,14 +254,14 @@ def decode_tensor(entry: dict, sections: dict[str, memoryview]) -> torch.Tensor:
     table = np.zeros(size + 1, dtype=np.dtype(little).newbyteorder("="))
     table[1:] = np.frombuffer(cb_bytes, dtype=little)
     if encoding == "dense":
-        codes = huffman.decode(sections["codes"])
+        codes = entropy.decode(sections["codes"], max_symbols=numel)
         if codes.size != numel:
             raise ValueError(f"code stream has {codes.size} codes for {numel} elements")
         _check_codes(codes, size)
         out = table[codes]
     else:
-        gaps = huffman.decode(sections["gaps"])
-        values = huffman.decode(sections["values"])
+        gaps = entropy.decode(sections["gaps"], max_symbols=numel)
+        values = entropy.decode(sections["values"], max_symbols=numel)
         if gaps.size != values.size:
             raise ValueError(
                 f"gaps and values must pair up, got {gaps.size} gaps and {values.size} values"
