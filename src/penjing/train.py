@@ -102,18 +102,32 @@ def fit(
     keeps the learning rate; "cosine" lowers it from its start to 0 along a half cosine,
     step by step (epoch by epoch for a loader without a length), and gives a caller's
     optimizer back with its starting rate.
+
+    Under torchrun (see penjing.distributed) every rank trains on its share of each
+    epoch with gradients averaged over ranks: the model starts from rank 0's weights,
+    ranks end with the same weights and buffers, the history is the mean over ranks,
+    and only rank 0 shows progress. `seed` then seeds rank r with seed + r.
     """
     from tqdm.auto import tqdm
+
+    from penjing import distributed
 
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    spread = distributed.init()
     if seed is not None:
-        seed_everything(seed)
+        seed_everything(seed + distributed.rank())  # dropout differs by rank, as data does
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else (
         make_optimizer(model.parameters(), optimizer, lr)
     )
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if spread:
+        distributed.broadcast_(model)
+        distributed.broadcast_(params)  # a caller's optimizer may train more than `model`
+        train_loader = distributed.shard(train_loader, seed=seed or 0)
+        progress = progress and distributed.is_main()
     per_step = hasattr(train_loader, "__len__")
     scheduler, start_lrs = None, [group["lr"] for group in opt.param_groups]
     if schedule == "cosine":
@@ -123,13 +137,17 @@ def fit(
         )
     history = History()
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
+    for epoch in bar:
         model.train()
         total, batches = 0.0, 0
+        if spread:
+            distributed.set_epoch(train_loader, epoch)
         for x, y in train_loader:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, x, y)
             loss.backward()
+            if spread:
+                distributed.all_reduce_grads_(params)
             opt.step()
             if scheduler is not None and per_step:
                 scheduler.step()
@@ -137,6 +155,10 @@ def fit(
             batches += 1
         if scheduler is not None and not per_step:
             scheduler.step()
+        if spread:  # BatchNorm statistics saw other batches on each rank: take rank 0's
+            distributed.broadcast_buffers_(model)
+            total, batches = distributed.all_reduce(total, "sum"), distributed.all_reduce(
+                batches, "sum")
         history.loss.append(total / max(batches, 1))
         postfix = {"loss": f"{history.loss[-1]:.4f}"}
         if test_loader is not None:
@@ -190,13 +212,25 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 20) -> in
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable) -> float:
-    """Top-1 accuracy of `model` over `loader`, as a fraction in [0, 1]."""
+def evaluate(model: nn.Module, loader: Iterable, *, shard: bool = True) -> float:
+    """Top-1 accuracy of `model` over `loader`, as a fraction in [0, 1].
+
+    Under torchrun every rank must call it: each counts its share of `loader` and the
+    counts are summed, so all ranks get the accuracy over the whole loader. `shard=False`
+    evaluates the whole loader on this rank alone, for ranks holding different models.
+    """
+    from penjing import distributed
+
+    spread = shard and distributed.init()
+    if spread:
+        loader = distributed.shard(loader, even=False)
     correct = seen = 0
     with eval_mode(model):
         for x, y in loader:
             correct += int((model(x).argmax(dim=1) == y).sum())
             seen += len(y)
+    if spread:
+        correct, seen = (int(distributed.all_reduce(v, "sum")) for v in (correct, seen))
     if seen == 0:
         raise ValueError("cannot evaluate on an empty loader; give it at least one batch")
     return correct / seen

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from penjing.distributed import all_reduce
 from penjing.quant.linear import (
     PerChannel,
     PerTensor,
@@ -54,6 +55,13 @@ class Observer:
             )
         return self.lo, self.hi
 
+    def all_reduce_(self) -> None:
+        """Merge what every torchrun rank saw (min of minima, max of maxima), so that all
+        ranks freeze the same range; a no-op in one process."""
+        if self.lo is not None:
+            self.lo, self.hi = all_reduce(self.lo, "min"), all_reduce(self.hi, "max")
+        self.batches = int(all_reduce(self.batches, "sum"))
+
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return qparams(*self.range(), self.spec)
 
@@ -77,6 +85,12 @@ class MovingAverage(Observer):
             return
         self.lo = self.lo + self.momentum * (lo - self.lo)
         self.hi = self.hi + self.momentum * (hi - self.hi)
+
+    def all_reduce_(self) -> None:
+        """Average every rank's moving minimum and maximum."""
+        if self.lo is not None:
+            self.lo, self.hi = all_reduce(self.lo, "mean"), all_reduce(self.hi, "mean")
+        self.batches = int(all_reduce(self.batches, "sum"))
 
 
 class Histogram(Observer):
@@ -116,6 +130,16 @@ class Histogram(Observer):
         nonzero = values[values != 0]
         self.zeros += values.numel() - nonzero.numel()
         self.counts += torch.histc(nonzero, self.bins, self.edge_lo, self.edge_hi)
+
+    def all_reduce_(self) -> None:
+        """Merge every rank's histogram: each widens to the common range, then the
+        counts add up."""
+        super().all_reduce_()
+        edge_lo, edge_hi = all_reduce(self.edge_lo, "min"), all_reduce(self.edge_hi, "max")
+        if (edge_lo, edge_hi) != (self.edge_lo, self.edge_hi):
+            self._widen(edge_lo, edge_hi)
+        self.counts = all_reduce(self.counts, "sum")
+        self.zeros = int(all_reduce(self.zeros, "sum"))
 
     def _widen(self, new_lo: float, new_hi: float) -> None:
         old_centers = self.centers()

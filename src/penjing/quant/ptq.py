@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing import history
+from penjing import distributed, history
 from penjing.quant.checkpoint import config_to_dict
 from penjing.quant.config import QuantConfig, select
 from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_tensors
@@ -119,7 +119,9 @@ def _inputs(batch: object) -> torch.Tensor:
 @torch.no_grad()
 def calibrate_(model: nn.Module, loader: Iterable, batches: int | None = None) -> int:
     """Run `loader` (or its first `batches` batches) through `model` so the observers see
-    the activations; return the number of batches seen."""
+    the activations; return the number of batches seen. Under torchrun every rank
+    calibrates, then the observers merge what all ranks saw, so every rank freezes
+    the same ranges."""
     if batches is not None and batches < 1:
         raise ValueError(f"batches must be >= 1 or None, got {batches}")
     was_training = model.training
@@ -134,6 +136,10 @@ def calibrate_(model: nn.Module, loader: Iterable, batches: int | None = None) -
             "calibration needs at least one batch, got an empty loader; give ptq a loader "
             "over a few hundred training images"
         )
+    if distributed.active():
+        for quantizer in activation_quantizers(model).values():
+            if not quantizer.frozen and hasattr(quantizer.observer, "all_reduce_"):
+                quantizer.observer.all_reduce_()
     return seen
 
 
