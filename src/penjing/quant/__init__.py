@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from penjing.quant.checkpoint import load_quantized, save_quantized
 from penjing.quant.config import QUANTIZABLE, QuantConfig, int8, select, weight_only
+from penjing.quant.dfq import (
+    BIAS_CORRECTIONS,
+    correct_bias_analytic_,
+    correct_bias_empirical_,
+    dfq,
+    input_means,
+)
+from penjing.quant.equalize import ChannelClip, Equalization, Pair, equalize
 from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_qparams
 from penjing.quant.fold import fold_bn_
 from penjing.quant.kmeans import INITS, KMeansResult, check_bits, kmeans_1d
@@ -32,6 +40,15 @@ from penjing.quant.report import LayerStats, format_layers, layer_report
 from penjing.quant.shared import SharedWeights, SharingInfo, get_shared, kmeans_
 
 __all__ = [
+    "BIAS_CORRECTIONS",
+    "ChannelClip",
+    "Equalization",
+    "Pair",
+    "correct_bias_analytic_",
+    "correct_bias_empirical_",
+    "dfq",
+    "equalize",
+    "input_means",
     "INITS",
     "OBSERVERS",
     "QUANTIZABLE",
