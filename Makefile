@@ -22,7 +22,7 @@ $(TEST_STAMP): $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/penjing demo --model lenet300 --out runs/demo
+	$(VENV)/bin/penjing demo --model lenet300 --out-dir runs/demo
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q

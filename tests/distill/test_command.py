@@ -9,6 +9,7 @@ import torch
 
 import penjing as pj
 from penjing.cli import main
+from penjing.cli.distill import distill_named
 
 USER_MODELS = '''
 from torch import nn
@@ -32,11 +33,11 @@ def teacher_file(teacher, tmp_path_factory):
 
 
 def accuracy_printed(out: str, role: str) -> float:
-    return float(re.search(rf"^{role}\s+\S+\s+([0-9.]+)$", out, re.M).group(1))
+    return float(re.search(rf"^{role}\s+\S+\s+([0-9.]+)%$", out, re.M).group(1)) / 100
 
 
-def run(args, capsys) -> tuple[int, str, str]:
-    code = main(["distill", *args, "--quiet"])
+def run(args, capsys, baseline: bool = False) -> tuple[int, str, str]:
+    code = main(["distill", *args, "--quiet", *([] if baseline else ["--no-baseline"])])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -48,10 +49,10 @@ def test_distills_a_builtin_student_and_saves_it(teacher, teacher_file, test_loa
                             "--student", "mlp30", "--epochs", "1", "--out", str(out)], capsys)
     assert code == 0
     teacher_accuracy = pj.train.evaluate(teacher, test_loader)
-    assert accuracy_printed(printed, "teacher") == round(teacher_accuracy, 4)
-    student = pj.train.load_checkpoint(out, pj.models.create("mlp30"))
+    assert accuracy_printed(printed, "teacher") == pytest.approx(teacher_accuracy, abs=5e-5)
+    student = pj.load(out, pj.models.create("mlp30"))
     measured = pj.train.evaluate(student, test_loader)
-    assert accuracy_printed(printed, "student") == round(measured, 4)
+    assert accuracy_printed(printed, "student") == pytest.approx(measured, abs=5e-5)
     assert measured > 0.6  # one epoch at T = 4; chance is 0.1
 
 
@@ -65,14 +66,20 @@ def test_pruned_student_comes_back_pruned(teacher_file, test_loader, tmp_path, c
     pj.train.save_checkpoint(pruned, start)
     code, printed, _ = run(["--teacher", "lenet5", "--teacher-weights", str(teacher_file),
                             "--student", "lenet300", "--student-weights", str(start),
-                            "--epochs", "1", "--out", str(out)], capsys)
+                            "--epochs", "1", "--out", str(out)], capsys, baseline=True)
     assert code == 0
     assert "student sparsity kept: 90.00%" in printed
-    state = pj.train.load_checkpoint(out)
-    assert set(state) == set(pruned.state_dict())  # masks baked in: a plain state_dict
+    student = pj.load(out, pj.models.create("lenet300"))
+    assert set(pj.prune.masks(student)) == {"fc1", "fc2", "fc3"}  # the masks stay live
+    pj.finalize_(student)
+    state = student.state_dict()
     for name, was_zero in zeros.items():
         assert torch.equal(state[name] == 0, was_zero), name
     assert accuracy_printed(printed, "student") > accuracy_printed(printed, "student before")
+    # the same pruned student trained on the labels alone, same epochs, is printed beside it
+    baseline = accuracy_printed(printed, "labels only")
+    gain = float(re.search(r"distillation: ([+-][\d.]+) points", printed).group(1))
+    assert gain == pytest.approx(100 * (accuracy_printed(printed, "student") - baseline), abs=0.02)
 
 
 def test_several_teachers_are_distilled_as_an_ensemble(teacher_file, capsys):
@@ -137,7 +144,7 @@ def test_a_student_that_cannot_learn_is_refused_before_the_teacher_trains(tmp_pa
     def trains(*_args, **_kwargs):
         raise AssertionError("a teacher trained before the student was checked")
 
-    monkeypatch.setattr("penjing.distill.command.fit", trains)
+    monkeypatch.setattr("penjing.cli.distill.fit", trains)
     (tmp_path / "distill_user_models.py").write_text(USER_MODELS)
     monkeypatch.chdir(tmp_path)
     code, _, err = run(["--teacher", "lenet5", "--student", "mlp30", "--hint", "conv9", "fc1"],
@@ -147,6 +154,6 @@ def test_a_student_that_cannot_learn_is_refused_before_the_teacher_trains(tmp_pa
                        capsys)
     assert code == 2 and "teacher gives 10 logits, the student 5" in err
     with pytest.raises(ValueError, match="unknown soft loss 'l1'"):
-        pj.distill.distill_named("lenet5", "mlp30", soft="l1")
+        distill_named("lenet5", "mlp30", soft="l1")
     with pytest.raises(ValueError, match="give at least one teacher"):
-        pj.distill.distill_named([], "mlp30")
+        distill_named([], "mlp30")

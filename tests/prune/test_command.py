@@ -7,7 +7,7 @@ import torch
 
 import penjing as pj
 from penjing.cli import main
-from penjing.prune.command import prune_command
+from penjing.cli.prune import prune_command
 
 FAST = {"repeats": 2, "progress": False, "batch_size": 4}
 
@@ -16,7 +16,7 @@ def test_channel_pruning_quarters_the_vgg_and_saves_a_loadable_file(tmp_path):
     path = tmp_path / "small.safetensors"
     summary = prune_command("vgg", ratio=0.5, dataset=None, input_shape=(4, 1, 28, 28),
                             out=path, **FAST)
-    small = pj.prune.load_pruned(pj.models.create("vgg"), path)
+    small = pj.load(path, pj.models.create("vgg"))
     assert summary.after.params == pj.analysis.stats.count_params(small)
     assert summary.before.macs == 29_424_640
     assert summary.after.macs / summary.before.macs == pytest.approx(0.25, abs=0.01)
@@ -85,7 +85,7 @@ def test_cli_prints_the_table(capsys):
     code = main(["prune", "lenet5", "--data", "none", "--input-shape", "2,1,28,28",
                  "--ratio", "0.5", "--quiet"])
     out = capsys.readouterr().out
-    assert code == 0 and "lenet5: group pruning, ratio 0.5" in out and "eager latency" in out
+    assert code == 0 and "lenet5: group pruning, ratio 0.5" in out and "latency ms, batch 2" in out
 
 
 def test_bad_options_are_errors(capsys):
@@ -109,7 +109,7 @@ def test_bad_options_are_errors(capsys):
                       input_shape=(1, 1, 28, 28))
     with pytest.raises(ValueError, match=r"ratio must be a fraction of channels .* got 1.5"):
         prune_command("alexnet", ratio=1.5, dataset=None, input_shape=(1, 1, 28, 28))
-    with pytest.raises(ValueError, match="without a dataset give input_shape"):
+    with pytest.raises(ValueError, match="without --data give --input-shape"):
         prune_command("vgg", dataset=None)
     with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
         prune_command("no_such_module:make", dataset=None, input_shape=(1, 1, 28, 28))
@@ -133,7 +133,7 @@ def test_batchnorm_statistics_are_re_measured_after_pruning(tmp_path):
     for batches in (0, 20):
         path = tmp_path / f"bn{batches}.safetensors"
         summary = prune_command("vgg", ratio=0.5, bn_batches=batches, out=path, **FAST)
-        runs[batches] = (summary.format(), pj.train.load_checkpoint(path))
+        runs[batches] = (summary.format(), pj.load(path, pj.models.create("vgg")).state_dict())
     assert "re-measured on 20 training batches" in runs[20][0]
     assert "re-measured" not in runs[0][0]
     fresh = pj.models.create("vgg").state_dict()

@@ -14,7 +14,7 @@ import penjing as pj
 from penjing.errors import FormatError
 from penjing.quant import ptq, save_quantized
 from penjing.quant.checkpoint import _digest, load_quantized
-from penjing.quant.command import make_config
+from penjing.quant.config import make_config
 from penjing.train import INTEGRITY_KEY, checkpoint_digest
 
 

@@ -7,8 +7,7 @@ import torch
 
 import penjing as pj
 from penjing.cli import main
-from penjing.quant import load_quantized
-from penjing.quant.command import make_config
+from penjing.quant.config import make_config
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +38,8 @@ def test_quantize_prints_the_layer_table_and_writes_both_files(
     ort_acc = float(re.search(r"ONNX Runtime accuracy ([\d.]+)%", text).group(1)) / 100
     assert abs(ort_acc - quantized) <= 0.002  # ORT's integer model follows the simulation
     assert "QLinearConv×2" in text and "QGemm×2" in text
-    # the checkpoint holds the same model
-    model = pj.models.create("lenet5")
-    loaded = load_quantized(model, out)
+    # the model file holds the same model
+    loaded = pj.load(out, pj.models.create("lenet5"))
     test = lenet5_trained[2]
     assert pj.train.evaluate(loaded, test) == pytest.approx(quantized, abs=1e-9)
     assert out.stat().st_size < 0.3 * weights.stat().st_size

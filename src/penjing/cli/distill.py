@@ -1,27 +1,30 @@
-"""`penjing distill` as one function: teacher(s) and student by name or `module:function`.
+"""`penjing distill`: teacher(s) and student by name or `module:function`, from model files.
 
 A model is either a penjing model name (`penjing.models.MODELS`, built for the data set's
 classes) or `package.module:function`, a function of no arguments that returns an
-`nn.Module`. Weights are safetensors files (`penjing.train.save_checkpoint`). A teacher
-without weights is trained first. Weights that are exactly zero in the student's
-checkpoint stay zero: a pruned student comes back pruned.
+`nn.Module`. Weights are any model file penjing reads: a pruned student comes back with
+its removed channels and live masks. A teacher without weights is trained first. Weights
+that are exactly zero in a plain student checkpoint stay zero. The student trained on the
+labels alone for the same epochs is the baseline distillation must beat.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from penjing import data, models
+from penjing.cli import common
 from penjing.distill.cache import CachedTeacher
 from penjing.distill.ensemble import Ensemble
 from penjing.distill.kd import check_hints, check_pair, distill, example_batch
 from penjing.distill.losses import check_temperature, check_weight, resolve_soft_loss
-from penjing.prune.masks import PRUNABLE, finalize_, set_mask_
-from penjing.train import evaluate, fit, load_checkpoint, save_checkpoint, seed_everything
+from penjing.prune.masks import PRUNABLE, set_mask_
+from penjing.train import evaluate, fit, seed_everything
 
 
 @dataclass(frozen=True)
@@ -34,28 +37,28 @@ class DistillSummary:
     student_accuracy: float
     sparsity: float | None  # fraction of zeros kept in the student's prunable weights
     saved_to: str | None
+    baseline: float | None = None  # the same student trained on labels alone, same epochs
 
     def format(self) -> str:
         width = max(14, *(len(name) for name, _ in self.teachers), len(self.student))
         lines = [f"{'model':<16} {'name':<{width}} {'test accuracy':>13}"]
         for i, (name, acc) in enumerate(self.teachers):
             role = "teacher" if len(self.teachers) == 1 else f"teacher {i + 1}"
-            lines.append(f"{role:<16} {name:<{width}} {acc:>13.4f}")
+            lines.append(f"{role:<16} {name:<{width}} {acc:>13.2%}")
         if self.student_before is not None:
             lines.append(f"{'student before':<16} {self.student:<{width}} "
-                         f"{self.student_before:>13.4f}")
-        lines.append(f"{'student':<16} {self.student:<{width}} {self.student_accuracy:>13.4f}")
+                         f"{self.student_before:>13.2%}")
+        if self.baseline is not None:
+            lines.append(f"{'labels only':<16} {self.student:<{width}} {self.baseline:>13.2%}")
+        lines.append(f"{'student':<16} {self.student:<{width}} {self.student_accuracy:>13.2%}")
+        if self.baseline is not None:
+            gain = 100 * (self.student_accuracy - self.baseline)
+            lines.append(f"distillation: {gain:+.2f} points over training on the labels alone")
         if self.sparsity:
             lines.append(f"student sparsity kept: {self.sparsity:.2%} of prunable weights are zero")
         if self.saved_to:
-            lines.append(f"student weights written to {self.saved_to}")
+            lines.append(f"student written to {self.saved_to}")
         return "\n".join(lines)
-
-
-def model_factory(spec: str, role: str = "model") -> Callable[[int], nn.Module]:
-    """num_classes -> a fresh model; the spec is checked (one model built) at once."""
-    models.build(spec, role=f"{role} model")
-    return lambda num_classes: models.build(spec, num_classes, role=f"{role} model")
 
 
 def keep_zeros_(model: nn.Module) -> float | None:
@@ -88,15 +91,20 @@ def distill_named(
     lr: float = 1e-3,
     batch_size: int = 64,
     out: str | os.PathLike | None = None,
+    baseline: bool = True,
     seed: int = 0,
     progress: bool = True,
 ) -> DistillSummary:
     """Distil `teacher` (one spec, or several for an ensemble) into `student` on `dataset`.
 
-    Teachers come from `teacher_weights` (one file per teacher) or are trained for
+    Teachers come from `teacher_weights` (one model file per teacher) or are trained for
     `teacher_epochs`. The student starts from `student_weights` when given (its zeros
-    stay zero) and is saved to `out` (safetensors, masks baked in).
+    stay zero) and is saved to `out` as a model file (masks live). With `baseline`, a copy
+    of the starting student is also trained on the labels alone for the same epochs, and
+    its accuracy printed beside the distilled one.
     """
+    from penjing.model_file import load
+
     check_temperature(temperature)
     check_weight(alpha)
     resolve_soft_loss(soft)
@@ -108,45 +116,50 @@ def distill_named(
             f"give one weights file per teacher or none: {len(teachers)} teachers, "
             f"{len(teacher_weights)} weights files"
         )
-    # every spec is checked before the data set loads, so a typo fails at once
-    teacher_factories = [model_factory(spec, "teacher") for spec in teachers]
-    student_factory = model_factory(student, "student")
-    split = data.load(dataset)
-    train, test = data.loaders(split, batch_size=batch_size, seed=seed)
+    teacher_epochs, epochs = common.epochs(teacher_epochs), common.epochs(epochs)
+    split, train, test = common.load_data(dataset, batch_size, seed)
+    # every spec is checked before anything trains, so a typo fails at once
+    teacher_factories = [common.factory(spec, split.num_classes, "teacher model")
+                         for spec in teachers]
+    student_factory = common.factory(student, split.num_classes, "student model")
     teacher_models = []
-    for i, factory in enumerate(teacher_factories):
+    for i, build in enumerate(teacher_factories):
         seed_everything(seed + i)
-        teacher_models.append(factory(split.num_classes))
-    teacher_model = (Ensemble(teacher_models, temperature) if len(teacher_models) > 1
-                     else teacher_models[0])
+        teacher_models.append(load(teacher_weights[i], build) if teacher_weights else build())
     # A student that cannot learn from these teachers (other classes, a hint layer it lacks)
     # is refused now, not after the teachers have trained.
-    probe = student_factory(split.num_classes)
-    check_hints(hints, teacher_model, probe)
-    check_pair(teacher_model, probe, example_batch(train))
-    for i, (spec, model) in enumerate(zip(teachers, teacher_models, strict=True)):
-        if teacher_weights:
-            load_checkpoint(teacher_weights[i], model)
-        else:
+    probe = student_factory()
+    check_hints(hints, teacher_models[0] if len(teachers) == 1 else
+                Ensemble(teacher_models, temperature), probe)
+    check_pair(teacher_models[0], probe, example_batch(train))
+    if not teacher_weights:
+        for i, (spec, model) in enumerate(zip(teachers, teacher_models, strict=True)):
             fit(model, train, epochs=teacher_epochs, lr=lr, seed=seed + i, progress=progress,
                 desc=f"teacher {spec}")
+    for model in teacher_models:
         model.eval()
+    teacher_model = (Ensemble(teacher_models, temperature) if len(teacher_models) > 1
+                     else teacher_models[0])
     seed_everything(seed + len(teachers))  # the student's initial weights differ from theirs
-    student_model = student_factory(split.num_classes)
+    student_model = student_factory()
     before = sparsity = None
     if student_weights is not None:
-        load_checkpoint(student_weights, student_model)
+        student_model = load(student_weights, student_factory)
         before = evaluate(student_model, test)
         sparsity = keep_zeros_(student_model)
+    baseline_model = copy.deepcopy(student_model) if baseline else None
     if hints is None:  # the same images every epoch: ask the teacher once per image
         teacher_model = CachedTeacher(teacher_model)
     distill(teacher_model, student_model, train, epochs=epochs, lr=lr, temperature=temperature,
             alpha=alpha, soft=soft, hints=hints, hint_epochs=hint_epochs, seed=seed,
             progress=progress)
-    if sparsity is not None:
-        finalize_(student_model)
+    baseline_accuracy = None
+    if baseline_model is not None:
+        fit(baseline_model, train, epochs=epochs, lr=lr, seed=seed, progress=progress,
+            desc="labels only")
+        baseline_accuracy = evaluate(baseline_model, test)
     if out is not None:
-        save_checkpoint(student_model, out)
+        common.save_model(student_model, out, student)
     return DistillSummary(
         teachers=tuple((spec, evaluate(m, test)) for spec, m in zip(teachers, teacher_models,
                                                                     strict=True)),
@@ -155,4 +168,56 @@ def distill_named(
         student_accuracy=evaluate(student_model, test),
         sparsity=sparsity,
         saved_to=None if out is None else str(out),
+        baseline=baseline_accuracy,
     )
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "distill", formatter_class=common.HelpFormatter,
+        help="knowledge distillation: train a small student on a teacher's soft targets",
+        description="Train --student on alpha x the teacher's soft targets at temperature T "
+        "(KL scaled by T^2, or MSE on logits) plus (1 - alpha) x the labels, and the same "
+        "student on the labels alone as the baseline. A teacher without --teacher-weights "
+        "is trained first; several --teacher options distil from their ensemble. A "
+        "--student-weights file from penjing prune keeps its pruned channels and zeros.",
+    )
+    parser.add_argument("--teacher", action="append", required=True, metavar="MODEL",
+                        help="penjing model name or package.module:function (repeatable)")
+    parser.add_argument("--teacher-weights", action="append", default=[], metavar="FILE",
+                        help="model file, one per --teacher in order")
+    parser.add_argument("--student", required=True, metavar="MODEL",
+                        help="penjing model name (e.g. mlp30, lenet5_thin) or "
+                        "package.module:function")
+    common.add_weights(parser, flag="--student-weights", what="the student to start from")
+    common.add_data(parser)
+    common.add_training(parser, 10, "distillation epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=10,
+                        help="training epochs of a teacher given without weights")
+    parser.add_argument("-T", "--temperature", type=float, default=4.0,
+                        help="softmax temperature T > 0")
+    parser.add_argument("--alpha", type=float, default=0.9,
+                        help="weight of the soft targets in [0, 1]; labels get 1 - alpha")
+    parser.add_argument("--soft", choices=["kl", "mse"], default="kl",
+                        help="soft loss: T^2-scaled KL (Hinton) or MSE on logits")
+    parser.add_argument("--hint", nargs=2, metavar=("TEACHER_LAYER", "STUDENT_LAYER"),
+                        help="FitNets: train the student up to STUDENT_LAYER to predict "
+                        "TEACHER_LAYER first (dotted module names)")
+    parser.add_argument("--hint-epochs", type=int, default=2, help="epochs of hint training")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip training the student on the labels alone")
+    common.add_out(parser, "the student model file")
+    common.add_run(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    summary = distill_named(
+        args.teacher, args.student, dataset=args.data, teacher_weights=args.teacher_weights,
+        student_weights=args.student_weights, teacher_epochs=args.teacher_epochs,
+        epochs=args.epochs, temperature=args.temperature, alpha=args.alpha, soft=args.soft,
+        hints=tuple(args.hint) if args.hint else None, hint_epochs=args.hint_epochs, lr=args.lr,
+        batch_size=args.batch_size, out=args.out, baseline=not args.no_baseline,
+        seed=args.seed, progress=not args.quiet,
+    )
+    print(summary.format())

@@ -1,8 +1,8 @@
-"""`penjing prune` as one function: build or load a model, prune it, measure before and after.
+"""`penjing prune`: load a model, prune it, measure before and after, write the model file.
 
 The model is a penjing model by name ("vgg", "resnet20", ...) or the user's own as
-"package.module:function" (a function that returns the nn.Module), with weights from a
-safetensors file. Channel granularities (group, filter, channel, neuron) and "head" remove
+"package.module:function" (a function that returns the nn.Module), with weights from any
+model file penjing reads. Channel granularities (group, filter, channel, neuron) and "head" remove
 channels or attention heads for real; mask granularities (nm, shape, kernel, stripe,
 vector, block) zero groups of weights, and stripe/shape masks are then compacted so their
 saving is real too.
@@ -10,14 +10,16 @@ saving is real too.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from penjing import data, models
 from penjing.analysis.stats import count_macs, count_params, latency
+from penjing.cli import common
 from penjing.prune.compact import compact_
 from penjing.prune.heads import HEAD_CRITERIA, heads_
 from penjing.prune.magnitude import check_sparsity
@@ -25,15 +27,7 @@ from penjing.prune.masks import finalize_
 from penjing.prune.nm import check_nm, nm_
 from penjing.prune.patterns import PATTERNS, pattern_
 from penjing.prune.structured import GRANULARITIES, channels_, check_ratio
-from penjing.prune.surgery import save_pruned
-from penjing.train import (
-    evaluate,
-    fit,
-    load_checkpoint,
-    recalibrate_bn_,
-    save_checkpoint,
-    seed_everything,
-)
+from penjing.train import evaluate, fit, recalibrate_bn_, seed_everything
 
 MASK_GRANULARITIES = ("nm", *PATTERNS)
 
@@ -62,24 +56,26 @@ class PruneSummary:
     saved_to: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    batch: int = 1
+
     def format(self) -> str:
         b, a = self.before, self.after
         rows = [
-            ("params", f"{b.params:,}", f"{a.params:,}", a.params / b.params),
+            ("params", f"{b.params:,}", f"{a.params:,}", f"{a.params / b.params:.3f}"),
             ("non-zero params", f"{b.nonzero_params:,}", f"{a.nonzero_params:,}",
-             a.nonzero_params / b.nonzero_params),
-            ("MACs / image", f"{b.macs:,}", f"{a.macs:,}", a.macs / b.macs),
+             f"{a.nonzero_params / b.nonzero_params:.3f}"),
+            ("MACs / image", f"{b.macs:,}", f"{a.macs:,}", f"{a.macs / b.macs:.3f}"),
             ("non-zero MACs", f"{b.nonzero_macs:,}", f"{a.nonzero_macs:,}",
-             a.nonzero_macs / b.nonzero_macs),
-            ("eager latency ms", f"{b.latency_ms:.3f}", f"{a.latency_ms:.3f}",
-             a.latency_ms / b.latency_ms),
+             f"{a.nonzero_macs / b.nonzero_macs:.3f}"),
+            (f"latency ms, batch {self.batch}", f"{b.latency_ms:.3f}", f"{a.latency_ms:.3f}",
+             f"{a.latency_ms / b.latency_ms:.3f}"),
         ]
         if b.accuracy is not None and a.accuracy is not None:
-            rows.append(("test accuracy", f"{b.accuracy:.4f}", f"{a.accuracy:.4f}",
-                         a.accuracy / max(b.accuracy, 1e-12)))
+            rows.append(("test accuracy", f"{b.accuracy:.2%}", f"{a.accuracy:.2%}",
+                         f"{100 * (a.accuracy - b.accuracy):+.2f} pts"))
         lines = [f"{self.model}: {self.granularity} pruning, {self.detail}",
-                 f"{'':<18} {'before':>14} {'after':>14} {'after/before':>13}"]
-        lines += [f"{name:<18} {x:>14} {y:>14} {r:>13.3f}" for name, x, y, r in rows]
+                 f"{'':<22} {'before':>14} {'after':>14} {'change':>13}"]
+        lines += [f"{name:<22} {x:>14} {y:>14} {r:>13}" for name, x, y, r in rows]
         lines += self.notes
         if self.saved_to:
             lines.append(f"pruned model written to {self.saved_to}")
@@ -132,12 +128,12 @@ def prune_command(
     weights: str | os.PathLike | None = None,
     input_shape: tuple[int, ...] | None = None,
     dataset: str | None = "mnist",
-    train_epochs: int = 0,
-    finetune_epochs: int = 0,
+    epochs: int = 0,
+    lr: float = 1e-3,
     bn_batches: int = 20,
     global_ranking: bool = False,
     round_to: int = 1,
-    ignored_layers: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
     nm: str = "2:4",
     out: str | os.PathLike | None = None,
     batch_size: int = 32,
@@ -149,14 +145,13 @@ def prune_command(
 
     `ratio` is the fraction of channels to remove (channel granularities) or of weight
     groups to zero (mask granularities), 0.5 by default. With `dataset` (a bundled data
-    set or "package.module:function" returning a DataSplit) the model can train first
-    (`train_epochs`, when no `weights`), be scored by "taylor", fine-tune after pruning and
-    report test accuracy, and every BatchNorm re-measures its statistics on `bn_batches`
-    training batches after pruning (0: keep the old ones); `dataset=None` measures
-    size and speed only, on inputs of `input_shape` (default: the data set's image shape).
-    The pruned model is written to `out` as safetensors (channel changes in its metadata,
-    see `penjing.prune.load_pruned`; masks baked into the weights; after head pruning the
-    state_dict of the model with its HeadAttention layers).
+    set or "package.module:function" returning a DataSplit) the model can be scored by
+    "taylor", fine-tuned for `epochs` after pruning and report test accuracy, and every
+    BatchNorm re-measures its statistics on `bn_batches` training batches after pruning
+    (0: keep the old ones); `dataset=None` measures size and speed only, on inputs of
+    `input_shape` (default: the data set's image shape, batch `batch_size`). Layers whose
+    names fully match a `skip` regex keep their channels (or weights). The pruned model is
+    written to `out` as a penjing model file (`penjing.load` rebuilds it; masks stay live).
     """
     n, m = _check_options(granularity, ratio, criterion, nm)
     if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
@@ -164,25 +159,13 @@ def prune_command(
                          f"got {bn_batches!r}")
     ratio = 0.5 if ratio is None else ratio
     seed_everything(seed)
-    split = data.load(dataset) if dataset else None
-    train = test = None
-    if split is not None:
-        train, test = data.loaders(split, batch_size=64, seed=seed)
-    net = models.build(model, split.num_classes if split else None)
-    if weights is not None:
-        load_checkpoint(weights, net)
-    elif train_epochs:
-        if train is None:
-            raise ValueError("train_epochs needs a dataset to train on")
-        fit(net, train, epochs=train_epochs, progress=progress, desc="train")
-    shape = input_shape or ((batch_size, *split.image_shape) if split else None)
-    if shape is None:
-        raise ValueError("without a dataset give input_shape, e.g. (32, 3, 224, 224)")
-    x = torch.randn(*shape)
+    split, train, test = common.load_data(dataset, 64, seed)
+    net = common.load_model(model, weights, split.num_classes if split else None)
+    x = common.example_input(split, input_shape, batch_size)
     net.eval()
     before = _measure(net, x, test, repeats)
     notes: list[str] = []
-    changes = None
+    ignored = common.skipped(net, list(skip))
     if granularity in GRANULARITIES:
         score = criterion or "l1"
         if score == "taylor":
@@ -192,45 +175,119 @@ def prune_command(
 
             batches = [batch for batch, _ in zip(train, range(4), strict=False)]
             score = taylor(batches)
-        changes = channels_(net, x[:1], ratio=ratio, criterion=score, granularity=granularity,
-                            global_ranking=global_ranking, round_to=round_to,
-                            ignored_layers=ignored_layers)
+        channels_(net, x[:1], ratio=ratio, criterion=score, granularity=granularity,
+                  global_ranking=global_ranking, round_to=round_to, ignored_layers=ignored)
         detail = f"ratio {ratio}, criterion {criterion or 'l1'}"
     elif granularity == "head":
-        kept = heads_(net, ratio, criterion=criterion or "l1")
+        kept = heads_(net, ratio, criterion=criterion or "l1",
+                      layers=_attention(net, ignored) if ignored else None)
         detail = (f"ratio {ratio} of the heads of {len(kept)} attention layers, criterion "
                   f"{criterion or 'l1'}")
     elif granularity == "nm":
-        done = nm_(net, n, m)
+        done = nm_(net, n, m, layers=_unskipped(net, ignored))
         detail = f"{n}:{m} on {len(done)} layers"
     else:
-        done = pattern_(net, granularity, sparsity=ratio)
+        done = pattern_(net, granularity, sparsity=ratio, layers=_unskipped(net, ignored))
         detail = f"sparsity {ratio} of {granularity} groups on {len(done)} layers"
     if train is not None and bn_batches and recalibrate_bn_(net, train, bn_batches):
         notes.append(f"BatchNorm statistics re-measured on {bn_batches} training batches "
                      "after pruning (--bn-batches 0 keeps the old ones)")
-    if finetune_epochs:
+    epochs = common.epochs(epochs)
+    if epochs:
         if train is None:
-            raise ValueError("finetune_epochs needs a dataset to train on")
-        # cosine from 1e-3: a pruned network needs a full learning rate to recover, and
-        # ends on a small one (bench/structured.py measures it against a constant rate)
-        fit(net, train, epochs=finetune_epochs, progress=progress, desc="fine-tune",
+            raise ValueError("fine-tuning (epochs) needs a dataset to train on")
+        # cosine from lr: a pruned network needs a full learning rate to recover, and ends
+        # on a small one (bench/structured.py measures it against a constant rate)
+        fit(net, train, epochs=epochs, lr=lr, progress=progress, desc="fine-tune",
             schedule="cosine")
-    finalize_(net)
-    saved_to = None
-    if out is not None:
-        if changes is not None:
-            save_pruned(net, changes, out)
-        else:
-            save_checkpoint(net, out)
-        saved_to = str(out)
+        notes.append(f"fine-tuned {epochs} epochs (Adam from lr {lr}, cosine to 0)")
     if granularity in ("stripe", "shape"):
+        finalize_(net)
         compacted = compact_(net)
         notes.append(f"{len(compacted)} convs re-expressed without their pruned "
                      f"{granularity}s (penjing.prune.compact_)")
     elif granularity in MASK_GRANULARITIES:
         notes.append("masks zero weights but a dense runtime still multiplies them: see "
                      "the non-zero rows")
-    net.eval()
-    after = _measure(net, x, test, repeats)
-    return PruneSummary(model, granularity, detail, before, after, saved_to, notes)
+    saved_to = None
+    if out is not None:
+        common.save_model(net, out, model)
+        saved_to = str(out)
+    measured = copy.deepcopy(net)
+    finalize_(measured)  # what a runtime executes: no parametrization in the way
+    after = _measure(measured.eval(), x, test, repeats)
+    return PruneSummary(model, granularity, detail, before, after, saved_to, notes,
+                        batch=x.shape[0])
+
+
+def _unskipped(model: nn.Module, ignored: list[str]) -> list[str] | None:
+    """Prunable layers other than the skipped ones (None: all of them)."""
+    if not ignored:
+        return None
+    from penjing.prune.masks import PRUNABLE
+
+    return [n for n, m in model.named_modules()
+            if n and isinstance(m, PRUNABLE) and n not in ignored]
+
+
+def _attention(model: nn.Module, ignored: list[str]) -> list[str]:
+    from penjing.prune.heads import HeadAttention
+
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention | HeadAttention) and n not in ignored]
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "prune", formatter_class=common.HelpFormatter,
+        help="structured pruning: remove channels for real, or N:M / shape / stripe / "
+        "block masks; params, MACs, latency and accuracy before and after",
+        description="Prune MODEL (from --weights) and write the result with --out. "
+        "group/filter/channel/neuron remove channels physically and head removes attention "
+        "heads; nm, shape, kernel, stripe, vector, block zero groups of weights (shape and "
+        "stripe are then re-expressed so the saving is real; the other masks stay on the "
+        "weights, so later verbs keep the zeros).",
+    )
+    common.add_model(parser)
+    common.add_weights(parser)
+    parser.add_argument(
+        "--granularity", default="group",
+        choices=["group", "filter", "channel", "neuron", "head", "nm", "shape", "kernel",
+                 "stripe", "vector", "block"],
+    )
+    parser.add_argument("--ratio", type=float,
+                        help="fraction of channels (or weight groups) to remove (default 0.5)")
+    parser.add_argument("--criterion", choices=["l1", "l2", "bn", "taylor", "random"],
+                        help="channel importance (default l1)")
+    parser.add_argument("--global-ranking", action="store_true",
+                        help="rank channels across the network instead of per layer")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="keep channel counts multiples of this (8, 16, 64)")
+    common.add_skip(parser, "whose output channels (or weights) stay")
+    parser.add_argument("--nm", default="2:4", help="N:M for --granularity nm")
+    common.add_data(parser, allow_none=True)
+    parser.add_argument("--input-shape", type=common.shape,
+                        help="e.g. 32,3,224,224 (default: --batch-size images of --data)")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="fine-tune after pruning (Adam from --lr, cosine schedule to 0)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per latency measurement")
+    parser.add_argument("--bn-batches", type=int, default=20,
+                        help="training batches to re-measure BatchNorm statistics on after "
+                        "pruning (0 keeps the old statistics)")
+    common.add_out(parser, "the pruned model file")
+    common.add_run(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    summary = prune_command(
+        args.model, granularity=args.granularity, ratio=args.ratio, criterion=args.criterion,
+        weights=args.weights, input_shape=args.input_shape, dataset=args.data,
+        epochs=args.epochs, lr=args.lr, bn_batches=args.bn_batches,
+        global_ranking=args.global_ranking, round_to=args.round_to, skip=tuple(args.skip),
+        nm=args.nm, out=args.out, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(summary.format())

@@ -1,24 +1,20 @@
-"""`penjing quantize` as one function: a float checkpoint in, INT8/INT4 files and a table out."""
+"""`penjing quantize`: a model file in, a quantized model file, QDQ ONNX and a table out."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from penjing import data, models
-from penjing.quant.checkpoint import save_quantized
-from penjing.quant.config import QuantConfig
-from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec
-from penjing.quant.observers import OBSERVERS
-from penjing.quant.ptq import ptq
+from penjing.cli import common
+from penjing.prune.masks import finalize_
+from penjing.quant.config import QuantConfig, make_config
+from penjing.quant.ptq import ptq, qat
 from penjing.quant.report import LayerStats, describe, format_layers, layer_report
-from penjing.train import evaluate, load_checkpoint, seed_everything
-
-GRANULARITIES = ("channel", "tensor", "group")
+from penjing.train import evaluate, seed_everything
 
 
 @dataclass(frozen=True)
@@ -40,57 +36,23 @@ class QuantizeSummary:
 
     def format(self) -> str:
         lines = [f"{self.model}: {self.setting}", "", format_layers(self.layers), ""]
-        lines.append(f"test accuracy: FP32 {self.fp32_accuracy:.2%}, quantized {self.accuracy:.2%}"
-                     f" ({100 * (self.accuracy - self.fp32_accuracy):+.2f} points)")
+        lines.append(f"test accuracy: FP32 {self.fp32_accuracy:.2%}, quantized "
+                     f"{common.accuracy(self.fp32_accuracy, self.accuracy)}")
         if self.onnx_path:
             ops = ", ".join(f"{k}×{v}" for k, v in sorted(self.ops.items()))
             lines += [
-                f"ONNX written to {self.onnx_path}; ONNX Runtime accuracy {self.ort_accuracy:.2%}",
+                f"ONNX written to {self.onnx_path}; ONNX Runtime accuracy "
+                f"{common.accuracy(self.fp32_accuracy, self.ort_accuracy)} against FP32",
                 self.agreement,
                 f"ONNX Runtime runs: {ops}",
             ]
         if self.checkpoint_path:
             lines.append(
-                f"quantized checkpoint written to {self.checkpoint_path}: "
+                f"quantized model written to {self.checkpoint_path}: "
                 f"{self.checkpoint_bytes:,} bytes ({self.fp32_bytes / self.checkpoint_bytes:.1f}× "
                 f"smaller than the {self.fp32_bytes:,} float32 bytes of the input)"
             )
         return "\n".join(lines)
-
-
-def make_config(
-    bits: int = 8,
-    granularity: str = "channel",
-    group_size: int | None = None,
-    observer: str = "minmax",
-    weight_range: str = "minmax",
-    act_bits: int | None = 8,
-    skip: Sequence[str] = (),
-    skip_first: bool = False,
-    skip_last: bool = False,
-) -> QuantConfig:
-    """The QuantConfig the command line describes: symmetric signed weights at `bits`,
-    asymmetric unsigned activations at `act_bits` (None: weights only)."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if (granularity == "group") != (group_size is not None):
-        raise ValueError(
-            "group_size goes with granularity 'group' and only with it (e.g. group 32, 64 "
-            f"or 128); got granularity {granularity!r}, group_size {group_size!r}"
-        )
-    if observer not in OBSERVERS:
-        raise ValueError(f"unknown observer {observer!r}; choose one of {sorted(OBSERVERS)}")
-    g = {"channel": PerChannel(0), "tensor": PerTensor()}.get(granularity) or PerGroup(group_size)
-    activation = None if act_bits is None else QuantSpec(act_bits, False, False, PerTensor())
-    return QuantConfig(
-        weight=QuantSpec(bits, True, True, g),
-        activation=activation,
-        observer=observer,
-        weight_range=weight_range,
-        layers={pattern: False for pattern in skip},
-        first=not skip_first,
-        last=not skip_last,
-    )
 
 
 def quantize_command(
@@ -100,33 +62,41 @@ def quantize_command(
     dataset: str = "mnist",
     config: QuantConfig | None = None,
     calib_images: int = 256,
+    epochs: int = 0,
+    lr: float = 1e-4,
     batch_size: int = 64,
     onnx_path: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> QuantizeSummary:
-    """Quantize `model` (a penjing model name or module:function) with float `weights`
-    (safetensors) by `config`, calibrated on `calib_images` training images of a bundled
-    data set; measure it on the test split; write `onnx_path` (QDQ) and/or `out` (penjing
-    quantized checkpoint, integer weights) when given."""
+    """Quantize `model` (a penjing model name or module:function) from the model file
+    `weights` by `config`, calibrated on `calib_images` training images of `dataset`
+    (then trained with fake quantization for `epochs` at `lr` when epochs > 0: QAT);
+    measure it on the test split; write `onnx_path` (QDQ) and/or `out` (a penjing model
+    file with integer weights) when given. Masks and shared weights are baked in first."""
     from penjing.export import compare_with_ort, optimized_ops, ort_accuracy
     from penjing.export import onnx as export_onnx
 
     if calib_images < 1:
         raise ValueError(f"calib_images must be >= 1, got {calib_images}")
     config = config or make_config()
-    split = data.load(dataset)
-    train, test = data.loaders(split, batch_size=batch_size, seed=seed)
+    split, train, test = common.load_data(dataset, batch_size, seed)
     seed_everything(seed)
-    float_model = models.build(model, split.num_classes)
-    load_checkpoint(weights, float_model)
+    float_model = common.load_model(model, weights, split.num_classes)
+    finalize_(float_model)
     float_model.eval()
     images = torch.cat([x for x, _ in itertools.islice(train, -(-calib_images // batch_size))])
     calib = list(images[:calib_images].split(batch_size))
-    quantized = ptq(float_model, calib, config)
+    epochs = common.epochs(epochs)
+    if epochs:
+        quantized = qat(float_model, train, config, epochs=epochs, lr=lr,
+                        calib_batches=len(calib), progress=progress, desc="QAT")
+    else:
+        quantized = ptq(float_model, calib, config)
     summary = dict(
         model=model,
-        setting=_setting(config, calib_images),
+        setting=_setting(config, calib_images) + (f", QAT {epochs} epochs" if epochs else ""),
         fp32_accuracy=evaluate(float_model, test),
         accuracy=evaluate(quantized, test),
         layers=layer_report(float_model, quantized, calib[0]),
@@ -141,7 +111,7 @@ def quantize_command(
                        agreement=compare_with_ort(quantized, path, x_test).format(),
                        ops=optimized_ops(path))
     if out is not None:
-        size = save_quantized(quantized, config, out)
+        size = common.save_model(quantized, out, model)
         summary.update(checkpoint_path=str(out), checkpoint_bytes=size)
     return QuantizeSummary(**summary)
 
@@ -155,3 +125,54 @@ def _setting(config: QuantConfig, calib_images: int) -> str:
         f"({config.observer} observer, {calib_images} calibration images)"
     )
 
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "quantize", formatter_class=common.HelpFormatter,
+        help="linear quantization (PTQ, or QAT with --epochs) to INT8 / INT4: per-layer "
+        "scales and SQNR, accuracy, QDQ ONNX and an integer model file",
+        description="Fold BatchNorm, quantize weights (symmetric int, per channel, per "
+        "tensor or in groups) and activations (asymmetric uint8 per tensor, calibrated on "
+        "--calib-images training images by --observer), print per-layer scale ranges and "
+        "SQNR, and the test accuracy before and after. --epochs N trains with fake "
+        "quantization (QAT) after calibrating. --onnx writes QDQ ONNX that ONNX Runtime runs "
+        "on integer kernels; --out writes a model file with integer weights.",
+    )
+    common.add_model(parser)
+    common.add_weights(parser, required=True)
+    parser.add_argument("--bits", type=int, default=8, help="weight bits, 2-8 or 16")
+    parser.add_argument("--granularity", default="channel",
+                        choices=["channel", "tensor", "group"], help="of weight scales")
+    parser.add_argument("--group-size", type=int, help="with --granularity group: 32/64/128")
+    parser.add_argument("--weight-range", default="minmax", choices=["minmax", "mse"])
+    parser.add_argument("--observer", default="minmax",
+                        choices=["minmax", "moving_average", "percentile", "entropy", "mse"],
+                        help="activation calibration")
+    parser.add_argument("--act-bits", type=int, default=8, help="activation bits")
+    parser.add_argument("--weight-only", action="store_true", help="leave activations float")
+    parser.add_argument("--calib-images", type=int, default=256)
+    common.add_skip(parser, "left in float")
+    parser.add_argument("--skip-first", action="store_true", help="first layer in float")
+    parser.add_argument("--skip-last", action="store_true", help="last layer in float")
+    common.add_data(parser)
+    common.add_training(parser, 0, "QAT epochs after calibration (0: PTQ only)", lr=1e-4)
+    parser.add_argument("--onnx", metavar="FILE", help="write QDQ ONNX here")
+    common.add_out(parser, "the quantized model file (integer weights)")
+    common.add_run(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    config = make_config(
+        bits=args.bits, granularity=args.granularity, group_size=args.group_size,
+        observer=args.observer, weight_range=args.weight_range,
+        act_bits=None if args.weight_only else args.act_bits, skip=tuple(args.skip),
+        skip_first=args.skip_first, skip_last=args.skip_last,
+    )
+    summary = quantize_command(
+        args.model, args.weights, dataset=args.data, config=config,
+        calib_images=args.calib_images, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, onnx_path=args.onnx, out=args.out, seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(summary.format())

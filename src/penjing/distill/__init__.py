@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from penjing.distill.cache import CachedTeacher
-from penjing.distill.command import DistillSummary, distill_named
 from penjing.distill.data_distillation import (
     DataDistillation,
     PseudoLabels,
@@ -33,14 +32,12 @@ __all__ = [
     "CachedTeacher",
     "DataDistillation",
     "DistillLoss",
-    "DistillSummary",
     "Ensemble",
     "PseudoLabels",
     "build_regressor",
     "capture",
     "data_distill",
     "distill",
-    "distill_named",
     "hint_loss",
     "kd_loss",
     "logit_mse",

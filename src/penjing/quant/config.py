@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from penjing.errors import UnsupportedLayerError
 from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec
+from penjing.quant.observers import OBSERVERS
 
 # nn.MultiheadAttention: its projection weights only (its activations stay float inside)
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
@@ -133,3 +134,41 @@ def select(
             f"(types {[t.__name__ for t in config.types]}, layers {dict(config.layers)})"
         )
     return chosen
+
+
+CLI_GRANULARITIES = ("channel", "tensor", "group")
+
+
+def make_config(
+    bits: int = 8,
+    granularity: str = "channel",
+    group_size: int | None = None,
+    observer: str = "minmax",
+    weight_range: str = "minmax",
+    act_bits: int | None = 8,
+    skip: Sequence[str] = (),
+    skip_first: bool = False,
+    skip_last: bool = False,
+) -> QuantConfig:
+    """The QuantConfig the command line describes: symmetric signed weights at `bits`,
+    asymmetric unsigned activations at `act_bits` (None: weights only)."""
+    if granularity not in CLI_GRANULARITIES:
+        raise ValueError(f"granularity must be one of {CLI_GRANULARITIES}, got {granularity!r}")
+    if (granularity == "group") != (group_size is not None):
+        raise ValueError(
+            "group_size goes with granularity 'group' and only with it (e.g. group 32, 64 "
+            f"or 128); got granularity {granularity!r}, group_size {group_size!r}"
+        )
+    if observer not in OBSERVERS:
+        raise ValueError(f"unknown observer {observer!r}; choose one of {sorted(OBSERVERS)}")
+    g = {"channel": PerChannel(0), "tensor": PerTensor()}.get(granularity) or PerGroup(group_size)
+    activation = None if act_bits is None else QuantSpec(act_bits, False, False, PerTensor())
+    return QuantConfig(
+        weight=QuantSpec(bits, True, True, g),
+        activation=activation,
+        observer=observer,
+        weight_range=weight_range,
+        layers={pattern: False for pattern in skip},
+        first=not skip_first,
+        last=not skip_last,
+    )

@@ -1,0 +1,44 @@
+"""`penjing encode`: Deep Compression storage of a model file as a checksummed .pjz."""
+
+from __future__ import annotations
+
+import argparse
+
+from penjing.cli import common
+from penjing.train import evaluate
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "encode", formatter_class=common.HelpFormatter,
+        help="store a pruned / weight-shared model as relative-index sparse codes, "
+        "codebooks and Huffman codes in a .pjz file; checks it loads back",
+        description="Read MODEL from --weights, bake masks and shared weights in, write the "
+        ".pjz file --out and print what every tensor costs. The file is loaded back into a "
+        "fresh model (penjing.load) and its test accuracy measured against the input's.",
+    )
+    common.add_model(parser)
+    common.add_weights(parser, required=True)
+    parser.add_argument("--index-bits", type=int,
+                        help="relative-index gap bits for every tensor (default 8 for convs, "
+                        "5 for the rest)")
+    common.add_data(parser, allow_none=True)
+    common.add_out(parser, "the .pjz file", required=True)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from penjing.codec import save
+    from penjing.model_file import load
+
+    if not str(args.out).endswith(".pjz"):
+        raise ValueError(f"--out {args.out!r} must end in .pjz")
+    split, _, test = common.load_data(args.data)
+    model = common.load_model(args.model, args.weights, split.num_classes if split else None)
+    report = save(model, args.out, index_bits=args.index_bits)
+    print(report.format())
+    loaded = load(args.out, common.factory(args.model, split.num_classes if split else None))
+    if test is not None:
+        print(f"test accuracy from {args.out}: "
+              f"{common.accuracy(evaluate(model, test), evaluate(loaded, test))} against "
+              f"{args.weights}")
