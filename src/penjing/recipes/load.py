@@ -1,0 +1,226 @@
+"""Read a recipe file into a `Recipe`, or say what is wrong with it, line by line.
+
+pydantic checks the values; this module reads the YAML twice (as nodes, which know their
+line, and as plain data) so that each error names the file, the line, the key path as
+written (`stages[2] (prune).ratio`), the rule, and the allowed keys or values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from penjing.recipes.schema import CHOOSER, PRUNE, QUANTIZE, STAGES, TAGS, Recipe, RecipeError
+
+
+def _where(path: str | os.PathLike | None) -> str:
+    return Path(path).name if path is not None else "recipe"
+
+
+def _check_keys(node: yaml.Node, where: str) -> None:
+    """A RecipeError for a key written twice in one mapping (YAML would keep the last)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name in seen:
+                raise RecipeError(f"{where} line {key.start_mark.line + 1}: key {name!r} is "
+                                  f"written twice (first on line {seen[name]}); keep one")
+            seen[name] = key.start_mark.line + 1
+            _check_keys(value, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_keys(item, where)
+
+
+def _node_at(root: yaml.Node | None, path: list) -> tuple[yaml.Node | None, yaml.Node | None]:
+    """(the value node at `path`, the key node that names it) as far as the path goes."""
+    node, key_node = root, None
+    for step in path:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if getattr(k, "value", None) == str(step)]
+            if not match:
+                return node, key_node
+            key_node, node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(
+            node.value
+        ):
+            key_node, node = None, node.value[step]
+        else:
+            break
+    return node, key_node
+
+
+def _line(root: yaml.Node | None, path: list, on_key: bool = False) -> int | None:
+    node, key_node = _node_at(root, path)
+    chosen = key_node if on_key and key_node is not None else node
+    return None if chosen is None else chosen.start_mark.line + 1
+
+
+def _yaml_path(data: Any, loc: tuple, missing: bool = False) -> list:
+    """`loc` without pydantic's own steps (a stage's class tag, a union member's type):
+    the keys and indices as they are in the file, plus the key a `missing` error names."""
+    path, here = [], data
+    for i, step in enumerate(loc):
+        in_map = isinstance(here, dict) and step in here
+        in_list = isinstance(here, list) and isinstance(step, int) and step < len(here)
+        if in_map or in_list:
+            path.append(step)
+            here = here[step]
+        elif missing and i == len(loc) - 1:
+            path.append(step)
+        # else: a tag or a union branch ('constrained-float'), not a key of the file
+    return path
+
+
+def _label(data: Any, path: list) -> str:
+    """`stages[2] (prune).ratio` for ['stages', 2, 'ratio']."""
+    text, here = "", data
+    for step in path:
+        if isinstance(step, int):
+            text += f"[{step}]"
+            here = here[step] if isinstance(here, list) and step < len(here) else None
+            kind = here.get("stage") if isinstance(here, dict) else None
+            if isinstance(kind, str):
+                text += f" ({kind})"
+        else:
+            text += f".{step}" if text else str(step)
+            here = here.get(step) if isinstance(here, dict) else None
+    return text
+
+
+def _model_at(data: Any, path: list) -> type[BaseModel]:
+    """The schema class of the mapping at `path` (the recipe, or one of its stages)."""
+    if len(path) >= 2 and path[0] == "stages" and isinstance(path[1], int):
+        from penjing.recipes.schema import stage_tag
+
+        stages = data.get("stages") if isinstance(data, dict) else None
+        if isinstance(stages, list) and path[1] < len(stages):
+            tag = stage_tag(stages[path[1]])
+            if tag in TAGS:
+                return TAGS[tag]
+    return Recipe
+
+
+def _near(word: Any, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), allowed, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _stage_problem(data: Any, root: yaml.Node | None, path: list, where: str) -> str:
+    """The message for a stage whose kind (or granularity / method) is missing or unknown."""
+    stage = data["stages"][path[1]]
+    label = _label(data, path)
+    if not isinstance(stage, dict):
+        return (f"{where} line {_line(root, path)}: {label}: a stage must be a mapping with "
+                f"a 'stage' key, got {stage!r}; stages: {', '.join(STAGES)}")
+    kind = stage.get("stage")
+    if kind is None:
+        return (f"{where} line {_line(root, path)}: {label}: missing key 'stage'; "
+                f"give one of {', '.join(STAGES)}")
+    if kind not in STAGES:
+        return (f"{where} line {_line(root, [*path, 'stage'])}: {label}.stage: unknown stage "
+                f"{kind!r}{_near(kind, list(STAGES))}; allowed: {', '.join(STAGES)}")
+    key, _ = CHOOSER[kind]
+    allowed = list(PRUNE if kind == "prune" else QUANTIZE)
+    if key not in stage:
+        return (f"{where} line {_line(root, path)}: {label}: missing key {key!r}; give one "
+                f"of {', '.join(allowed)}")
+    return (f"{where} line {_line(root, [*path, key])}: {label}.{key}: unknown {kind} {key} "
+            f"{stage[key]!r}{_near(stage[key], allowed)}; allowed: {', '.join(allowed)}")
+
+
+def _message(err: dict, data: Any, root: yaml.Node | None, where: str) -> tuple[list, str]:
+    """(the key path, one line saying what is wrong) for one pydantic error."""
+    kind = err["type"]
+    path = _yaml_path(data, err["loc"], missing=kind == "missing")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return path, _stage_problem(data, root, path, where)
+    label = _label(data, path)
+    if kind == "extra_forbidden":
+        allowed = list(_model_at(data, path[:-1]).model_fields)
+        return path, (
+            f"{where} line {_line(root, path, on_key=True)}: {_label(data, path[:-1]) or 'recipe'}"
+            f": unknown key {path[-1]!r}{_near(path[-1], allowed)}; allowed: {', '.join(allowed)}"
+        )
+    if kind == "missing":
+        owner = _label(data, path[:-1]) or "recipe"
+        return path, (f"{where} line {_line(root, path[:-1])}: {owner}: missing key "
+                      f"{path[-1]!r}")
+    text = err["msg"]
+    for old, new in (("Input should be", "must be"), ("Value error, ", ""),
+                     ("List should have at least 1 item after validation, not 0",
+                      "must list at least one")):
+        text = text.replace(old, new)
+    value = err.get("input")
+    if kind != "value_error":
+        text += (f", got {value!r}" if not isinstance(value, dict | list)
+                 else f", got a {'mapping' if isinstance(value, dict) else 'list'}")
+    return path, f"{where} line {_line(root, path)}: {label or 'recipe'}: {text}"
+
+
+def _messages(error: ValidationError, data: Any, root: yaml.Node | None, where: str) -> list[str]:
+    """One line per problem; of the errors a union (`0.5` or {layer: 0.5}) reports for one
+    value, those saying 'wrong type' are dropped when another branch says more."""
+    found: dict[tuple, list[tuple[str, str]]] = {}
+    for err in error.errors():
+        path, text = _message(err, data, root, where)
+        found.setdefault(tuple(map(str, path)), []).append((err["type"], text))
+    lines = []
+    for key, entries in found.items():
+        deeper = any(other[: len(key)] == key and len(other) > len(key) for other in found)
+        telling = [t for kind, t in entries if not kind.endswith("_type")]
+        if not telling and not deeper:
+            telling = [entries[0][1]]
+        lines += list(dict.fromkeys(telling))
+    return lines
+
+
+def parse(text: str, where: str = "recipe") -> Recipe:
+    """A `Recipe` from YAML `text`; `where` names it in errors (a file name)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError(f"{where}{line}: not valid YAML ({problem})") from err
+    if root is not None:
+        _check_keys(root, where)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe is a mapping with at least 'model' and "
+                          f"'stages', got {type(data).__name__}; see examples/recipes/")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        lines = _messages(err, data, root, where)
+        head = lines[0] if len(lines) == 1 else f"{where}: {len(lines)} problems\n  " + \
+            "\n  ".join(lines)
+        raise RecipeError(head) from None
+
+
+def load(path: str | os.PathLike) -> Recipe:
+    """The recipe in the YAML file at `path`, checked before anything runs.
+
+    Any problem is a `RecipeError` (a ValueError) naming the file, line, key and the
+    allowed keys or values:
+
+        recipe.yaml line 12: stages[2] (prune).ratio: must be less than 1, got 1.5
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"recipe {str(path)!r} is a folder; give the YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"recipe {str(path)!r} does not exist") from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path.name}: not a text file ({err.reason} at byte {err.start}); "
+                          "a recipe is YAML, see examples/recipes/") from err
+    return parse(text, _where(path))

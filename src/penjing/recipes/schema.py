@@ -1,0 +1,333 @@
+"""What a `penjing compress` recipe may say: one small frozen model per stage, each field
+named as the library function it feeds names it (`ratio`, `criterion` and `round_to` are
+`penjing.prune.channels_`'s), checked by pydantic before anything runs.
+
+A stage is chosen by its `stage` key, and within prune and quantize by `granularity` and
+`method`, so every stage accepts exactly the keys that apply to it and an unknown one is
+an error naming those that do.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
+
+from penjing.distill.losses import SOFT_LOSSES
+from penjing.errors import PenjingError
+from penjing.prune.criteria import CRITERIA
+from penjing.prune.heads import HEAD_CRITERIA
+from penjing.quant.kmeans import INITS
+from penjing.quant.observers import OBSERVERS
+
+
+def _fraction(value: float) -> float:
+    if not 0 <= value < 1:
+        raise ValueError(f"must be in [0, 1), got {value}; 0.5 removes half")
+    return value
+
+
+# A fraction of weights (sparsity) or channels (ratio) to remove: 1 would remove them all.
+Fraction = Annotated[float, AfterValidator(_fraction)]
+Epochs = Annotated[int, Field(ge=0)]
+Rate = Annotated[float, Field(gt=0)]
+Bits = Annotated[int, Field(ge=1, le=16)]
+# the names the library takes, so that the schema cannot fall behind it
+Criterion = Literal[(*CRITERIA, "taylor")]  # type: ignore[valid-type]
+HeadCriterion = Literal[HEAD_CRITERIA]  # type: ignore[valid-type]
+Init = Literal[INITS]  # type: ignore[valid-type]
+ObserverName = Literal[tuple(OBSERVERS)]  # type: ignore[valid-type]
+SoftLoss = Literal[tuple(SOFT_LOSSES)]  # type: ignore[valid-type]
+
+
+class RecipeError(PenjingError, ValueError):
+    """A recipe that cannot run: each line names the file, line, key, rule and value."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Fit(_Config):
+    """Options of `penjing.train.fit`, shared by the stages that train."""
+
+    lr: Rate = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # fit's `schedule`
+    # network slimming: λ of the L1 penalty on BatchNorm scales (0: plain loss)
+    bn_l1: Annotated[float, Field(ge=0)] = 0.0
+
+
+class Train(_Fit):
+    """Train the model as it is (from scratch when no weights were given)."""
+
+    stage: Literal["train"]
+    epochs: Epochs = 10
+
+
+class Finetune(_Fit):
+    """Train again after pruning or quantization; masks and fake quantization stay."""
+
+    stage: Literal["finetune"]
+    epochs: Epochs = 3
+    lr: Rate = 5e-4
+
+
+class _Prune(_Config):
+    stage: Literal["prune"]
+    # one-shot: cut once; iterative: `rounds` cuts of the same share of what is left
+    # (Han et al.); agp: Zhu & Gupta's cubic ramp over `rounds` cuts
+    schedule: Literal["one-shot", "iterative", "agp"] = "one-shot"
+    rounds: Annotated[int, Field(ge=1)] = 1
+    epochs: Epochs = 0  # fine-tuning after every cut, the last one included
+    lr: Rate = 5e-4
+    # BatchNorm statistics re-measured on this many batches after each cut (0: kept)
+    bn_batches: Annotated[int, Field(ge=0)] = 20
+
+    @model_validator(mode="after")
+    def _rounds_need_a_schedule(self):
+        if self.schedule == "one-shot" and self.rounds != 1:
+            raise ValueError(f"rounds = {self.rounds} needs schedule 'iterative' or 'agp' "
+                             "(one-shot cuts once)")
+        return self
+
+
+class PruneWeights(_Prune):
+    """Single weights by magnitude (`penjing.prune.magnitude_`); masks keep them zero."""
+
+    granularity: Literal["weight"]
+    sparsity: Fraction | dict[str, Fraction] | None = None  # one for all, or per layer
+    quality: Annotated[float, Field(ge=0)] | None = None  # Han's |w| < quality · std(w)
+    scope: Literal["layer", "global"] = "layer"
+    layers: list[str] | None = None  # default: every Linear and Conv
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if (self.sparsity is None) == (self.quality is None):
+            raise ValueError("give exactly one of sparsity (fraction of weights to zero) or "
+                             "quality (Han's threshold in standard deviations)")
+        if self.quality is not None and self.schedule != "one-shot":
+            raise ValueError("quality is a one-shot threshold; give sparsity for an "
+                             f"{self.schedule} schedule")
+        return self
+
+
+class PruneNM(_Prune):
+    """N:M semi-structured sparsity (`penjing.prune.nm_`): n of every m inputs kept."""
+
+    granularity: Literal["nm"]
+    n: Annotated[int, Field(ge=1)] = 2
+    m: Annotated[int, Field(ge=2)] = 4
+    layers: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _valid_pattern(self):
+        if self.n >= self.m:
+            raise ValueError(f"n must be smaller than m, got {self.n}:{self.m}")
+        if self.schedule != "one-shot":
+            raise ValueError("N:M sparsity is one pattern, cut once; use schedule 'one-shot'")
+        return self
+
+
+class PrunePattern(_Prune):
+    """Groups of weights of one shape (`penjing.prune.pattern_`), zeroed by group norm."""
+
+    granularity: Literal["shape", "kernel", "stripe", "vector", "block"]
+    sparsity: Fraction = 0.5
+    layers: list[str] | None = None
+
+
+class PruneChannels(_Prune):
+    """Channels removed for real (`penjing.prune.channels_`): a smaller dense model."""
+
+    granularity: Literal["group", "filter", "channel", "neuron"] = "group"
+    ratio: Fraction = 0.5
+    criterion: Criterion = "l1"
+    taylor_batches: Annotated[int, Field(ge=1)] = 4  # batches the taylor criterion reads
+    global_ranking: bool = False
+    normalize: bool = True  # global ranking: scores over their group's mean
+    round_to: Annotated[int, Field(ge=1)] = 1  # kept counts a multiple of this (8, 16, 64)
+    max_ratio: Fraction = 0.9  # global ranking: no group loses more
+    ratios: dict[str, Fraction] | None = None  # per producing layer, per-group mode
+    ignored_layers: list[str] = []
+
+
+class PruneHeads(_Prune):
+    """Attention heads removed for real (`penjing.prune.heads_`)."""
+
+    granularity: Literal["head"]
+    ratio: Fraction = 0.5
+    criterion: HeadCriterion = "l1"
+    layers: list[str] | None = None
+
+
+class Distill(_Config):
+    """Train the model on a teacher's soft targets (`penjing.distill.distill`)."""
+
+    stage: Literal["distill"]
+    # "dense": the model before the first prune or quantize stage; an int: the model
+    # stage number that ended with; else a model ('lenet5', 'package.module:function')
+    teacher: str | int = "dense"
+    teacher_weights: str | None = None  # with a teacher model: its safetensors / .pt
+    epochs: Epochs = 5
+    lr: Rate = 5e-4
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    temperature: Rate = 4.0
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.9  # weight of the soft targets
+    soft: SoftLoss = "kl"
+    hints: tuple[str, str] | None = None  # FitNets: (teacher layer, student layer)
+    hint_epochs: Epochs = 2
+
+    @model_validator(mode="after")
+    def _weights_need_a_model(self):
+        if self.teacher_weights is not None and (
+            isinstance(self.teacher, int) or self.teacher == "dense"
+        ):
+            raise ValueError("teacher_weights loads a teacher model named in teacher (e.g. "
+                             "'lenet5'); a stage's own model needs none")
+        return self
+
+
+class _Quantize(_Config):
+    stage: Literal["quantize"]
+
+
+class QuantKMeans(_Quantize):
+    """Weight sharing (`penjing.quant.kmeans_`), then training of the shared centroids."""
+
+    method: Literal["kmeans"]
+    bits: Bits | dict[str, Bits] = 5  # for all layers, or per layer
+    init: Init = "linear"
+    layers: list[str] | None = None
+    epochs: Epochs = 3  # centroid training
+    lr: Rate = 1e-4
+
+
+class _Linear(_Quantize):
+    # `penjing.quant.QuantConfig`: layers is an ordered {regex: quantize?} over module names
+    layers: dict[str, bool] = {}
+    first: bool = True  # the first quantizable layer
+    last: bool = True  # the last quantizable layer
+    weight_range: Literal["minmax", "mse"] = "minmax"
+
+
+class QuantPTQ(_Linear):
+    """INT8 weights and activations, calibrated on training batches (`penjing.quant.ptq`)."""
+
+    method: Literal["ptq"]
+    per_channel: bool = True
+    observer: ObserverName = "minmax"
+    reduce_range: bool = False  # 7-bit weights for x86 CPUs without VNNI
+    calib_batches: Annotated[int, Field(ge=1)] = 16
+
+
+class QuantQAT(QuantPTQ):
+    """INT8 with quantization-aware training (`penjing.quant.qat`)."""
+
+    method: Literal["qat"]  # type: ignore[assignment]
+    calib_batches: Annotated[int, Field(ge=1)] = 8
+    learnable: bool = False  # LSQ: learn the scales
+    epochs: Epochs = 2
+    lr: Rate = 1e-4
+
+
+class QuantWeightOnly(_Linear):
+    """Weights only (`penjing.quant.weight_only`): per channel or in groups."""
+
+    method: Literal["weight_only"]
+    bits: Annotated[int, Field(ge=2, le=8)] = 8
+    group_size: Annotated[int, Field(ge=1)] | None = None
+
+
+class Encode(_Config):
+    """Deep Compression storage (`penjing.codec.save`): a .pjz file, re-measured from disk."""
+
+    stage: Literal["encode"]
+    file: str = "model.pjz"  # relative to the output folder
+    index_bits: Annotated[int, Field(ge=1, le=16)] | dict[str, Annotated[int, Field(ge=1, le=16)]] \
+        | None = None  # relative-index gap width: None = 8 for conv, 5 for fc
+
+
+class Export(_Config):
+    """ONNX (`penjing.export.onnx`): FP32, or QDQ INT8 after ptq / qat; run in ONNX Runtime."""
+
+    stage: Literal["export"]
+    file: str = "model.onnx"  # relative to the output folder
+    opset: Annotated[int, Field(ge=13)] = 17
+    dynamic_batch: bool = True
+    check: bool = True  # measure accuracy and latency in ONNX Runtime
+
+
+PRUNE = {"weight": PruneWeights, "nm": PruneNM, "head": PruneHeads}
+PRUNE |= dict.fromkeys(("shape", "kernel", "stripe", "vector", "block"), PrunePattern)
+PRUNE |= dict.fromkeys(("group", "filter", "channel", "neuron"), PruneChannels)
+QUANTIZE = {"kmeans": QuantKMeans, "ptq": QuantPTQ, "qat": QuantQAT,
+            "weight_only": QuantWeightOnly}
+STAGES: dict[str, type[_Config] | None] = {  # None: chosen by granularity / method
+    "train": Train, "prune": None, "finetune": Finetune, "distill": Distill,
+    "quantize": None, "encode": Encode, "export": Export,
+}
+# the key that picks the model within a stage kind, and its value when absent
+CHOOSER = {"prune": ("granularity", "group"), "quantize": ("method", None)}
+
+
+def stage_tag(value: Any) -> str | None:
+    """The class tag of a stage as written ('train', 'prune:weight', 'quantize:ptq'),
+    or None when its kind or chooser is missing or unknown."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if not isinstance(value, dict) or value.get("stage") not in STAGES:
+        return None
+    kind = value["stage"]
+    if kind not in CHOOSER:
+        return kind
+    key, default = CHOOSER[kind]
+    choice = value.get(key, default)
+    table = PRUNE if kind == "prune" else QUANTIZE
+    if not isinstance(choice, str) or choice not in table:
+        return None
+    return f"{kind}:{table[choice].__name__}"
+
+
+TAGS: dict[str, type[_Config]] = {name: cls for name, cls in STAGES.items() if cls}
+TAGS |= {f"prune:{cls.__name__}": cls for cls in PRUNE.values()}
+TAGS |= {f"quantize:{cls.__name__}": cls for cls in QUANTIZE.values()}
+
+Stage = Annotated[
+    Annotated[Train, Tag("train")] | Annotated[Finetune, Tag("finetune")]
+    | Annotated[Distill, Tag("distill")] | Annotated[Encode, Tag("encode")]
+    | Annotated[Export, Tag("export")]
+    | Annotated[PruneWeights, Tag("prune:PruneWeights")]
+    | Annotated[PruneNM, Tag("prune:PruneNM")]
+    | Annotated[PrunePattern, Tag("prune:PrunePattern")]
+    | Annotated[PruneChannels, Tag("prune:PruneChannels")]
+    | Annotated[PruneHeads, Tag("prune:PruneHeads")]
+    | Annotated[QuantKMeans, Tag("quantize:QuantKMeans")]
+    | Annotated[QuantPTQ, Tag("quantize:QuantPTQ")]
+    | Annotated[QuantQAT, Tag("quantize:QuantQAT")]
+    | Annotated[QuantWeightOnly, Tag("quantize:QuantWeightOnly")],
+    Discriminator(stage_tag),
+]
+
+
+class Recipe(_Config):
+    """A whole `penjing compress` run: where the model and data come from, and the stages."""
+
+    model: str  # a penjing model ('lenet300', 'vgg') or 'package.module:function'
+    weights: str | None = None  # safetensors, or .pt read with weights_only=True
+    data: str = "mnist"  # 'mnist', 'digits' or 'package.module:function' -> DataSplit
+    # 'accuracy' (top-1), or 'package.module:function' (model, test_loader) -> float,
+    # higher is better
+    metric: str = "accuracy"
+    seed: int = 0
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    latency_batch: Annotated[int, Field(ge=1)] = 1  # images per timed forward pass
+    stages: Annotated[list[Stage], Field(min_length=1)]

@@ -1,0 +1,321 @@
+"""What each recipe stage does to the model: one function per stage kind, each a thin
+call of the library function its config is named after."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from penjing.recipes import schema
+from penjing.recipes.schema import RecipeError
+
+
+@dataclass
+class Context:
+    """What every stage may read: data, the model's factory, where files go."""
+
+    recipe: schema.Recipe
+    train: DataLoader
+    test: DataLoader
+    example: torch.Tensor  # a batch of test inputs, `latency_batch` long
+    factory: Callable[[], nn.Module]  # a fresh model of the recipe's architecture
+    num_classes: int
+    out: Path
+    base: Path  # the recipe's folder: relative paths in it start here
+    progress: bool
+    index: int = 0  # of the stage running
+    # the model as stage i left it (-1: the input model), for distillation's teacher
+    model_after: Callable[[int], nn.Module] = field(default=lambda i: None)  # type: ignore
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed + self.index
+
+    def desc(self, what: str) -> str:
+        return f"stages[{self.index}] {what}"
+
+    def fit_options(self) -> dict[str, Any]:
+        return {"seed": self.seed, "progress": self.progress}
+
+
+@dataclass
+class Outcome:
+    """A stage's model and what it wants said: a short detail, and a file it wrote (the
+    .pjz, the .onnx) whose measurements replace the model's."""
+
+    model: nn.Module
+    detail: str
+    artefact: Path | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _fit(ctx: Context, model: nn.Module, cfg: schema._Fit, epochs: int, what: str) -> None:
+    from penjing.prune import slimming_loss
+    from penjing.train import cross_entropy, fit
+
+    loss = slimming_loss(cfg.bn_l1) if cfg.bn_l1 else cross_entropy
+    fit(model, ctx.train, epochs=epochs, lr=cfg.lr, optimizer=cfg.optimizer,
+        schedule=cfg.lr_schedule, loss_fn=loss, desc=ctx.desc(what), **ctx.fit_options())
+
+
+def train(ctx: Context, model: nn.Module, cfg: schema.Train | schema.Finetune) -> Outcome:
+    _fit(ctx, model, cfg, cfg.epochs, cfg.stage)
+    slim = f", bn_l1 {cfg.bn_l1:g}" if cfg.bn_l1 else ""
+    return Outcome(model, f"{cfg.epochs} epochs, lr {cfg.lr:g}{slim}")
+
+
+# --- prune ---------------------------------------------------------------------------
+
+
+def _targets(cfg: schema._Prune, final: float) -> list[float]:
+    """The cumulative amount to reach after each cut."""
+    from penjing.prune import agp, iterative
+
+    if cfg.schedule == "iterative":
+        return iterative(final, cfg.rounds)
+    if cfg.schedule == "agp":
+        return [agp(r + 1, final, cfg.rounds) for r in range(cfg.rounds)]
+    return [final]
+
+
+def _relative(targets: list[float]) -> list[float]:
+    """Cumulative fractions removed → the fraction of what is left that each cut removes
+    (channel and head pruning take the latter)."""
+    out, before = [], 0.0
+    for t in targets:
+        out.append(max(0.0, 1.0 - (1.0 - t) / (1.0 - before)))
+        before = t
+    return out
+
+
+def _cuts(ctx: Context, model: nn.Module, cfg) -> list[Callable[[nn.Module], None]]:
+    """One function per round that makes that round's cut on a model."""
+    import penjing.prune as prune
+
+    g = cfg.granularity
+    if isinstance(cfg, schema.PruneWeights):
+        if cfg.quality is not None:
+            return [lambda m: prune.magnitude_(m, quality=cfg.quality, layers=cfg.layers)]
+        if isinstance(cfg.sparsity, dict):
+            per_layer = {name: _targets(cfg, s) for name, s in cfg.sparsity.items()}
+            return [
+                lambda m, r=r: prune.magnitude_(m, {n: t[r] for n, t in per_layer.items()},
+                                                scope=cfg.scope)
+                for r in range(cfg.rounds)
+            ]
+        return [lambda m, s=s: prune.magnitude_(m, s, scope=cfg.scope, layers=cfg.layers)
+                for s in _targets(cfg, cfg.sparsity)]
+    if isinstance(cfg, schema.PruneNM):
+        return [lambda m: prune.nm_(m, cfg.n, cfg.m, cfg.layers)]
+    if isinstance(cfg, schema.PrunePattern):
+        return [lambda m, s=s: prune.pattern_(m, g, s, cfg.layers)
+                for s in _targets(cfg, cfg.sparsity)]
+    if isinstance(cfg, schema.PruneHeads):
+        return [lambda m, r=r: prune.heads_(m, r, criterion=cfg.criterion, layers=cfg.layers)
+                for r in _relative(_targets(cfg, cfg.ratio))]
+    criterion: Any = cfg.criterion
+    if criterion == "taylor":
+        batches = [batch for batch, _ in zip(ctx.train, range(cfg.taylor_batches), strict=False)]
+        criterion = prune.taylor(batches)
+    per_layer = {n: _relative(_targets(cfg, r)) for n, r in (cfg.ratios or {}).items()}
+
+    def cut(m: nn.Module, r: int, ratio: float) -> None:
+        prune.channels_(
+            m, ctx.example[:1], ratio=ratio, criterion=criterion, granularity=g,
+            global_ranking=cfg.global_ranking, round_to=cfg.round_to,
+            ignored_layers=cfg.ignored_layers, max_ratio=cfg.max_ratio,
+            normalize=cfg.normalize,
+            ratios={n: t[r] for n, t in per_layer.items()} or None,
+        )
+
+    return [lambda m, r=r, ratio=ratio: cut(m, r, ratio)
+            for r, ratio in enumerate(_relative(_targets(cfg, cfg.ratio)))]
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def zero_fraction(model: nn.Module) -> float:
+    """Fraction of zeros over the weights of every Linear and Conv layer."""
+    from penjing.prune.masks import PRUNABLE
+
+    total = zeros = 0
+    for m in model.modules():
+        if isinstance(m, PRUNABLE):
+            w = m.weight.detach()
+            total += w.numel()
+            zeros += int((w == 0).sum())
+    return zeros / max(total, 1)
+
+
+def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
+    from penjing.train import fit, recalibrate_bn_
+
+    cuts = _cuts(ctx, model, cfg)
+    for r, cut in enumerate(cuts):
+        cut(model)
+        if cfg.bn_batches and _has_batchnorm(model):
+            recalibrate_bn_(model, ctx.train, cfg.bn_batches)
+        if cfg.epochs:
+            what = "fine-tune" + (f" {r + 1}/{len(cuts)}" if len(cuts) > 1 else "")
+            options = ctx.fit_options() | {"seed": ctx.seed + 1000 * r}
+            fit(model, ctx.train, epochs=cfg.epochs, lr=cfg.lr, desc=ctx.desc(what), **options)
+    amount = next((f"{k} {getattr(cfg, k)}" for k in ("ratio", "sparsity", "quality")
+                   if getattr(cfg, k, None) is not None), f"{getattr(cfg, 'n', '')}:"
+                  f"{getattr(cfg, 'm', '')}")
+    if isinstance(getattr(cfg, "sparsity", None), dict):
+        amount = "sparsity per layer"
+    schedule = "" if cfg.schedule == "one-shot" else f", {cfg.schedule} ×{cfg.rounds}"
+    extra = f", criterion {cfg.criterion}" if hasattr(cfg, "criterion") else ""
+    tuned = f", {cfg.epochs} epochs each" if cfg.epochs else ""
+    return Outcome(model, f"{cfg.granularity} {amount}{extra}{schedule}{tuned}",
+                   notes={"weight_sparsity": zero_fraction(model)})
+
+
+# --- distill ---------------------------------------------------------------------------
+
+
+def _teacher(ctx: Context, cfg: schema.Distill) -> tuple[nn.Module, str]:
+    from penjing import load, models
+
+    if isinstance(cfg.teacher, int):
+        if not 0 <= cfg.teacher < ctx.index:
+            raise RecipeError(f"stages[{ctx.index}] (distill).teacher: stage {cfg.teacher} "
+                              f"has not run before this one; give 0 to {ctx.index - 1} or "
+                              "'dense'")
+        return ctx.model_after(cfg.teacher), f"stages[{cfg.teacher}]"
+    if cfg.teacher == "dense":
+        kinds = [s.stage for s in ctx.recipe.stages[: ctx.index]]
+        first = next((i for i, k in enumerate(kinds) if k in ("prune", "quantize")), len(kinds))
+        return ctx.model_after(first - 1), "the dense model"
+    from penjing.recipes.run import on_path
+
+    with on_path(ctx.base):
+        teacher = models.build(cfg.teacher, ctx.num_classes, role="teacher")
+    if cfg.teacher_weights is not None:
+        teacher = load(ctx.base / cfg.teacher_weights, teacher)
+    return teacher, cfg.teacher
+
+
+def distill(ctx: Context, model: nn.Module, cfg: schema.Distill) -> Outcome:
+    from penjing.distill import distill as distill_
+
+    teacher, name = _teacher(ctx, cfg)
+    distill_(teacher, model, ctx.train, epochs=cfg.epochs, lr=cfg.lr,
+             temperature=cfg.temperature, alpha=cfg.alpha, soft=cfg.soft,
+             hints=cfg.hints, hint_epochs=cfg.hint_epochs, optimizer=cfg.optimizer,
+             **ctx.fit_options())
+    return Outcome(model, f"from {name}, {cfg.epochs} epochs, T {cfg.temperature:g}, "
+                          f"alpha {cfg.alpha:g}")
+
+
+# --- quantize --------------------------------------------------------------------------
+
+
+def _linear_config(cfg):
+    from penjing import quant
+
+    options = {"layers": dict(cfg.layers), "first": cfg.first, "last": cfg.last,
+               "weight_range": cfg.weight_range}
+    if isinstance(cfg, schema.QuantWeightOnly):
+        return quant.weight_only(cfg.bits, cfg.group_size, **options)
+    return quant.int8(cfg.per_channel, cfg.observer, cfg.reduce_range,
+                      learnable=getattr(cfg, "learnable", False), **options)
+
+
+def quantize(ctx: Context, model: nn.Module, cfg) -> Outcome:
+    from penjing import quant
+    from penjing.train import fit
+
+    if isinstance(cfg, schema.QuantKMeans):
+        quant.kmeans_(model, cfg.bits, init=cfg.init, layers=cfg.layers, seed=ctx.seed)
+        fit(model, ctx.train, epochs=cfg.epochs, lr=cfg.lr, desc=ctx.desc("train centroids"),
+            **ctx.fit_options())
+        bits = "per layer" if isinstance(cfg.bits, dict) else f"{cfg.bits} bits"
+        return Outcome(model, f"k-means {bits}, {cfg.init} init, {cfg.epochs} epochs")
+    config = _linear_config(cfg)
+    if isinstance(cfg, schema.QuantQAT):
+        q = quant.qat(model, ctx.train, config, epochs=cfg.epochs, lr=cfg.lr,
+                      calib_batches=cfg.calib_batches, desc=ctx.desc("qat"), **ctx.fit_options())
+        return Outcome(q, f"INT8 QAT, {cfg.observer}, {cfg.epochs} epochs")
+    if isinstance(cfg, schema.QuantPTQ):
+        q = quant.ptq(model, ctx.train, config, batches=cfg.calib_batches)
+        return Outcome(q, f"INT8 PTQ, {cfg.observer}, {cfg.calib_batches} batches")
+    q = quant.ptq(model, None, config)
+    group = f", groups of {cfg.group_size}" if cfg.group_size else ""
+    return Outcome(q, f"weights INT{cfg.bits}{group}")
+
+
+# --- encode / export -------------------------------------------------------------------
+
+
+def is_quantized(model: nn.Module) -> bool:
+    from penjing.quant import ActQuant, WeightQuant
+
+    return any(isinstance(m, ActQuant | WeightQuant) for m in model.modules())
+
+
+def own_classes(model: nn.Module) -> nn.Module:
+    """A deep copy whose parametrized layers have classes of their own.
+
+    torch's parametrized layers share a generated class with their deep copies, and
+    removing a parametrization deletes the property from that class: finalizing a copy
+    (as codec.save does) would leave the original without its `weight`.
+    """
+    from torch.nn.utils import parametrize
+
+    clone = copy.deepcopy(model)
+    for m in clone.modules():
+        if parametrize.is_parametrized(m):
+            cls = type(m)
+            m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    return clone
+
+
+def encode(ctx: Context, model: nn.Module, cfg: schema.Encode) -> Outcome:
+    """Write the .pjz and measure what comes back out of it: the accuracy of the stage is
+    the accuracy of the file."""
+    from penjing import codec, load
+
+    path = ctx.out / cfg.file
+    report = codec.save(own_classes(model), path, index_bits=cfg.index_bits)
+    notes = {"ratio": report.ratio, "huffman_saving": report.huffman_saving,
+             "original_bytes": report.original_bytes}
+    detail = f"{report.ratio:.1f}x of float32, Huffman saved {report.huffman_saving:.0%}"
+    if is_quantized(model):  # a .pjz holds the float values the quantized layers compute
+        notes["measured"] = "in memory: a .pjz rebuilds the float model, not its quantizers"
+        return Outcome(model, detail, path, notes)
+    loaded = load(path, ctx.factory)
+    return Outcome(loaded, detail, path, notes)
+
+
+def export(ctx: Context, model: nn.Module, cfg: schema.Export) -> Outcome:
+    """Write the ONNX file; with `check`, accuracy and latency are ONNX Runtime's."""
+    from penjing.export import onnx, ort_accuracy, ort_latency
+
+    path = ctx.out / cfg.file
+    onnx(model, path, ctx.example[:1], opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
+    kind = "QDQ INT8" if is_quantized(model) else "FP32"
+    notes: dict[str, Any] = {"format": kind}
+    if cfg.check:
+        notes["ort_accuracy"] = ort_accuracy(path, ctx.test)
+        example = ctx.example if cfg.dynamic_batch else ctx.example[:1]
+        notes["ort_latency_ms"] = 1e3 * ort_latency(path, example.numpy())
+    return Outcome(model, f"ONNX {kind}, opset {cfg.opset}", path, notes)
+
+
+RUNNERS: dict[str, Callable[[Context, nn.Module, Any], Outcome]] = {
+    "train": train, "finetune": train, "prune": prune, "distill": distill,
+    "quantize": quantize, "encode": encode, "export": export,
+}
+
+# stages that leave the model as it was: their model file is the one before them
+KEEPS_MODEL = ("encode", "export")
