@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from penjing.codec import packed
 from penjing.codec.encoding import (
     ENCODINGS,
     PATTERN_DTYPES,
@@ -299,6 +300,11 @@ def _check_entry(entry: object, names: set) -> int:
     if dtype not in PATTERN_DTYPES:
         raise ValueError(f"tensor {name!r}: encoding {encoding!r} needs a float16/bfloat16/"
                          f"float32/float64 tensor, the manifest says {dtype}")
+    if encoding == "packed":
+        if size != packed.expected_sizes(entry, shape, dtype.itemsize):
+            raise ValueError(f"tensor {name!r}: packed sections of {size} bytes do not fit "
+                             f"{entry.get('levels')!r} levels over shape {shape}")
+        return sum(size.values())
     book = entry["codebook"]
     if not _is_count(book) or book > MAX_CODEBOOK or size["codebook"] != book * dtype.itemsize:
         raise ValueError(f"tensor {name!r} has a codebook of {book!r} entries in "
@@ -349,6 +355,8 @@ def _scratch(entry: dict) -> int:
     sizes = {kind: length for kind, length, _ in entry["sections"]}
     if entry["encoding"] == "dense":
         return 4 * math.prod(entry["shape"]) + 16 * sizes["codes"] + SCRATCH_FIXED
+    if entry["encoding"] == "packed":
+        return 16 * math.prod(entry["shape"]) + SCRATCH_FIXED
     if entry["encoding"] == "sparse":
         return 32 * entry["entries"] + 16 * (sizes["gaps"] + sizes["values"]) + SCRATCH_FIXED
     return 0

@@ -23,14 +23,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from penjing.codec import entropy, huffman, relindex
+from penjing.codec import entropy, huffman, packed, relindex
 from penjing.codec.report import LayerReport, layer_report
 
-ENCODINGS = ("raw", "dense", "sparse")
+ENCODINGS = ("raw", "dense", "sparse", "packed")
 SECTIONS = {
     "raw": ("raw",),
     "dense": ("codebook", "codes"),
     "sparse": ("codebook", "gaps", "values"),
+    "packed": packed.SECTIONS,  # binary / ternary rows: a scale per row, 1 or 2 bits each
 }
 
 # Codebooks hold bit patterns, not values, so NaN payloads come back bit-exact.
@@ -215,6 +216,10 @@ def encode_tensor(
     book = _codebook(t, max_codebook) if t.dtype in _PATTERN and t.numel() else None
     if book is not None:
         choices += _coded_choices(*book, t.dtype, index_bits, coders)
+    if t.dtype in _PATTERN:
+        split = packed.split(t, t.reshape(-1).view(_PATTERN[t.dtype][0]).numpy())
+        if split is not None:
+            choices.append(_Choice(*packed.encode(*split, _PATTERN[t.dtype][1])))
     best = min(choices, key=lambda c: c.size)
     entry = {
         "name": name,
@@ -246,8 +251,11 @@ def decode_tensor(entry: dict, sections: dict[str, memoryview]) -> torch.Tensor:
             f"encoding {encoding!r} needs a float16/bfloat16/float32/float64 "
             f"tensor, the manifest says {dtype}"
         )
-    size = entry["codebook"]
     _, little = _PATTERN[dtype]
+    if encoding == "packed":
+        patterns = packed.decode(entry, sections, shape, little)
+        return torch.from_numpy(patterns).view(dtype).reshape(shape)
+    size = entry["codebook"]
     cb_bytes = sections["codebook"]
     if not isinstance(size, int) or len(cb_bytes) != size * np.dtype(little).itemsize:
         raise ValueError(f"codebook section has {len(cb_bytes)} bytes for {size!r} entries")

@@ -129,9 +129,12 @@ def layer_report(
     encoding = entry["encoding"]
     codebook = entry.get("codebook", 0)
     weight_bits = 8 * element_size if encoding == "raw" else fixed_width_bits(codebook + 1)
+    if encoding == "packed":  # 1 bit (binary) or 2 (ternary) per element
+        weight_bits = 1 if entry.get("levels") == 2 else 2
     index_bits = entry.get("index_bits") if encoding == "sparse" else None
     entries = entry.get("entries", 0) if encoding == "sparse" else numel
-    weight_bytes = sizes.get("values", 0) + sizes.get("codes", 0) + sizes.get("raw", 0)
+    weight_bytes = (sizes.get("values", 0) + sizes.get("codes", 0) + sizes.get("raw", 0)
+                    + sizes.get("levels", 0))
 
     def stream(nbytes: int, fixed: int, entropy: float | None) -> StreamReport:
         spent = 8 * nbytes / entries if entries else 0.0
@@ -153,7 +156,7 @@ def layer_report(
         encoding=encoding,
         weight_bits=weight_bits,
         index_bits=index_bits,
-        codebook_bytes=sizes.get("codebook", 0),
+        codebook_bytes=sizes.get("codebook", 0) + sizes.get("scales", 0),
         index_bytes=sizes.get("gaps", 0),
         weight_bytes=weight_bytes,
         total_bytes=total,
