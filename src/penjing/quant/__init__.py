@@ -26,6 +26,20 @@ from penjing.quant.linear import (
     quantize,
     sqnr,
 )
+from penjing.quant.lowbit import (
+    BinaryWeight,
+    Log2Weight,
+    TernaryWeight,
+    XnorInput,
+    binarize,
+    binarize_,
+    inq,
+    inq_step_,
+    log2_,
+    log2_quantize,
+    ternarize,
+    ternarize_,
+)
 from penjing.quant.observers import OBSERVERS, Observer, make_observer
 from penjing.quant.ptq import (
     activation_quantizers,
@@ -40,6 +54,18 @@ from penjing.quant.report import LayerStats, format_layers, layer_report
 from penjing.quant.shared import SharedWeights, SharingInfo, get_shared, kmeans_
 
 __all__ = [
+    "BinaryWeight",
+    "Log2Weight",
+    "TernaryWeight",
+    "XnorInput",
+    "binarize",
+    "binarize_",
+    "inq",
+    "inq_step_",
+    "log2_",
+    "log2_quantize",
+    "ternarize",
+    "ternarize_",
     "BIAS_CORRECTIONS",
     "ChannelClip",
     "Equalization",
