@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from penjing import codec, data, distill, errors, export, models, prune, quant, train
+from penjing import codec, data, distill, errors, export, layers, models, prune, quant, train
 from penjing.model_file import load, save
 from penjing.prune.masks import finalize_
 
@@ -15,6 +15,7 @@ __all__ = [
     "errors",
     "export",
     "finalize_",
+    "layers",
     "load",
     "models",
     "prune",

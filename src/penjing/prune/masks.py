@@ -7,6 +7,8 @@ weight is zeroed as well, which keeps `parametrizations.weight.original` honest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -28,13 +30,24 @@ class Mask(nn.Module):
         return weight * self.mask
 
 
-def select_layers(model: nn.Module, layers: list[str] | None = None) -> dict[str, nn.Module]:
-    """The layers to act on, by fully qualified name: `layers`, or every prunable layer.
+def select_layers(
+    model: nn.Module, layers: list[str] | Callable[[nn.Module, str], bool] | None = None
+) -> dict[str, nn.Module]:
+    """The layers to act on, by fully qualified name: `layers` (names, or a filter
+    `fn(module, name)` such as `penjing.layers.types(nn.Linear)` applied to the prunable
+    layers), or every prunable layer.
 
     A name that does not exist, or names a layer type we cannot handle, is an error that
-    lists what would work.
+    lists what would work; so is a filter that accepts no prunable layer.
     """
     modules = dict(model.named_modules())
+    if callable(layers):
+        found = {n: m for n, m in modules.items() if isinstance(m, PRUNABLE) and layers(m, n)}
+        if not found:
+            prunable = sorted(n for n, m in modules.items() if isinstance(m, PRUNABLE))
+            raise ValueError(f"the layer filter {layers!r} accepts none of the prunable "
+                             f"layers {prunable[:8]}")
+        return found
     if layers is None:
         found = {name: m for name, m in modules.items() if isinstance(m, PRUNABLE)}
         if not found:

@@ -120,7 +120,10 @@ def select(
     return removed
 
 
-def _ignored_names(model: nn.Module, ignored_layers: Iterable[str | nn.Module]) -> list[str]:
+def _ignored_names(model: nn.Module, ignored_layers) -> list[str]:
+    """Names from `ignored_layers`: names, modules, or a filter fn(module, name)."""
+    if callable(ignored_layers):
+        return [n for n, m in model.named_modules() if n and ignored_layers(m, n)]
     names = {m: n for n, m in model.named_modules()}
     known = set(names.values())
     ignored = []
@@ -245,7 +248,7 @@ def _warn_nothing_removed(graph: DependencyGraph, scored: int) -> None:
 
 def _for_copy(model: nn.Module, kwargs: dict) -> dict:
     """Options with layer modules of `model` replaced by their names (valid in a copy)."""
-    if "ignored_layers" in kwargs:
+    if "ignored_layers" in kwargs and not callable(kwargs["ignored_layers"]):
         names = {m: n for n, m in model.named_modules()}
         kwargs = {**kwargs, "ignored_layers": [names.get(i, i) if isinstance(i, nn.Module)
                                                else i for i in kwargs["ignored_layers"]]}

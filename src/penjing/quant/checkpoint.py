@@ -88,6 +88,9 @@ def config_to_dict(config: QuantConfig) -> dict:
     def name(v: Any) -> str:
         return v if isinstance(v, str) else "custom"
 
+    if config.filter_fn is not None:
+        raise ValueError("a QuantConfig with a filter_fn is stored after "
+                         "penjing.quant.config.resolve_filter(config, model)")
     return {
         "weight": _spec_to_dict(config.weight),
         "activation": _spec_to_dict(config.activation),
@@ -190,7 +193,10 @@ def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLik
                 f"activation quantizer {name!r} is not calibrated yet; save the model that "
                 "ptq / qat returned"
             )
+    from penjing.quant.config import resolve_filter
+
     state = integer_state(model)
+    config = resolve_filter(config, model)
     metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config))}
     return save_checkpoint(state, path, metadata)  # adds the SHA-256 of all of it
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from torch import nn
@@ -43,6 +43,8 @@ class QuantConfig:
     first: bool = True
     last: bool = True
     learnable: bool = False  # QAT: learn scales with LSQ instead of tracking min/max
+    # only layers this accepts (penjing.layers: names, regex, types); after first / last
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.weight is None and self.activation is None:
@@ -125,7 +127,8 @@ def select(
             if re.fullmatch(pattern, name):
                 spec = value
                 break
-        if spec is False:
+        if spec is False or (config.filter_fn is not None
+                             and not config.filter_fn(modules[name], name)):
             continue
         chosen[name] = spec if isinstance(spec, QuantSpec) else config.weight
     if not chosen:
@@ -172,3 +175,13 @@ def make_config(
         first=not skip_first,
         last=not skip_last,
     )
+
+
+def resolve_filter(config: QuantConfig, model: nn.Module) -> QuantConfig:
+    """`config` with its filter_fn folded into `layers` as exact-name exclusions for
+    `model`, so that it can be stored as JSON and replayed (a function cannot be)."""
+    if config.filter_fn is None:
+        return config
+    dropped = {re.escape(n): False for n, m in model.named_modules()
+               if n and isinstance(m, config.types) and not config.filter_fn(m, n)}
+    return replace(config, filter_fn=None, layers={**dropped, **config.layers})

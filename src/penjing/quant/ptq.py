@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing import distributed, history
+from penjing import distributed, history, inputs
+from penjing.hf import is_hf
+from penjing.quant import eager
 from penjing.quant.checkpoint import config_to_dict
-from penjing.quant.config import QuantConfig, select
+from penjing.quant.config import QuantConfig, resolve_filter, select
 from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_tensors
 from penjing.quant.fold import fold_bn_
 from penjing.quant.graph import insert_quantizers, layer_order, trace
@@ -44,6 +46,7 @@ def quantize_(
     >>> pj.quant.quantize_(model, pj.quant.weight_only(bits=4, group_size=32))
     """
     _check_config(config)
+    config = resolve_filter(config, model)
     added = _quantize_weights(model, select(model, config, order), config, qat)
     history.record(model, {"op": "quantize", "config": config_to_dict(config), "in_place": True})
     return added
@@ -79,8 +82,13 @@ def _quantize_weights(
 def prepare(model: nn.Module, config: QuantConfig, *, qat: bool = False) -> nn.Module:
     """A copy of `model` with fake-quantized weights and, when `config` quantizes
     activations, traced (a GraphModule) with observing activation quantizers, ready for
-    `calibrate_`. BatchNorm is folded first (the copy is put in eval mode for that)."""
+    `calibrate_`. BatchNorm is folded first (the copy is put in eval mode for that).
+    A Hugging Face transformers model is not traced: each chosen Linear gets its input
+    quantizer as a forward pre-hook (penjing.quant.eager)."""
     _check_config(config)
+    if is_hf(model):
+        return eager.prepare(model, config, qat=qat)
+    config = resolve_filter(config, model)  # stored in the history, so no function in it
     source, model = model, copy.deepcopy(model).eval()
     fold_bn_(model)
     order = layer_order(model, config) if config.activation is not None else None
@@ -106,20 +114,12 @@ def activation_quantizers(model: nn.Module) -> dict[str, ActQuant]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
 
 
-def _inputs(batch: object) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, list | tuple) and batch:
-        return batch[0]
-    raise TypeError(
-        f"a calibration batch must be a tensor or (inputs, labels), got {type(batch).__name__}"
-    )
-
-
 @torch.no_grad()
 def calibrate_(model: nn.Module, loader: Iterable, batches: int | None = None) -> int:
     """Run `loader` (or its first `batches` batches) through `model` so the observers see
-    the activations; return the number of batches seen. Under torchrun every rank
+    the activations; return the number of batches seen. A batch is a tensor, a dict of
+    keyword tensors (`input_ids`, `attention_mask`) or (inputs, labels), the inputs
+    again a tensor, tuple or dict (penjing.inputs). Under torchrun every rank
     calibrates, then the observers merge what all ranks saw, so every rank freezes
     the same ranges."""
     if batches is not None and batches < 1:
@@ -128,7 +128,7 @@ def calibrate_(model: nn.Module, loader: Iterable, batches: int | None = None) -
     model.eval()
     seen = 0
     for batch in itertools.islice(loader, batches):
-        model(_inputs(batch))
+        inputs.call(model, inputs.from_batch(batch, model))
         seen += 1
     model.train(was_training)
     if seen == 0:
