@@ -76,3 +76,36 @@ def test_recipe_seed_reaches_the_forgy_init():
         shared.append(model[0].weight.detach())
     assert not torch.equal(shared[0], shared[1])
     assert torch.equal(shared[1], shared[2])
+
+
+def test_recipe_from_a_bytes_plan_keeps_its_sparsity_and_bits():
+    from penjing.analysis import Budget, SensitivityTable, plan_budget
+    from penjing.pipeline import recipe_from_plan
+
+    sizes = {"fc1": 235_200, "fc2": 30_000}
+    prune = SensitivityTable("accuracy", "sparsity", "element", 0.9, [0.5, 0.9, 0.98],
+                             {"fc1": [0.9, 0.89, 0.8], "fc2": [0.9, 0.85, 0.5]}, sizes)
+    bits = SensitivityTable("accuracy", "bits", "kmeans", 0.9, [6, 4, 2],
+                            {"fc1": [0.9, 0.9, 0.88], "fc2": [0.9, 0.89, 0.8]}, sizes)
+    plan = plan_budget(prune, Budget(bytes=12_000), bits=bits)
+    recipe = recipe_from_plan(plan, prune_rounds=2)
+    assert recipe.prune_rounds == 2
+    for name, layer in recipe.layers.items():
+        assert layer.sparsity == plan.layers[name].sparsity
+        assert layer.bits == plan.layers[name].bits and layer.index_bits == 8
+    with pytest.raises(ValueError, match="no bits"):
+        recipe_from_plan(plan_budget(prune, Budget(sparsity=0.9)))
+
+
+def test_shared_biases_take_few_values_and_stay_close():
+    from penjing.pipeline import share_biases_
+
+    model = pj.models.create("lenet300")
+    before = {n: m.bias.detach().clone() for n, m in model.named_children()}
+    done = share_biases_(model, {"fc1": 3, "fc2": 2})
+    assert done == {"fc1": 8, "fc2": 4}
+    assert torch.equal(model.fc3.bias, before["fc3"])
+    spread = float(before["fc1"].max() - before["fc1"].min())
+    assert float((model.fc1.bias.detach() - before["fc1"]).abs().max()) < spread / 8
+    with pytest.raises(ValueError, match="bits"):
+        share_biases_(model, 0)

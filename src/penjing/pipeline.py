@@ -10,13 +10,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import nn
 
 from penjing.codec.relindex import check_index_bits
 from penjing.prune.magnitude import check_sparsity, magnitude_
 from penjing.prune.masks import finalize_, select_layers
 from penjing.prune.schedule import iterative
-from penjing.quant.kmeans import INITS, check_bits
+from penjing.quant.kmeans import INITS, check_bits, kmeans_1d
 from penjing.quant.shared import kmeans_
 from penjing.train import evaluate, fit
 
@@ -106,6 +107,50 @@ RECIPES: dict[str, DeepCompression] = {
         }
     ),
 }
+
+
+def recipe_from_plan(plan, *, index_bits: dict[str, int] | None = None,
+                     **stages) -> DeepCompression:
+    """A Deep Compression recipe from a `penjing.analysis.Plan` with bits (a bytes budget):
+    the planned sparsity and bits per layer, `stages` for the training budget.
+
+    `index_bits` defaults to 8 for every layer: the codec entropy-codes the gaps (or the
+    dense codes, whichever is smaller), so a wide gap costs no more than its information.
+    """
+    if not plan.bits or set(plan.bits) != set(plan.layers):
+        raise ValueError("the plan has no bits for some layers; plan with Budget(bytes=...) "
+                         "and a bits table")
+    index_bits = index_bits or {}
+    layers = {
+        name: LayerPlan(sparsity=c.sparsity, bits=c.bits, index_bits=index_bits.get(name, 8))
+        for name, c in plan.layers.items()
+    }
+    return DeepCompression(layers=layers, **stages)
+
+
+def share_biases_(model: nn.Module, bits: int | dict[str, int]) -> dict[str, int]:
+    """Replace each Linear/Conv bias by its k-means centroids (2^bits values) in place.
+
+    A bias is a few hundred floats, but stored raw it costs as much as thousands of pruned,
+    shared weights; with few distinct values the codec stores it as a codebook and codes.
+    `bits` is one width for all or {layer name: bits}; returns the distinct values per layer.
+    """
+    chosen = select_layers(model, list(bits) if isinstance(bits, dict) else None)
+    widths = {}
+    for name in chosen:
+        b = bits[name] if isinstance(bits, dict) else bits
+        widths[name] = check_bits(b, f"bias bits of {name!r}")
+    done = {}
+    for name, module in chosen.items():
+        bias = getattr(module, "bias", None)
+        if bias is None or bias.numel() == 0:
+            continue
+        with torch.no_grad():
+            result = kmeans_1d(bias.detach(), 2 ** widths[name], init="linear")
+            centroids = torch.from_numpy(result.centroids).to(bias.dtype)
+            bias.copy_(centroids[torch.from_numpy(result.labels)].view_as(bias))
+        done[name] = int(torch.unique(bias.detach()).numel())
+    return done
 
 
 @dataclass

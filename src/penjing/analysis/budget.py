@@ -122,6 +122,23 @@ class Plan:
     def __str__(self) -> str:
         return self.format()
 
+    def iterative(self, rounds: int) -> list[dict[str, float]]:
+        """Per-layer sparsities for `rounds` prune → fine-tune rounds ending at the plan
+        (each round removes the same share of each layer's surviving weights)."""
+        from penjing.prune.schedule import iterative
+
+        steps = {name: iterative(c.sparsity, rounds) for name, c in self.layers.items()}
+        return [{name: s[i] for name, s in steps.items()} for i in range(rounds)]
+
+    def agp(self, step: int, steps: int, start: int = 0) -> dict[str, float]:
+        """Per-layer sparsities at training step `step` of Zhu & Gupta's gradual schedule
+        reaching the plan after `steps` steps from `start`: call magnitude_ with them every
+        few steps from the training loop."""
+        from penjing.prune.schedule import agp
+
+        return {name: min(c.sparsity, agp(step, c.sparsity, steps, start=start))
+                for name, c in self.layers.items()}
+
     def apply_(self, model: nn.Module, *, init: str = "linear") -> dict[str, float]:
         """Prune the model in place to the planned ratios (magnitude, per layer), then share
         weights at the planned bits if any; returns the sparsities reached."""
