@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from penjing.export.ort import ort_run
+from penjing.inputs import Inputs, call, first_tensor
 
 
 @dataclass(frozen=True)
@@ -47,17 +48,17 @@ def output_step(model: nn.Module) -> float | None:
 
 @torch.no_grad()
 def compare_with_ort(
-    model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor, threads: int = 2
+    model: nn.Module, path: str | os.PathLike, inputs: Inputs, threads: int = 2
 ) -> Agreement:
-    """Run `inputs` through `model` (eval mode) and through ONNX Runtime on `path`, and
-    measure how far apart the first outputs are."""
+    """Run `inputs` (a tensor, a tuple of tensors or a dict of keyword tensors such as
+    `{"input_ids": ..., "attention_mask": ...}`) through `model` (eval mode) and through
+    ONNX Runtime on `path`, and measure how far apart the first outputs are."""
     was_training = model.training
     model.eval()
     try:
-        want = model(inputs)
+        want = first_tensor(call(model, inputs)).numpy()
     finally:
         model.train(was_training)
-    want = (want[0] if isinstance(want, tuple | list) else want).numpy()
     got = ort_run(path, inputs, threads)[0]
     if got.shape != want.shape:
         raise ValueError(

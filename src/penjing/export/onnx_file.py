@@ -11,24 +11,41 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from penjing.errors import UnsupportedLayerError
+from penjing.inputs import call, flat_outputs
+from penjing.inputs import output_names as default_output_names
 from penjing.io import atomic_write_bytes
 
 
-def _as_tuple(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
-        return tuple(example_inputs)
-    raise TypeError(
-        "example_inputs must be a tensor or a tuple of tensors, got "
-        f"{type(example_inputs).__name__}"
-    )
+class _Keywords(nn.Module):
+    """`model` called with keyword tensors given positionally, in `names` order: the
+    TorchScript exporter traces positional inputs only."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args):
+        return self.model(**dict(zip(self.names, args, strict=True)))
+
+
+def _as_args(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, list[str]]:
+    """The module to trace, its positional `args` for a tensor, a tuple of tensors or a
+    dict of keyword tensors, and the default input names (the dict's keys)."""
+    from penjing.inputs import split
+
+    try:
+        args, kwargs = split(example_inputs)
+    except TypeError as err:
+        raise TypeError(f"example_inputs: {err}") from None
+    if kwargs:
+        return _Keywords(model, list(kwargs)), tuple(kwargs.values()), list(kwargs)
+    return model, args, ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
 
 
 def _module_using(model: nn.Module, args: tuple, op: str) -> str | None:
@@ -90,7 +107,9 @@ def _quantized_layers(model: nn.Module) -> list[str]:
     from penjing.quant.fakequant import ActQuant, get_weight_quant
 
     if not isinstance(model, fx.GraphModule):
-        return []
+        from penjing.quant.eager import quantized_inputs
+
+        return quantized_inputs(model)
     found = []
     for node in model.graph.nodes:
         if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -123,6 +142,33 @@ def _check_integer_layers(model: nn.Module, proto) -> None:
             "of the layer's forward, or export FP32", PenjingWarning, stacklevel=3)
 
 
+def _axes(model, example_inputs, outputs, input_names, output_names, dynamic_batch,
+          dynamic_axes):
+    """{name: {axis: label}}: the batch axis of every input and output, the sequence axis
+    of a Hugging Face model's 2-D inputs, and what `dynamic_axes` adds."""
+    from penjing.hf import is_hf
+
+    names = [*input_names, *output_names]
+    axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names} if dynamic_batch else {}
+    if is_hf(model) and isinstance(example_inputs, Mapping):
+        length = None
+        for name, value in zip(input_names, example_inputs.values(), strict=True):
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                axes.setdefault(name, {})[1] = "sequence"
+                length = value.shape[1]
+        for name, value in zip(output_names, flat_outputs(outputs), strict=False):
+            if value.dim() >= 3 and value.shape[1] == length:  # (batch, sequence, ...)
+                axes.setdefault(name, {})[1] = "sequence"
+    for name, extra in (dynamic_axes or {}).items():
+        if name not in names:
+            raise ValueError(
+                f"dynamic_axes names {name!r}, which is neither an input nor an output; the "
+                f"graph's names are {names}"
+            )
+        axes.setdefault(name, {}).update({int(a): str(label) for a, label in extra.items()})
+    return axes
+
+
 def onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -132,6 +178,7 @@ def onnx(
     dynamic_batch: bool = True,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
 ) -> str:
     """Write `model` to `path` as ONNX and return the path.
 
@@ -141,10 +188,17 @@ def onnx(
     Runtime turns into integer kernels (QLinearConv, QGemm, ...). Weights without
     quantized inputs (weight-only INT8, nn.MultiheadAttention's projections) stay int8
     behind DequantizeLinear. Weights in groups or wider than 8 bits, which QDQ in opset
-    17 cannot hold, are written as their dequantized floats. The batch axis is dynamic
-    unless `dynamic_batch=False`.
+    17 cannot hold, are written as their dequantized floats.
+
+    `example_inputs` is a tensor, a tuple of tensors or a dict of keyword tensors (its
+    keys name the graph's inputs). The batch axis is dynamic unless `dynamic_batch=False`;
+    `dynamic_axes` ({input or output name: {axis: label}}) adds more, e.g. the sequence
+    axis of a transformer's inputs, and is added to the batch axis. For a Hugging Face
+    model given a dict, every 2-D input gets a dynamic sequence axis too, so the file runs
+    sentences of any length.
 
     >>> pj.export.onnx(model, "model.onnx", torch.randn(1, 1, 28, 28))
+    >>> pj.export.onnx(bert, "bert.onnx", {"input_ids": ids, "attention_mask": mask})
     """
     import onnx as onnx_lib
 
@@ -152,10 +206,9 @@ def onnx(
 
     if opset < 13:
         raise ValueError(f"opset must be >= 13 (per-channel QuantizeLinear), got {opset}")
-    args = _as_tuple(example_inputs)
+    traced, args, default_names = _as_args(model, example_inputs)
     _check_quantizers(model)
-    n_in = len(args)
-    default_names = ["input"] if n_in == 1 else [f"input{i}" for i in range(n_in)]
+    n_in = len(default_names)
     input_names = list(input_names or default_names)
     if len(input_names) != n_in:
         raise ValueError(
@@ -167,14 +220,10 @@ def onnx(
     buffer = io.BytesIO()
     try:
         with torch.no_grad():
-            outputs = model(*args)
-        n_out = len(outputs) if isinstance(outputs, tuple | list) else 1
-        output_names = list(
-            output_names or (["output"] if n_out == 1 else [f"output{i}" for i in range(n_out)])
-        )
-        axes = None
-        if dynamic_batch:
-            axes = {name: {0: "batch"} for name in [*input_names, *output_names]}
+            outputs = call(model, example_inputs)
+        output_names = list(output_names or default_output_names(outputs))
+        axes = _axes(model, example_inputs, outputs, input_names, output_names, dynamic_batch,
+                     dynamic_axes)
         with warnings.catch_warnings():
             # the TorchScript exporter is deprecated in favour of one that needs onnxscript
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -186,13 +235,13 @@ def onnx(
                 # its index_add indices are distinct filters, for which the export is exact
                 warnings.filterwarnings("ignore", message=".*duplicated values in 'index'.*")
             torch.onnx.export(
-                model, args, buffer, dynamo=False, opset_version=opset,
+                traced, args, buffer, dynamo=False, opset_version=opset,
                 input_names=input_names, output_names=output_names,
-                dynamic_axes=axes, do_constant_folding=True,
+                dynamic_axes=axes or None, do_constant_folding=True,
             )
     except (torch.onnx.errors.UnsupportedOperatorError,
             torch.onnx.errors.SymbolicValueError) as err:
-        raise _unsupported(err, model, args) from err
+        raise _unsupported(err, traced, args) from err
     finally:
         model.train(was_training)
     proto = onnx_lib.load_from_string(buffer.getvalue())

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import fx, nn
 
+from penjing import inputs
 from penjing.quant.config import QuantConfig, int8
 from penjing.quant.equalize import (
     ChannelClip,
@@ -36,7 +37,7 @@ from penjing.quant.equalize import (
     input_response,
 )
 from penjing.quant.fakequant import get_weight_quant
-from penjing.quant.ptq import _inputs, calibrate_, freeze_, prepare
+from penjing.quant.ptq import calibrate_, freeze_, prepare
 
 BIAS_CORRECTIONS = ("analytic", "empirical")
 
@@ -151,9 +152,9 @@ def correct_bias_empirical_(
     seen = 0
     try:
         for batch in itertools.islice(loader, batches):
-            x = _inputs(batch)
-            quantized(x)
-            reference(x)
+            x = inputs.from_batch(batch, reference)
+            inputs.call(quantized, x)
+            inputs.call(reference, x)
             seen += 1
     finally:
         for h in handles:
