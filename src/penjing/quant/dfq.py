@@ -135,26 +135,41 @@ def correct_bias_empirical_(
 ) -> list[str]:
     """Subtract from each weight-quantized layer's bias the mean per-channel difference
     of its output from the same layer in `reference` (the float model it was made from,
-    same module names) over `batches` batches of `loader`; return the layers corrected."""
+    same module names) over `batches` batches of `loader`; return the layers corrected.
+
+    Layers are corrected in forward order within each batch (a layer's shift is measured
+    with the layers before it already corrected), so shifts do not pile up downstream."""
     q_layers = {n: m for n, m in quantized.named_modules() if get_weight_quant(m) is not None}
     f_modules = dict(reference.named_modules())
     names = [n for n in q_layers if n in f_modules]
-    sums: dict[str, list[torch.Tensor]] = {n: [0.0, 0.0] for n in names}
+    target: dict[str, torch.Tensor] = {}
+    shift: dict[str, torch.Tensor] = {n: torch.zeros(()) for n in names}
 
-    def hook(name: str, slot: int):
+    def channel_mean(output: torch.Tensor) -> torch.Tensor:
+        dims = [d for d in range(output.dim()) if d != 1] if output.dim() > 2 else [0]
+        return output.double().mean(dims)
+
+    def observe(name: str):
         def record(module, args, output):  # noqa: ANN001 - hook signature
-            dims = [d for d in range(output.dim()) if d != 1] if output.dim() > 2 else [0]
-            sums[name][slot] = sums[name][slot] + output.double().mean(dims)
+            target[name] = channel_mean(output)
         return record
 
-    handles = [q_layers[n].register_forward_hook(hook(n, 0)) for n in names]
-    handles += [f_modules[n].register_forward_hook(hook(n, 1)) for n in names]
+    def correct(name: str):
+        def apply(module, args, output):  # noqa: ANN001 - hook signature
+            diff = channel_mean(output) - target[name]
+            shift[name] = shift[name] + diff
+            shape = (1, -1) + (1,) * (output.dim() - 2) if output.dim() > 2 else (1, -1)
+            return output - diff.to(output.dtype).reshape(shape)
+        return apply
+
+    handles = [f_modules[n].register_forward_hook(observe(n)) for n in names]
+    handles += [q_layers[n].register_forward_hook(correct(n)) for n in names]
     seen = 0
     try:
         for batch in itertools.islice(loader, batches):
             x = inputs.from_batch(batch, reference)
-            inputs.call(quantized, x)
             inputs.call(reference, x)
+            inputs.call(quantized, x)
             seen += 1
     finally:
         for h in handles:
@@ -163,8 +178,7 @@ def correct_bias_empirical_(
         raise ValueError("empirical bias correction needs at least one batch, got an empty "
                          "loader; pass a few batches of inputs, or use 'analytic'")
     for name in names:
-        diff = (sums[name][0] - sums[name][1]) / seen
-        _add_bias_(q_layers[name], -diff.float())
+        _add_bias_(q_layers[name], -(shift[name] / seen).float())
     return names
 
 

@@ -281,17 +281,22 @@ def input_response(weight: torch.Tensor, groups: int, c: torch.Tensor) -> torch.
 
 def sees_padding(layer: nn.Module) -> bool:
     """Whether `layer` (a conv, or a subclass padding in its own forward) reads zeros
-    beyond the border: its response to a constant input then varies across positions."""
+    beyond the border: its response to a constant input then varies across positions.
+    Probed at two sizes of each parity, since a fixed one-sided pad (TensorFlow's "same"
+    at stride 2) is read only by some input sizes."""
     if isinstance(layer, nn.Linear):
         return False
     w = layer.weight
-    size = [max(8, 3 * k * d + 2 * s) for k, d, s in
+    base = [max(8, 3 * k * d + 2 * s) for k, d, s in
             zip(w.shape[2:], layer.dilation, layer.stride, strict=True)]
-    x = torch.ones(1, w.shape[1] * layer.groups, *size)
-    with torch.no_grad():
-        y = layer(x).flatten(2)
-    spread = (y.amax(-1) - y.amin(-1)).abs().max()
-    return bool(spread > 1e-5 * (y.abs().max() + 1e-12))
+    for extra in (0, 1):
+        x = torch.ones(1, w.shape[1] * layer.groups, *[b + extra for b in base])
+        with torch.no_grad():
+            y = layer(x).flatten(2)
+        spread = (y.amax(-1) - y.amin(-1)).abs().max()
+        if bool(spread > 1e-5 * (y.abs().max() + 1e-12)):
+            return True
+    return False
 
 
 def _repeat(v: torch.Tensor, layer: nn.Module) -> torch.Tensor:
