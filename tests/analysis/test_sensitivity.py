@@ -160,3 +160,43 @@ def test_table_drop_follows_the_metric_direction():
     t = SensitivityTable("loss", "sparsity", "element", 1.0, [0.5], {"a": [1.5]}, {"a": 10},
                          higher_is_better=False)
     assert t.drop("a") == [0.5]
+
+
+def _sharded_worker(rank: int, world: int, init: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = _model()
+        with torch.no_grad():
+            reference = model(X)
+        calls = []
+        evaluate = _agreement(reference)
+        table = sensitivity(model, lambda m: calls.append(1) or evaluate(m),
+                            ratios=[0.3, 0.6, 0.9])
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"values": table.values, "calls": len(calls),
+                       "world": table.world_size}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes import torch
+def test_sharded_sweep_gives_the_same_table(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    model = _model()
+    with torch.no_grad():
+        reference = model(X)
+    single = sensitivity(model, _agreement(reference), ratios=[0.3, 0.6, 0.9])
+    out = str(tmp_path / "table")
+    mp.spawn(_sharded_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", out), nprocs=2)
+    parts = [json.loads((tmp_path / f"table.{r}").read_text()) for r in range(2)]
+    for part in parts:
+        assert part["values"] == single.values and part["world"] == 2
+    # 4 layers x 3 ratios = 12 points shared 6 / 6, plus each rank's baseline
+    assert [p["calls"] for p in parts] == [7, 7]
