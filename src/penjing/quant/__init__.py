@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from penjing.quant.cast import Cast, CastReport, cast, cast_report
 from penjing.quant.checkpoint import load_quantized, save_quantized
 from penjing.quant.config import QUANTIZABLE, QuantConfig, int8, select, weight_only
 from penjing.quant.dfq import (
@@ -54,6 +55,10 @@ from penjing.quant.report import LayerStats, format_layers, layer_report
 from penjing.quant.shared import SharedWeights, SharingInfo, get_shared, kmeans_
 
 __all__ = [
+    "Cast",
+    "CastReport",
+    "cast",
+    "cast_report",
     "BinaryWeight",
     "Log2Weight",
     "TernaryWeight",
