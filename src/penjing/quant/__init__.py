@@ -41,6 +41,13 @@ from penjing.quant.lowbit import (
     ternarize,
     ternarize_,
 )
+from penjing.quant.mixed import (
+    MIXED_BITS,
+    MixedPrecision,
+    choose_bits,
+    sensitivity,
+    uniform_bits,
+)
 from penjing.quant.observers import OBSERVERS, Observer, make_observer
 from penjing.quant.ptq import (
     activation_quantizers,
@@ -55,6 +62,11 @@ from penjing.quant.report import LayerStats, format_layers, layer_report
 from penjing.quant.shared import SharedWeights, SharingInfo, get_shared, kmeans_
 
 __all__ = [
+    "MIXED_BITS",
+    "MixedPrecision",
+    "choose_bits",
+    "sensitivity",
+    "uniform_bits",
     "Cast",
     "CastReport",
     "cast",
