@@ -87,6 +87,9 @@ pj.distributed.main_only(pj.train.save_checkpoint)(model, out / f"pruned-{rank}.
 batches = [(x, y) for x, y in test]
 local_acc = pj.train.evaluate(model, batches, shard=False)
 
+student = pj.models.create("lenet300", in_features=64)  # differs by rank, as above
+kd = pj.distill.distill(model, student, train, epochs=2, progress=False)
+
 q = pj.quant.qat(model, train, pj.quant.int8(observer="percentile"), epochs=2, lr=1e-4,
                  calib_batches=4, progress=False)
 ranges = [[float(v) for v in (*m.observer.range(), m.scale, m.zero_point)]
@@ -97,7 +100,8 @@ print(json.dumps({
     "sparsity": float(sum((m == 0).sum() for m in masks.values()) /
                       sum(m.numel() for m in masks.values())),
     "global_acc": pj.train.evaluate(model, batches), "local_acc": local_acc,
-    "ranges": ranges, "qat_acc": pj.train.evaluate(q, test),
+    "ranges": ranges, "student": digest(student), "kd_loss": kd.loss,
+    "qat_acc": pj.train.evaluate(q, test),
 }))
 """
 
@@ -141,6 +145,8 @@ def test_two_processes_end_identical_and_learn(tmp_path):
     assert r0["ranges"] == r1["ranges"]  # merged observers: one range on every rank
     assert r0["loss"] == r1["loss"] and r0["loss"][-1] < r0["loss"][0]
     assert r0["accuracy"] == r1["accuracy"] and r0["accuracy"][-1] > 0.8
+    assert r0["student"] == r1["student"]  # distillation trains through fit too
+    assert r0["kd_loss"] == r1["kd_loss"] and r0["kd_loss"][-1] < r0["kd_loss"][0]
     assert r0["zeros_kept"] and r1["zeros_kept"]
     assert r0["sparsity"] == pytest.approx(0.8, abs=1e-3)
     # evaluate sums each rank's counts: the accuracy over the whole test set

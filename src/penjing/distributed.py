@@ -53,9 +53,12 @@ def active() -> bool:
 
 
 def default_backend() -> str:
-    """gloo for CPU tensors, plus nccl for CUDA tensors when a GPU and NCCL are present."""
+    """gloo for CPU tensors, plus nccl for CUDA tensors when NCCL is built in and every
+    rank on this machine has a GPU of its own (NCCL refuses two ranks on one GPU)."""
     dist = _dist()
-    if torch.cuda.is_available() and dist.is_nccl_available():
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if (torch.cuda.is_available() and dist.is_nccl_available()
+            and torch.cuda.device_count() >= local_ranks):
         return "cpu:gloo,cuda:nccl"
     return "gloo"
 
@@ -65,7 +68,7 @@ def init(backend: str | None = None) -> bool:
 
     Outside torchrun this does nothing and returns False, so a script runs unchanged in
     one process. Under torchrun the group is created from the environment (env://) with
-    `backend` (default: `default_backend()`); a second call returns at once. With CUDA,
+    `backend` (default: `default_backend()`); a second call returns at once. With nccl,
     the process uses GPU LOCAL_RANK.
     """
     if not launched():
@@ -78,7 +81,7 @@ def init(backend: str | None = None) -> bool:
         )
     if dist.is_initialized():
         return dist.get_world_size() > 1
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         value = os.environ.get(key, "0")
         if not value.isdigit():
             raise ValueError(f"{key} must be a non-negative integer, got {value!r}; launch "
@@ -90,7 +93,7 @@ def init(backend: str | None = None) -> bool:
                 f"launched by torchrun with the {name!r} backend, which this PyTorch build "
                 f"lacks; pass init(backend='gloo') (CPU) or install a PyTorch with {name}"
             )
-    if "nccl" in backend:
+    if "nccl" in backend and local_rank() < torch.cuda.device_count():
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend)
     atexit.register(_shutdown)

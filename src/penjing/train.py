@@ -125,7 +125,8 @@ def fit(
     params = [p for group in opt.param_groups for p in group["params"]]
     if spread:
         distributed.broadcast_(model)
-        distributed.broadcast_(params)  # a caller's optimizer may train more than `model`
+        own = {id(p) for p in model.parameters()}  # a caller's optimizer may train more
+        distributed.broadcast_([p for p in params if id(p) not in own])
         train_loader = distributed.shard(train_loader, seed=seed or 0)
         progress = progress and distributed.is_main()
     per_step = hasattr(train_loader, "__len__")
