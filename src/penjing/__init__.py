@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from penjing import codec, data, distill, errors, export, layers, models, prune, quant, train
+from penjing import (
+    codec,
+    data,
+    distill,
+    distributed,
+    errors,
+    export,
+    layers,
+    models,
+    prune,
+    quant,
+    train,
+)
 from penjing.model_file import load, save
 from penjing.prune.masks import finalize_
 
@@ -12,6 +24,7 @@ __all__ = [
     "codec",
     "data",
     "distill",
+    "distributed",
     "errors",
     "export",
     "finalize_",
