@@ -23,19 +23,20 @@ from penjing.errors import PenjingWarning
 Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
-def split(inputs: Inputs) -> tuple[tuple, dict[str, Any]]:
-    """(positional args, keyword args) for `model(*args, **kwargs)`."""
+def split(inputs: Inputs, what: str = "model inputs") -> tuple[tuple, dict[str, Any]]:
+    """(positional args, keyword args) for `model(*args, **kwargs)`; `what` names the
+    argument in the error for anything else."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
     if isinstance(inputs, Mapping):
         bad = [k for k in inputs if not isinstance(k, str)]
         if bad:
-            raise TypeError(f"input dict keys must be argument names (str), got {bad[:3]}")
+            raise TypeError(f"{what}: dict keys must be argument names (str), got {bad[:3]}")
         return (), dict(inputs)
     if isinstance(inputs, Sequence) and not isinstance(inputs, str) and inputs:
         return tuple(inputs), {}
     raise TypeError(
-        "model inputs must be a tensor, a non-empty tuple of tensors or a dict of keyword "
+        f"{what} must be a tensor, a non-empty tuple of tensors or a dict of keyword "
         f"tensors, got {type(inputs).__name__}"
     )
 
@@ -44,7 +45,27 @@ def call(model: nn.Module, inputs: Inputs):
     """`model` run on `inputs` (a tensor, a tuple of positional tensors or a dict of
     keyword tensors)."""
     args, kwargs = split(inputs)
+    if kwargs:
+        _check_keywords(model, kwargs)
     return model(*args, **kwargs)
+
+
+def _check_keywords(model: nn.Module, kwargs: dict) -> None:
+    """A clear error for keyword inputs that `model.forward` does not take."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in kwargs if k not in params]
+    if unknown:
+        raise TypeError(
+            f"{type(model).__name__}.forward takes ({', '.join(params)}), got keyword "
+            f"input(s) {unknown}; name the dict's keys after forward's arguments"
+        )
 
 
 def from_batch(batch: object, model: nn.Module | None = None) -> Inputs:

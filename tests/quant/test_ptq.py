@@ -209,8 +209,10 @@ def test_quantizing_twice_and_bad_calibration_batches_are_errors(lenet5_trained)
     q = pj.quant.prepare(lenet5_trained[0], int8())
     with pytest.raises(ValueError, match="batches must be >= 1 or None, got 0"):
         pj.quant.calibrate_(q, lenet5_trained[3], batches=0)
-    with pytest.raises(TypeError, match="a calibration batch must be a tensor or"):
-        pj.quant.calibrate_(q, [{"x": torch.randn(1, 1, 28, 28)}])
+    with pytest.raises(TypeError, match="a batch must be a tensor, a dict"):
+        pj.quant.calibrate_(q, [3])
+    with pytest.raises(TypeError, match=r"forward takes \(.*\), got keyword input\(s\) \['images'\]"):
+        pj.quant.calibrate_(q, [{"images": torch.randn(1, 1, 28, 28)}])
 
 
 class _Branchy(torch.nn.Module):
