@@ -211,7 +211,7 @@ def test_quantizing_twice_and_bad_calibration_batches_are_errors(lenet5_trained)
         pj.quant.calibrate_(q, lenet5_trained[3], batches=0)
     with pytest.raises(TypeError, match="a batch must be a tensor, a dict"):
         pj.quant.calibrate_(q, [3])
-    with pytest.raises(TypeError, match=r"forward takes \(.*\), got keyword input\(s\) \['images'\]"):
+    with pytest.raises(TypeError, match=r"got keyword input\(s\) \[.images.\]"):
         pj.quant.calibrate_(q, [{"images": torch.randn(1, 1, 28, 28)}])
 
 

@@ -39,10 +39,7 @@ def _as_args(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, list[s
     dict of keyword tensors, and the default input names (the dict's keys)."""
     from penjing.inputs import split
 
-    try:
-        args, kwargs = split(example_inputs)
-    except TypeError as err:
-        raise TypeError(f"example_inputs: {err}") from None
+    args, kwargs = split(example_inputs, "example_inputs")
     if kwargs:
         return _Keywords(model, list(kwargs)), tuple(kwargs.values()), list(kwargs)
     return model, args, ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
