@@ -11,6 +11,12 @@ the next layer. The trained models of bench/quantization.py stay within one step
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -24,9 +30,16 @@ from penjing.export import compare_with_ort, cpu_saturates_int8, optimized_ops, 
 from penjing.export import onnx as export_onnx
 from penjing.models.encoder import TinyEncoder
 from penjing.quant import QuantConfig, QuantSpec, int8, ptq, qat, weight_only
+from penjing.quant.graph import quantized_joins
 
 # x86 CPUs without VNNI saturate u8×s8 pair sums in int16: 7-bit weights keep them exact
 INT8 = {"reduce_range": cpu_saturates_int8()}
+
+# the torchvision-like architectures the pruning tests use
+_spec = importlib.util.spec_from_file_location(
+    "prune_zoo", Path(__file__).parents[1] / "prune" / "zoo.py")
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +202,64 @@ def test_layers_left_in_float_by_the_export_are_named_in_a_warning(tmp_path, ima
         export_onnx(q, tmp_path / "q.onnx", images[:1])
     ops = optimized_ops(tmp_path / "q.onnx")
     assert ops.get("QGemm") == 1 and ops.get("QLinearConv", 0) == 0
+
+
+def _ort_graph_ops(path: Path) -> Counter:
+    """The op types of the graph ONNX Runtime runs for `path` with every optimization on."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = os.fspath(path.with_name("optimized.onnx"))
+    options.log_severity_level = 3
+    ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+INTEGER_JOINS = {"add": "QLinearAdd", "mul": "QLinearMul", "cat": "QLinearConcat"}
+
+
+@pytest.mark.parametrize(("name", "joins", "float_ops"), [
+    ("resnet18", {"add": 4}, {"Add", "Relu", "Concat", "Mul"}),
+    ("resnet50", {"add": 3}, {"Add", "Relu", "Concat", "Mul"}),
+    ("mobilenetv3_se", {"add": 2, "mul": 2}, {"Add"}),  # HardSwish stays float: own quantizer
+    ("densenet", {"cat": 3}, {"Concat"}),
+    ("squeezenet", {"cat": 3}, {"Concat", "Relu"}),
+])
+def test_residual_adds_gates_and_concats_run_as_integer_ops(tmp_path, name, joins, float_ops):
+    torch.manual_seed(0)
+    model = zoo.ZOO[name]().eval()
+    x = torch.randn(160, 3, 16, 16)
+    q = ptq(model, x[:128].split(32), int8(**INT8))
+    assert Counter(quantized_joins(q).values()) == joins
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pj.errors.PenjingWarning)  # every join fused
+        path = Path(export_onnx(q, tmp_path / "q.onnx", x[:1]))
+    ops = _ort_graph_ops(path)
+    assert {INTEGER_JOINS[k]: ops[INTEGER_JOINS[k]] for k in joins} == {
+        INTEGER_JOINS[k]: n for k, n in joins.items()}
+    assert not float_ops & set(ops), ops  # no float join between quantized layers
+    agreement = compare_with_ort(q, path, x)
+    assert agreement.exact >= 0.75 and agreement.top1 >= 0.99
+    assert agreement.step is None or agreement.max_steps <= 2  # squeezenet ends in a float pool
+    assert pj.quant.sqnr(model(x), q(x)) > 30
+
+
+def test_efficientnet_lite_runs_on_integers_only(tmp_path):
+    """A model we did not write: EfficientNet-Lite0 from the `efficientnet-lite-pytorch`
+    package (the bench extra), its TF "same" padding and its nine MBConv residual adds."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    model = EfficientNet.from_name("efficientnet-lite0").eval()
+    x = torch.randn(48, 3, 32, 32)
+    q = ptq(model, x[:32].split(16), int8(**INT8))
+    assert Counter(quantized_joins(q).values()) == {"add": 9}
+    path = Path(export_onnx(q, tmp_path / "q.onnx", x[:1]))
+    ops = _ort_graph_ops(path)
+    assert ops["QLinearConv"] == 49 and ops["QLinearAdd"] == 9
+    assert not {"Add", "Pad", "Conv", "Clip"} & set(ops)  # pads folded into the convs
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1
+    agreement = compare_with_ort(q, path, x)
+    assert agreement.max_steps <= 2 and agreement.top1 >= 0.99

@@ -12,7 +12,15 @@ import penjing as pj
 from penjing.export import compare_with_ort, cpu_saturates_int8, optimized_ops
 from penjing.export import onnx as export_onnx
 from penjing.quant import ActQuant, get_weight_quant, int8, layer_report, ptq
-from penjing.quant.graph import CLIPPING, OWN, activation, output_placements, trace
+from penjing.quant.graph import (
+    CLIPPING,
+    OWN,
+    activation,
+    join_operands,
+    output_placements,
+    quantized_joins,
+    trace,
+)
 
 # x86 CPUs without VNNI saturate u8×s8 pair sums in int16: 7-bit weights keep them exact
 INT8 = {"reduce_range": cpu_saturates_int8()}
@@ -91,9 +99,9 @@ CONVS = ["stem.0", "expand.0", "dw.0", "project.0"]
 def test_clipping_activation_takes_the_layer_output_quantizer(images, tmp_path, kind, label):
     model = InvertedResidual(kind).eval()
     q = ptq(model, images.split(64), int8(**INT8))
-    # input, one per conv (after its clip where it has one), fc's input and output: no
-    # second quantizer after a clip
-    assert len(_quantizer_nodes(q)) == 1 + len(CONVS) + 2
+    # input, one per conv (after its clip where it has one), the residual add's output,
+    # fc's input and output: no second quantizer after a clip
+    assert len(_quantizer_nodes(q)) == 1 + len(CONVS) + 1 + 2
     placements = output_placements(q)
     assert [placements[c] for c in CONVS] == [f"fused {label}"] * 3 + ["layer output"]
     for conv in CONVS[:3]:  # the clipped range starts at 0: uint8 spends nothing below
@@ -104,6 +112,7 @@ def test_clipping_activation_takes_the_layer_output_quantizer(images, tmp_path, 
     ops = optimized_ops(path)
     assert ops.get("QLinearConv") == len(CONVS) and "Conv" not in ops
     assert not {"Clip", "Relu"} & set(ops)  # fused into QLinearConv
+    assert ops.get("QLinearAdd") == 1 and "Add" not in ops
     agreement = compare_with_ort(q, path, images)
     assert agreement.max_steps <= 2
     assert agreement.max_abs <= 2 * agreement.step * (1 + 1e-3)
@@ -127,7 +136,7 @@ def test_other_activations_get_a_quantizer_before_and_after(images, tmp_path, ki
     assert not {f"{c.replace('.', '_')}_input_quant" for c in CONVS[1:]} & set(nodes)
     placements = output_placements(q)
     assert [placements[c] for c in CONVS] == [f"own quantizer ({label})"] * 3 + ["layer output"]
-    assert len(_quantizer_nodes(q)) == 1 + len(CONVS) + 2 + 3
+    assert len(_quantizer_nodes(q)) == 1 + len(CONVS) + 1 + 2 + 3
     path = export_onnx(q, tmp_path / "q.onnx", images[:1])
     ops = optimized_ops(path)
     assert ops.get("QLinearConv") == len(CONVS) and "Conv" not in ops
@@ -227,3 +236,114 @@ def test_input_quantizer_goes_ahead_of_a_flatten_so_the_pool_runs_on_integers(im
     ops = optimized_ops(export_onnx(q, tmp_path / "q.onnx", images[:1]))
     assert ops.get("QLinearGlobalAveragePool") == 1 and "GlobalAveragePool" not in ops
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1  # all else integer
+
+
+class _Basic(nn.Module):
+    """torchvision's BasicBlock: the block input feeds conv1 and the residual add."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class _ResNet(nn.Module):
+    """Stem, max-pool, three residual blocks, pool, classifier: the identity of the first
+    block is the max-pool's output, of the others the previous block's ReLU."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.blocks = nn.Sequential(_Basic(c), _Basic(c), _Basic(c))
+        self.fc = nn.Linear(c, 10)
+        for m in self.modules():  # statistics that make folding change the weights
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.1, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _is_quantizer(q: fx.GraphModule, node: object) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_module"
+            and isinstance(q.get_submodule(node.target), ActQuant))
+
+
+def test_a_value_read_by_a_layer_and_an_add_is_quantized_once_for_both(images):
+    torch.manual_seed(0)
+    q = ptq(_ResNet().eval(), images.split(64), int8(**INT8))
+    adds = [n for n in q.graph.nodes if join_operands(n) is not None]
+    assert quantized_joins(q) == {n.name: "add" for n in adds} and len(adds) == 3
+    for add in adds:
+        conv2_out, identity = join_operands(add)
+        assert _is_quantizer(q, conv2_out) and _is_quantizer(q, identity)
+        assert any(n.target.endswith("conv1") and n.args[0] is identity  # what conv1 reads
+                   for n in q.graph.nodes if n.op == "call_module")
+        (relu,) = add.users  # the output quantizer sits after the ReLU: one range from 0
+        (quant,) = relu.users
+        assert _is_quantizer(q, quant) and int(q.get_submodule(quant.target).zero_point) == 0
+    # nothing but quantizers and shape reads reads an unquantized value twice
+    for node in q.graph.nodes:
+        readers = [u for u in node.users if not _is_quantizer(q, u)]
+        if node.op != "output" and not _is_quantizer(q, node) and node.op != "placeholder":
+            assert len(readers) <= 1, f"{node.name} is read unquantized by {readers}"
+
+
+def test_se_gate_and_concat_inputs_and_outputs_are_quantized(images):
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, 2)
+            self.fc1, self.fc2 = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
+            self.a, self.b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3, padding=1)
+            self.head = nn.Conv2d(8, 10, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.silu(self.conv(x))
+            x = x * torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+            x = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+            return self.head(x).mean((2, 3))
+
+    q = ptq(Gate().eval(), images.split(64), int8(**INT8))
+    assert sorted(quantized_joins(q).values()) == ["cat", "mul"]
+    for node in q.graph.nodes:
+        if join_operands(node) is not None:
+            assert all(_is_quantizer(q, v) for v in join_operands(node))
+            assert all(_is_quantizer(q, u) for u in node.users)
+    assert output_placements(q)["conv"] == "own quantizer (silu)"  # the gate's mul reads it
+
+
+def test_joins_that_reach_no_quantized_layer_stay_float():
+    class Residual(nn.Module):
+        """A pre-norm residual stream, a join with a number, shape arithmetic, alpha=."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.fc, self.head = nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.fc(self.norm(x))
+            x = torch.add(x, self.fc(self.norm(x)), alpha=0.5)
+            x = x.view(x.size(0) * 1, -1) + 1
+            return self.head(self.norm(x))
+
+    gm = trace(Residual())
+    kinds = {n.name: join_operands(n) is not None for n in gm.graph.nodes
+             if n.op in ("call_function", "call_method")}
+    assert kinds["add"] and not kinds["add_1"]  # alpha= has no ONNX Add
+    assert not kinds["mul"] and not kinds["add_2"]  # x.size(0) * 1, x + 1
+    q = ptq(Residual().eval(), [torch.randn(32, 8)], int8())
+    assert quantized_joins(q) == {}
+    assert not any(_is_quantizer(q, u) for n in q.graph.nodes if n.name == "add" for u in n.users)

@@ -122,11 +122,12 @@ def _quantized_layers(model: nn.Module) -> list[str]:
 
 
 def _check_integer_layers(model: nn.Module, proto) -> None:
-    """Warn when the file has fewer integer-ready layers than the model quantized: an op
-    between a quantizer and its layer (inside a layer subclass's forward, say) leaves that
-    layer to a float kernel in ONNX Runtime."""
+    """Warn when the file has fewer integer-ready layers or joins than the model quantized:
+    an op between a quantizer and its layer (inside a layer subclass's forward, say), or
+    between a join and its quantizers, leaves it to a float kernel in ONNX Runtime."""
     from penjing.errors import PenjingWarning
-    from penjing.export.qdq import float_layers
+    from penjing.export.qdq import float_joins, float_layers
+    from penjing.quant.graph import quantized_joins
 
     expected = _quantized_layers(model)
     fused, left = float_layers(proto)
@@ -137,6 +138,19 @@ def _check_integer_layers(model: nn.Module, proto) -> None:
             f"{len(expected) - fused} of them in float: {left[:6]} read a value that is not "
             "dequantized (an op sits between the quantizer and the layer); move that op out "
             "of the layer's forward, or export FP32", PenjingWarning, stacklevel=3)
+    joins = quantized_joins(model)
+    if not joins:
+        return
+    fused_joins, left_joins = float_joins(proto)
+    missing = {op: n - fused_joins.get(op, 0) for op in set(joins.values())
+               if (n := sum(v == op for v in joins.values())) > fused_joins.get(op, 0)}
+    if missing:
+        counts = ", ".join(f"{n} {op}" for op, n in sorted(missing.items()))
+        warnings.warn(
+            f"the exported file runs {counts} of the model's {len(joins)} quantized joins "
+            f"(add / mul / cat) in float in ONNX Runtime: {left_joins[:6]} do not read only "
+            "dequantized values or do not feed only QuantizeLinear (an op the exporter added "
+            "sits between the join and its quantizers)", PenjingWarning, stacklevel=3)
 
 
 def _axes(model, example_inputs, outputs, input_names, output_names, dynamic_batch,

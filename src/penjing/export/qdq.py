@@ -138,6 +138,89 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     return done
 
 
+def _constant_value(model: onnx.ModelProto, name: str, consts: dict[str, np.ndarray]):
+    """The value of `name` when only constants feed it (a chain of ops the exporter left
+    unfolded, such as the pads of nn.ZeroPad2d), by ONNX's reference evaluator; else None."""
+    if name in consts:
+        return consts[name]
+    producer = {out: node for node in model.graph.node for out in node.output}
+    needed, todo = set(), [name]
+    while todo:
+        value = todo.pop()
+        if not value or value in consts:
+            continue
+        node = producer.get(value)
+        if node is None:  # a graph input: not a constant
+            return None
+        if id(node) not in needed:
+            needed.add(id(node))
+            todo.extend(node.input)
+    from onnx.reference import ReferenceEvaluator
+
+    nodes = [n for n in model.graph.node if id(n) in needed]  # graph order is topological
+    read = {i for n in nodes for i in n.input}
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items() if k in read]
+    sub = helper.make_model(
+        helper.make_graph(nodes, "constant", [], [helper.make_value_info(name, onnx.TypeProto())],
+                          inits),
+        opset_imports=model.opset_import)
+    try:
+        return np.asarray(ReferenceEvaluator(sub).run(None, {})[0])
+    except Exception:  # noqa: BLE001 - an op the reference cannot run: leave the graph as is
+        return None
+
+
+def pad_into_conv(model: onnx.ModelProto) -> int:
+    """Fold a zero-filling Pad of the spatial axes into the Conv that alone reads it (the
+    conv's own `pads`): TensorFlow-style "same" padding written as nn.ZeroPad2d or F.pad
+    then a conv. ONNX Runtime does this itself for float graphs, but not across a
+    DequantizeLinear, and a separate Pad copies the whole activation. A quantized conv
+    pads with its input's zero point, which is 0.0 exactly, so the numbers are the same.
+    Returns how many Pads were folded."""
+    graph = model.graph
+    consts = _constants(graph)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    folded = []
+    for pad in graph.node:
+        users = readers.get(pad.output[0], []) if pad.op_type == "Pad" else []
+        if len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in outputs:
+            continue
+        conv = users[0]
+        attrs = {a.name: a for a in conv.attribute}
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        auto_pad = attrs["auto_pad"].s if "auto_pad" in attrs else b"NOTSET"
+        if (mode != b"constant" or auto_pad != b"NOTSET" or conv.input[0] != pad.output[0]
+                or len(pad.input) > 3 and pad.input[3]):  # axes: opset 18's partial pads
+            continue
+        if len(pad.input) > 2 and pad.input[2]:
+            fill = _constant_value(model, pad.input[2], consts)
+            if fill is None or fill.any():
+                continue
+        amounts = _constant_value(model, pad.input[1], consts)
+        if amounts is None:
+            continue
+        amounts = amounts.astype(np.int64).ravel()
+        rank = amounts.size // 2
+        if rank < 3 or amounts[[0, 1, rank, rank + 1]].any() or (amounts < 0).any():
+            continue  # batch or channel padding, or a crop: not a conv's pads
+        spatial = rank - 2
+        old = list(attrs["pads"].ints) if "pads" in attrs else [0] * 2 * spatial
+        new = [old[i] + int(amounts[2 + i]) for i in range(spatial)]
+        new += [old[spatial + i] + int(amounts[rank + 2 + i]) for i in range(spatial)]
+        if "pads" in attrs:
+            conv.attribute.remove(attrs["pads"])
+        conv.attribute.append(helper.make_attribute("pads", new))
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    return len(folded)
+
+
 def pad_before_dequantize(model: onnx.ModelProto) -> int:
     """Run a zero-filling Pad on the integers: DequantizeLinear → Pad becomes Pad (filled
     with the zero point, which is 0.0 exactly) → DequantizeLinear, so the Conv after it
@@ -175,20 +258,26 @@ def pad_before_dequantize(model: onnx.ModelProto) -> int:
 
 
 def prune_unused(model: onnx.ModelProto) -> None:
-    """Drop initializers and Constant nodes that no node or graph output reads any more."""
+    """Drop nodes and initializers that nothing reads any more (ONNX ops have no side
+    effects): constants of folded weights, the pads chain of a folded Pad."""
     graph = model.graph
-    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    while True:
+        used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        nodes = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(nodes) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(nodes)
     inits = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(inits)
-    nodes = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
 
 
 def finish_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Integer weights, int32 biases, no dead constants: the graph ORT's QDQ fusions expect."""
+    """Integer weights, int32 biases, zero padding inside the convs, no dead constants:
+    the graph ORT's QDQ fusions expect."""
     fold_weight_quantizers(model)
+    pad_into_conv(model)
     pad_before_dequantize(model)
     quantize_biases(model)
     prune_unused(model)
@@ -217,5 +306,45 @@ def float_layers(model: onnx.ModelProto) -> tuple[int, list[str]]:
         if all(dequantized(name) for name in node.input[:2]):
             fused += 1
         else:
+            left.append(node.name or node.op_type)
+    return fused, left
+
+
+_JOIN_OPS = {"Add": "add", "Mul": "mul", "Concat": "cat"}
+# Clips ORT folds into the QuantizeLinear after them (the range already starts at its bound)
+_CLIPS = ("Relu", "Clip")
+
+
+def float_joins(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]]:
+    """How many Add / Mul / Concat nodes of each kind ('add', 'mul', 'cat') read only
+    dequantized values and feed only QuantizeLinear (ONNX Runtime runs those as QLinearAdd,
+    QLinearMul, QLinearConcat), and the names of the joins of dequantized values that do not
+    (ONNX Runtime runs those in float, dequantizing and quantizing around them)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def quantized_after(name: str) -> bool:
+        users = readers.get(name, [])
+        if name in graph_outputs or not users:
+            return False
+        if len(users) == 1 and users[0].op_type in _CLIPS:
+            return quantized_after(users[0].output[0])
+        return all(u.op_type == "QuantizeLinear" for u in users)
+
+    fused: dict[str, int] = {}
+    left = []
+    for node in model.graph.node:
+        kind = _JOIN_OPS.get(node.op_type)
+        if kind is None:
+            continue
+        sources = [producer.get(name) for name in node.input]
+        dequantized = [s is not None and s.op_type == "DequantizeLinear" for s in sources]
+        if all(dequantized) and len(sources) >= 2 and quantized_after(node.output[0]):
+            fused[kind] = fused.get(kind, 0) + 1
+        elif sum(dequantized) >= 2:
             left.append(node.name or node.op_type)
     return fused, left

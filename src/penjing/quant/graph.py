@@ -18,6 +18,14 @@ dropout, a clip) from an already quantized value reuses that quantizer's scale, 
 Runtime keeps the whole chain in integers. A new input quantizer goes ahead of pure
 reshapes (flatten, view, dropout) and is reused after them, so the op before them (a
 global average pool) runs on integers too.
+
+A value is quantized once, and every op that reads it reads the quantized value, as ONNX
+Runtime's `quantize_static` does: a block input read by a conv and by a residual add gives
+both the same integers. Element-wise joins of tensors (`JOINS`: add, mul, cat) get their
+inputs and their output quantized when their output reaches a quantized layer or all their
+inputs are quantized anyway; ONNX Runtime then runs them as QLinearAdd, QLinearMul and
+QLinearConcat instead of dequantizing around a float op. A join feeding only float ops
+(a transformer's residual stream into LayerNorm) stays float.
 """
 
 from __future__ import annotations
@@ -83,8 +91,21 @@ _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout, F.dropout1d, F.dr
                       F.dropout3d}
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze"}
 
+# Element-wise joins of two or more tensors: {function | tensor method name: op}. In-place
+# spellings (`out += identity`) are the same join.
+JOINS: dict[Callable | str, str] = {
+    operator.add: "add", operator.iadd: "add", torch.add: "add", "add": "add", "add_": "add",
+    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", "mul": "mul", "mul_": "mul",
+    torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
+}
+# Ops that give Python numbers, not tensors (shape arithmetic such as x.size(0) * 2).
+_NUMBER_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist"}
+_NUMBER_FUNCTIONS = {getattr, len}
+
 # GraphModule.meta key: {layer name: how its output was quantized}, for the report
 PLACEMENTS = "penjing_output_placement"
+# GraphModule.meta key: {join node name: op} for the joins whose inputs and output are quantized
+JOINED = "penjing_quantized_joins"
 
 
 def trace(model: nn.Module, leaves: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
@@ -134,6 +155,52 @@ def _only_activation_after(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, 
     return user, *found
 
 
+def _is_number(node: fx.Node) -> bool:
+    """Whether `node` computes a Python number (a size, shape arithmetic), not a tensor."""
+    if node.op == "call_method":
+        return node.target in _NUMBER_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target in _NUMBER_FUNCTIONS:
+        return True
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        nodes = node.all_input_nodes
+        return bool(nodes) and all(_is_number(n) for n in nodes)
+    return False
+
+
+def join_operands(node: fx.Node) -> list[fx.Node] | None:
+    """The tensors an element-wise join (`JOINS`) combines, or None when `node` joins fewer
+    than two tensors (x + 1, x.size(0) * 2) or takes more than ONNX's op does (alpha=)."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    try:
+        op = JOINS.get(node.target)
+    except TypeError:  # an unhashable target is no join
+        return None
+    if op is None:
+        return None
+    if op == "cat":
+        values = node.args[0] if node.args else node.kwargs.get("tensors")
+        extra = set(node.kwargs) - {"tensors", "dim", "axis"}
+    else:
+        values = node.args if len(node.args) == 2 else None
+        extra = set(node.kwargs)
+    if extra or not isinstance(values, list | tuple) or len(values) < 2:
+        return None
+    if not all(isinstance(v, fx.Node) and not _is_number(v) for v in values):
+        return None
+    return list(dict.fromkeys(values))
+
+
+def quantized_joins(gm: nn.Module) -> dict[str, str]:
+    """{join node name: 'add' | 'mul' | 'cat'} for the joins `insert_quantizers` gave
+    quantized inputs and output (ONNX Runtime runs them as QLinearAdd, QLinearMul,
+    QLinearConcat). Empty for a model without them."""
+    meta = getattr(gm, "meta", None)
+    return dict(meta.get(JOINED, {})) if isinstance(meta, dict) else {}
+
+
 def layer_order(model: nn.Module, config: QuantConfig) -> list[str]:
     """Names of the quantizable layers in the order forward calls them."""
     gm = trace(model, config.types)
@@ -162,6 +229,7 @@ def insert_quantizers(
     outputs: set[fx.Node] = set()  # nodes that are quantizer outputs
     added: dict[str, ActQuant] = {}
     placements: dict[str, str] = {}
+    joins: dict[str, str] = {}  # join node name -> op, for quantized_joins
 
     def new_quantizer(base: str, after: fx.Node, observe: bool = True, target: str | None = None):
         if target is None:
@@ -208,7 +276,8 @@ def insert_quantizers(
         return value
 
     def read_by_layer(value: fx.Node) -> bool:
-        """Whether a chosen layer reads `value`, directly or through value-preserving ops."""
+        """Whether a chosen layer reads `value`, directly or through value-preserving ops
+        and joins."""
         todo, seen = list(value.users), set()
         while todo:
             user = todo.pop()
@@ -217,31 +286,61 @@ def insert_quantizers(
             seen.add(user)
             if user.op == "call_module" and user.target in layers:
                 return True
-            if _is(gm, user, _KEEP_MODULES, _KEEP_FUNCTIONS, _KEEP_METHODS):
+            if (_is(gm, user, _KEEP_MODULES, _KEEP_FUNCTIONS, _KEEP_METHODS)
+                    or join_operands(user) is not None):
                 todo.extend(user.users)
         return False
 
+    def quantize_input(base: str, value: fx.Node) -> fx.Node:
+        """The quantized `value`, which every op that read `value` now reads (but shape
+        reads): an existing
+        quantizer, the scale of the one it came from through value-preserving ops, or a
+        new one (ahead of reshapes no one else reads)."""
+        if value in outputs:
+            return value
+        if value in quantized:
+            return quantized[value]
+        users = list(value.users)
+        source = origin(value)
+        start = before_reshapes(value) if source is None else value
+        if start is not value:  # quantize ahead of the reshapes, pass it through them
+            source = quantize_all_uses(base, start)
+        if source is not None:
+            q = new_quantizer("", value, observe=False, target=source.target)
+        else:
+            q = new_quantizer(base, value)
+        for user in users:
+            if not _is_number(user):  # a shape read keeps the float value: no DQ for it
+                user.replace_input_with(value, q)
+        quantized[value] = q
+        outputs.add(q)
+        return q
+
+    def clipped(node: fx.Node) -> fx.Node:
+        """`node`, or the clipping activation(s) that alone read it: where its range is."""
+        while (found := _only_activation_after(gm, node)) is not None:
+            act, family, _ = found
+            if family != CLIPPING or (act.op == "call_module" and act.target in layers):
+                break
+            node = act
+        return node
+
     for node in list(graph.nodes):
+        operands = join_operands(node)
+        if operands is not None:
+            out = clipped(node)
+            ready = [v in outputs or v in quantized or origin(v) is not None
+                     or read_by_layer(v) for v in operands]
+            if out not in quantized and (read_by_layer(out) or all(ready)):
+                for v in operands:
+                    quantize_input(f"{node.name}_input_quant", v)
+                quantize_all_uses(f"{node.name}_output_quant", out)
+                joins[node.name] = JOINS[node.target]
+            continue
         if node.op != "call_module" or node.target not in layers:
             continue
-        value = node.args[0]
-        if isinstance(value, fx.Node):
-            if value in outputs:
-                q = value
-            elif value in quantized:
-                q = quantized[value]
-            else:
-                source = origin(value)
-                base = before_reshapes(value) if source is None else value
-                if base is not value:  # quantize ahead of the reshapes, pass it through them
-                    source = quantize_all_uses(f"{node.target}_input_quant", base)
-                if source is not None:
-                    q = new_quantizer("", value, observe=False, target=source.target)
-                else:
-                    q = new_quantizer(f"{node.target}_input_quant", value)
-                quantized[value] = q
-                outputs.add(q)
-            node.replace_input_with(value, q)
+        if isinstance(node.args[0], fx.Node):
+            quantize_input(f"{node.target}_input_quant", node.args[0])
         out, placement, own = node, "layer output", None
         while (found := _only_activation_after(gm, out)) is not None:
             act, family, label = found
@@ -259,4 +358,5 @@ def insert_quantizers(
     graph.lint()
     gm.recompile()
     gm.meta[PLACEMENTS] = placements
+    gm.meta[JOINED] = joins
     return added
