@@ -239,7 +239,7 @@ def _edit_rans(rng: np.random.Generator, blob: bytes) -> bytes:
         0: [1, 2, 3, 255],
         1: [0, 1, 15, 16, 17, 255],
         6: [0, 1, 15, 16, 17, 255],
-    }.get(i, [0, 1, n, n + 1, n - 1, 2 * n, 8192, 8193, 2**16, 2**17 + 1, 2**40, 2**63])
+    }.get(i, [0, 1, n, n + 1, n - 1, 2 * n, 8192, 8193, 2**16, 2**18 + 1, 2**40, 2**63])
     values[i] = max(int(choices[rng.integers(len(choices))]), 0)
     if i in (0, 1, 6):
         values[i] %= 256

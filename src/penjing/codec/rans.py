@@ -41,7 +41,7 @@ MAX_LANES = 1 << 16
 # (as Huffman's chunk does), hostile headers included. Up to SCALAR_LIMIT symbols a
 # plain Python loop decodes (~0.5 us a symbol, beating a numpy step per few lanes).
 MAX_STEPS = 8192
-SCALAR_LIMIT = 1 << 17
+SCALAR_LIMIT = 1 << 18
 _LOW = 1 << 16  # states live in [2^16, 2^32) between symbols
 # A lane costs ~24 bits: a 32-bit final state of which 16 bits repeat the initial state.
 # Long streams (at least _MANY symbols) get one lane per this many payload bits (~0.3 %
