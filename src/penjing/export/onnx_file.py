@@ -17,21 +17,22 @@ import torch
 from torch import nn
 
 from penjing.errors import UnsupportedLayerError
-from penjing.inputs import call, flat_outputs
+from penjing.inputs import flat_outputs
 from penjing.inputs import output_names as default_output_names
 from penjing.io import atomic_write_bytes
 
 
 class _Keywords(nn.Module):
     """`model` called with keyword tensors given positionally, in `names` order: the
-    TorchScript exporter traces positional inputs only."""
+    TorchScript exporter traces positional inputs only. `fixed` are keywords always
+    passed (use_cache=False: a key/value cache object cannot be a graph output)."""
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
+    def __init__(self, model: nn.Module, names: list[str], fixed: dict) -> None:
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.fixed = model, names, fixed
 
     def forward(self, *args):
-        return self.model(**dict(zip(self.names, args, strict=True)))
+        return self.model(**dict(zip(self.names, args, strict=True)), **self.fixed)
 
 
 def _as_args(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, list[str]]:
@@ -41,7 +42,11 @@ def _as_args(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, list[s
 
     args, kwargs = split(example_inputs, "example_inputs")
     if kwargs:
-        return _Keywords(model, list(kwargs)), tuple(kwargs.values()), list(kwargs)
+        import inspect
+
+        takes = inspect.signature(model.forward).parameters
+        fixed = {"use_cache": False} if "use_cache" in takes and "use_cache" not in kwargs else {}
+        return _Keywords(model, list(kwargs), fixed), tuple(kwargs.values()), list(kwargs)
     return model, args, ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
 
 
@@ -231,7 +236,7 @@ def onnx(
     buffer = io.BytesIO()
     try:
         with torch.no_grad():
-            outputs = call(model, example_inputs)
+            outputs = traced(*args)
         output_names = list(output_names or default_output_names(outputs))
         axes = _axes(model, example_inputs, outputs, input_names, output_names, dynamic_batch,
                      dynamic_axes)

@@ -12,6 +12,7 @@ from penjing.quant.dfq import (
     dfq,
     input_means,
 )
+from penjing.quant.dynamic import DynamicLinear, dynamic
 from penjing.quant.equalize import ChannelClip, Equalization, Pair, equalize
 from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_qparams
 from penjing.quant.fold import fold_bn_
@@ -62,6 +63,8 @@ from penjing.quant.report import LayerStats, format_layers, layer_report
 from penjing.quant.shared import SharedWeights, SharingInfo, get_shared, kmeans_
 
 __all__ = [
+    "DynamicLinear",
+    "dynamic",
     "MIXED_BITS",
     "MixedPrecision",
     "choose_bits",
