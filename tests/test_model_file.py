@@ -87,6 +87,8 @@ def test_live_masks_and_shared_weights_stay_live(tmp_path):
     assert pj.quant.get_shared(shared.fc1) is not None
     assert same(model, shared, x)
     assert int(shared.fc1.weight.unique().numel()) <= 2**3
+    assert load_file(tmp_path / "shared.safetensors")[
+        "fc1.parametrizations.weight.0.codes"].dtype == torch.uint8
 
 
 def test_quantized_models_come_back_with_integer_weights(tmp_path):

@@ -24,3 +24,35 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "model.pjz").stat().st_size < 60_000
     onnx = (tmp_path / "vgg-int8.onnx").read_bytes()
     assert b"QuantizeLinear" in onnx and b"DequantizeLinear" in onnx
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(tmp_path):
+    """The shell block under "On the command line", run by bash line by line as a user
+    would, in a scratch folder beside the repository's examples and .venv."""
+    import os
+    import subprocess
+    import sys
+
+    text = README.read_text()
+    block = re.search(r"## On the command line.*?```sh\n(.*?)```", text, re.S).group(1)
+    assert "source .venv/bin/activate" in block and "penjing compress" in block
+    root = README.parent
+    (tmp_path / "examples").symlink_to(root / "examples")
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))  # the environment running the tests
+    env = {**os.environ, "PENJING_EPOCHS": "1"}
+    done = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    # each step read the file the one before it wrote, and said what it measured
+    assert "model written to lenet5.safetensors" in out
+    assert "pruned model written to pruned.safetensors" in out
+    assert "labels only" in out and "student written to student.safetensors" in out
+    assert "quantized model written to int8.safetensors" in out
+    assert "ONNX Runtime runs:" in out and "QLinearConv" in out
+    assert "1. channels removed" in out and "2. quantized: weights 8 bits" in out
+    for path in ("lenet5.safetensors", "pruned.safetensors", "student.safetensors",
+                 "int8.safetensors", "lenet5-int8.onnx", "runs/lenet5/model.pjz"):
+        assert (tmp_path / path).stat().st_size > 0, path
+    assert (tmp_path / "runs/deep-compression/metrics.json").exists()

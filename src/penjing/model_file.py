@@ -15,7 +15,7 @@ checkpoints (`penjing.train.save_checkpoint`, or any tool's), pruned models
 (`penjing.prune.save_pruned`), quantized checkpoints (`penjing.quant.save_quantized`),
 Deep Compression `.pjz` files, and PyTorch `.pt`/`.pth`/`.bin` state dicts (read with
 `weights_only=True`, so nothing is unpickled). Quantized weights are stored as integers,
-masks as booleans.
+masks as booleans, shared-weight codes in a byte where they fit.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from penjing.errors import FormatError, PenjingError, UnsupportedLayerError
 
 FORMAT = "penjing.model/1"
 _MASK_SUFFIX = ".mask"
+_CODES_SUFFIX = ".codes"
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _KINDS = {"Mask": "mask", "SharedWeights": "shared"}  # live parametrizations a file keeps
 
@@ -109,9 +110,13 @@ def save(
     for layer, tensors in live.items():
         for tensor, kinds in tensors.items():
             for i, kind in enumerate(kinds):
+                prefix = f"{layer}.parametrizations.{tensor}.{i}".lstrip(".")
                 if kind == "mask":
-                    key = f"{layer}.parametrizations.{tensor}.{i}.mask".lstrip(".")
-                    state[key] = state[key] != 0
+                    state[f"{prefix}.mask"] = state[f"{prefix}.mask"] != 0
+                elif kind == "shared":  # codes index 2^bits centroids: int64 wastes 7 bytes
+                    codes = state[f"{prefix}.codes"]
+                    small = codes.numel() == 0 or int(codes.max()) < 256
+                    state[f"{prefix}.codes"] = codes.to(torch.uint8 if small else torch.int32)
     meta = {f"penjing.{k}": str(v) for k, v in (metadata or {}).items()}
     meta.update({"format": FORMAT, "penjing.history": json.dumps(steps)})
     return save_checkpoint(state, path, meta)
@@ -210,6 +215,8 @@ def _replay(path, base: nn.Module, tensors: dict, metadata: dict) -> nn.Module:
         for key, value in state.items():
             if key.endswith(_MASK_SUFFIX) and value.dtype == torch.bool:
                 state[key] = value.float()
+            elif key.endswith(_CODES_SUFFIX) and value.dtype in (torch.uint8, torch.int32):
+                state[key] = value.long()
     except FormatError:
         raise
     except (PenjingError, ValueError, TypeError, KeyError, IndexError, AttributeError,

@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from penjing import history
 from penjing.errors import UnsupportedLayerError
+from penjing.prune.masks import own_class_
 
 
 def _positions(kernel: tuple[int, int]) -> list[tuple[int, int]]:
@@ -190,7 +191,7 @@ def compact_(
     for name in names:
         conv = modules[name]
         if parametrize.is_parametrized(conv, "weight"):
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+            parametrize.remove_parametrizations(own_class_(conv), "weight", leave_parametrized=True)
         nonzero = conv.weight.detach() != 0
         stripes = nonzero.any(dim=1)  # (out, kh, kw)
         columns = nonzero.any(dim=0)  # (in, kh, kw)

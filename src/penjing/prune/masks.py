@@ -70,6 +70,20 @@ def select_layers(
     return chosen
 
 
+def own_class_(module: nn.Module) -> nn.Module:
+    """Give a parametrized `module` a class of its own before its parametrizations change.
+
+    torch makes one class per parametrized module and `copy.deepcopy` shares it with the
+    copy, so removing (or adding) a parametrization on a copy would delete (or add) the
+    property on the original's class too and break the original.
+    """
+    if parametrize.is_parametrized(module):
+        cls = type(module)
+        attrs = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, attrs)
+    return module
+
+
 def get_mask(module: nn.Module) -> torch.Tensor | None:
     """The mask on `module.weight`, or None when the weight is not masked."""
     if not parametrize.is_parametrized(module, "weight"):
@@ -101,7 +115,7 @@ def set_mask_(module: nn.Module, mask: torch.Tensor) -> nn.Module:
         )
     with torch.no_grad():
         weight.mul_(mask)
-    parametrize.register_parametrization(module, "weight", Mask(mask))
+    parametrize.register_parametrization(own_class_(module), "weight", Mask(mask))
     return module
 
 
@@ -124,6 +138,7 @@ def finalize_(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module):
             for tensor_name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+                parametrize.remove_parametrizations(own_class_(module), tensor_name,
+                                                    leave_parametrized=True)
             changed.append(name)
     return changed

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from penjing.errors import UnsupportedLayerError
 from penjing.prune.magnitude import check_sparsity
-from penjing.prune.masks import get_mask, set_mask_
+from penjing.prune.masks import get_mask, own_class_, set_mask_
 from penjing.prune.patterns import Stripe, pattern_mask
 from penjing.train import LossFn, cross_entropy, with_penalty
 
@@ -134,7 +134,7 @@ def stripes_(
         old = get_mask(conv)
         old = None if old is None else old.clone()
         if parametrize.is_parametrized(conv, "weight"):  # fold I (and any mask) into W
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+            parametrize.remove_parametrizations(own_class_(conv), "weight", leave_parametrized=True)
         weight = conv.weight.detach()
         if scale is None:
             mask = pattern_mask(weight, Stripe(), sparsity)

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from penjing import distributed, history, inputs
 from penjing.hf import is_hf
+from penjing.prune.masks import own_class_
 from penjing.quant import eager
 from penjing.quant.checkpoint import config_to_dict
 from penjing.quant.config import QuantConfig, resolve_filter, select
@@ -74,7 +75,7 @@ def _quantize_weights(
                                     config.learnable, qat)
             except ValueError as err:
                 raise ValueError(f"layer {key!r}: {err}") from err
-            parametrize.register_parametrization(owner, tensor, quant)
+            parametrize.register_parametrization(own_class_(owner), tensor, quant)
             added[key] = quant
     return added
 

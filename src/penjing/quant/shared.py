@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing.prune.masks import get_mask, select_layers
+from penjing.prune.masks import get_mask, own_class_, select_layers
 from penjing.quant.kmeans import check_bits, kmeans_1d
 
 
@@ -88,7 +88,8 @@ def kmeans_(
         with torch.no_grad():
             weight = module.weight.detach().clone()
             if mask is not None:
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+                parametrize.remove_parametrizations(own_class_(module), "weight",
+                                                    leave_parametrized=True)
                 alive = mask != 0
                 k = 2 ** layer_bits[name] - 1
             else:
@@ -107,6 +108,7 @@ def kmeans_(
                 mse = float((survivors - centroids[labels]).double().square().mean())
         # The original weight keeps requires_grad: it gets no gradient while shared (the
         # output does not depend on it), and finalize_ makes it the layer's plain weight again.
-        parametrize.register_parametrization(module, "weight", SharedWeights(centroids, codes))
+        parametrize.register_parametrization(own_class_(module), "weight",
+                                             SharedWeights(centroids, codes))
         infos[name] = SharingInfo(int(centroids.numel()), layer_bits[name], iterations, mse)
     return infos
