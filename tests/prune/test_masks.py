@@ -39,3 +39,21 @@ def test_a_new_mask_replaces_the_old_and_zeroes_the_stored_weight():
     assert len(layer.parametrizations.weight) == 1
     stored = layer.parametrizations.weight.original
     assert bool((stored[0] == 0).all()) and bool((stored[:, 0] == 0).all())
+
+
+def test_finalizing_a_copy_leaves_the_original_working():
+    # torch shares a parametrized module's class with its deepcopy: removing the
+    # parametrization from the copy used to delete the weight property of the original
+    import copy
+
+    import penjing as pj
+
+    model = pj.models.create("lenet300")
+    pj.prune.magnitude_(model, sparsity=0.9)
+    pj.quant.kmeans_(model, bits=4)
+    x = torch.randn(2, 1, 28, 28)
+    expected = model(x)
+    clone = copy.deepcopy(model)
+    pj.finalize_(clone)
+    assert torch.equal(clone(x), expected) and torch.equal(model(x), expected)
+    assert pj.quant.get_shared(model.fc1) is not None
