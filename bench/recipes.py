@@ -9,6 +9,7 @@ stage at one epoch (PENJING_EPOCHS=1 unless set) and leaves BENCHMARKS.md alone.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -32,12 +33,41 @@ def table(result) -> str:
     return "\n".join(lines) + "\n\n" + text[: text.index("; report in")] + "."
 
 
+def from_metrics(folder: Path, name: str):
+    """The result of an earlier run, rebuilt from its metrics.json (for --report)."""
+    from penjing.recipes.run import CompressResult, StageResult
+
+    data = json.loads((folder / "metrics.json").read_text())
+    rows = [StageResult(**row) for row in data["stages"]]
+    return CompressResult(name=name, out_dir=folder, metric=data["metric"],
+                          latency_batch=data["latency_batch"], rows=rows, ran=data["ran"],
+                          seconds=data["seconds"], epochs_cap=data["epochs_cap"])
+
+
+def section(name: str, result, wall: float) -> str:
+    return (f"### {name}\n\n`penjing compress examples/recipes/{name}.yaml`: "
+            f"{wall:.0f} s wall, all stages.\n\n{table(result)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one epoch per stage")
     parser.add_argument("--only", nargs="*", choices=ORDER, help="run only these recipes")
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temp folder)")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="DIR",
+                        help="run nothing: write the section from the metrics.json of "
+                        "earlier full runs kept with --out in these folders")
     args = parser.parse_args()
+    if args.report:
+        found = {name: folder / name for name in ORDER for folder in args.report
+                 if (folder / name / "metrics.json").is_file()}
+        sections = []
+        for name in ORDER:
+            if name in found:
+                result = from_metrics(found[name], name)
+                sections.append(section(name, result, result.seconds))
+        write_section("recipes", body(sections))
+        return
     if args.quick:
         os.environ.setdefault("PENJING_EPOCHS", "1")
     from penjing.recipes import run
@@ -53,11 +83,17 @@ def main() -> None:
                          log=lambda line, name=name: print(f"{name}: {line}", flush=True))
             wall = time.perf_counter() - started
             print(result.format(), flush=True)
-            sections.append(
-                f"### {name}\n\n`penjing compress examples/recipes/{name}.yaml`: "
-                f"{wall:.0f} s wall, all stages.\n\n{table(result)}"
-            )
-    body = (
+            sections.append(section(name, result, wall))
+    write_section("recipes", body(sections), quick=args.quick)
+
+
+def body(sections: list[str]) -> str:
+    load, cores = os.getloadavg()[1], os.cpu_count() or 1
+    shared = (f"The machine was shared while these ran (5-minute load average {load:.1f} "
+              f"on {cores} cores when this was written): wall times and eager latencies "
+              "are inflated by other work; accuracies, sizes and MACs are not.\n\n"
+              if load > cores else "")
+    return (
         "## Example recipes (`penjing compress`)\n\n"
         "Each example recipe in `examples/recipes/` run from scratch by "
         "`penjing.recipes.run` (what `penjing compress` calls): every row is the model "
@@ -68,9 +104,8 @@ def main() -> None:
         "and k-means codes make a pruned or shared model's safetensors larger, the .pjz "
         "is where they pay); latency is one eager forward pass at batch 1, except the "
         "export rows, which are ONNX Runtime's (2 threads), as is their accuracy.\n\n"
-        + "\n\n".join(sections)
+        + shared + "\n\n".join(sections)
     )
-    write_section("recipes", body, quick=args.quick)
 
 
 if __name__ == "__main__":

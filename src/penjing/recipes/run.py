@@ -131,12 +131,13 @@ def on_path(folder: Path) -> Iterator[None]:
 
 
 def is_main() -> bool:
-    """Whether this process writes files: rank 0 under torchrun, or a lone process."""
-    try:
-        from penjing.distributed import is_main as main
-    except ImportError:
-        return True
-    return main()
+    """Whether this process writes files: rank 0 under torchrun, or a lone process. Under
+    torchrun the process group is joined first, so that every rank knows its rank before
+    the first stage."""
+    from penjing import distributed
+
+    distributed.init()
+    return distributed.is_main()
 
 
 def _digest(path: Path) -> str:
@@ -368,6 +369,8 @@ def run(
     recipe = capped(recipe, cap)
     out = Path(out_dir)
     writes = is_main()
+    if not writes:  # under torchrun rank 0 alone prints and writes
+        say = lambda _msg: None  # noqa: E731
     if writes:
         from penjing.io import check_writable
 
