@@ -32,8 +32,12 @@ bench: $(TEST_STAMP)
 	$(PY) bench/quantization.py
 	$(PY) bench/structured.py
 	$(PY) bench/distillation.py
+	$(PY) bench/sensitivity.py
+	$(PY) bench/recipes.py
+	$(PY) bench/distributed.py
 	$(PIP) install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) bench/pretrained.py
+	$(PY) bench/lowbit.py
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests bench
