@@ -115,3 +115,18 @@ def test_sigterm_during_a_save_exits_143_and_leaves_no_temp(tmp_path, monkeypatc
         signal.signal(signal.SIGTERM, previous)
     assert stop.value.code == 143
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_users_function_that_raises_is_named(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken_user_code.py").write_text(
+        "def net():\n    raise KeyError('layer4')\n"
+        "def data():\n    return 1 / 0\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "broken_user_code:net", "--data", "none",
+                 "--input-shape", "1,1,8,8", "--quiet"]) == 2
+    err = _one_line(capsys)
+    assert "model 'broken_user_code:net' raised KeyError: 'layer4'" in err
+    assert main(["train", "lenet5", "--data", "broken_user_code:data", "--out",
+                 str(tmp_path / "m.safetensors"), "--quiet"]) == 2
+    assert "data 'broken_user_code:data' raised ZeroDivisionError" in _one_line(capsys)

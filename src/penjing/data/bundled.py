@@ -118,7 +118,11 @@ def load(spec: str) -> DataSplit:
     from penjing.spec import import_object
 
     factory = import_object(spec, "data")
-    split = factory() if callable(factory) else factory
+    try:
+        split = factory() if callable(factory) else factory
+    except Exception as err:  # the user's code: say whose it is, in one line
+        raise ValueError(f"data {spec!r} raised {type(err).__name__}: {err}; fix the function "
+                         "or give another") from err
     if not isinstance(split, DataSplit):
         raise TypeError(
             f"data {spec!r} must give a penjing.data.DataSplit(name, train, test, num_classes), "

@@ -51,7 +51,11 @@ def build(spec: str, num_classes: int | None = None, role: str = "model") -> nn.
     factory = import_object(spec, role)
     if not callable(factory):
         raise TypeError(f"{role} {spec!r} must name a function, got {type(factory).__name__}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as err:  # the user's code: say whose it is, in one line
+        raise ValueError(f"{role} {spec!r} raised {type(err).__name__}: {err}; fix the function "
+                         "or give another") from err
     if not isinstance(model, nn.Module):
         raise TypeError(f"{role} {spec!r} must give an nn.Module, got {type(model).__name__}")
     return model
