@@ -365,7 +365,7 @@ def inq(
     from penjing.train import fit
 
     steps = list(schedule)
-    if not steps or any(not 0 < a < b for a, b in zip([0.0, *steps], steps, strict=False)) \
+    if not steps or any(not a < b for a, b in zip([0.0, *steps], steps, strict=False)) \
             or steps[-1] != 1.0:
         raise ValueError(f"schedule must increase strictly within (0, 1] and end at 1.0, "
                          f"got {schedule!r}")

@@ -174,23 +174,49 @@ def choose_bits(
         value = table[name][b]
         return 10 ** (-value / 10) if metric == "sqnr" else max(value, 0.0)
 
-    chosen = {n: widths[-1] for n in table}
-    total = sum(sizes[n][widths[-1]] for n in table)
-    while total > budget_bits:
-        best, best_cost = None, None
-        for name, b in chosen.items():
-            i = widths.index(b)
-            if i == 0:
-                continue
-            lower = widths[i - 1]
-            saved = sizes[name][b] - sizes[name][lower]
-            cost = (noise(name, lower) - noise(name, b)) / saved
-            if best_cost is None or cost < best_cost:
-                best, best_cost = (name, lower), cost
-        name, lower = best
-        total -= sizes[name][chosen[name]] - sizes[name][lower]
-        chosen[name] = lower
+    chosen = _allocate(list(table), widths, sizes, noise, budget_bits)
+    total = sum(sizes[n][b] for n, b in chosen.items())
     return MixedPrecision(chosen, table, metric, total, budget_bits, sizes)
+
+
+def _allocate(names: list[str], widths: tuple[int, ...], sizes: dict, noise, budget: int
+              ) -> dict[str, int]:
+    """The widths with the least summed noise whose sizes fit `budget`: a multiple-choice
+    knapsack solved by dynamic programming over sizes rounded up to budget/STEPS, compared
+    with every uniform choice that fits (which the rounding could otherwise exclude)."""
+    unit = max(1, budget // _STEPS)
+    capacity = budget // unit
+    best = {0: (0.0, {})}  # used units → (noise, choice)
+    for name in names:
+        nxt: dict[int, tuple[float, dict]] = {}
+        for used, (total, choice) in best.items():
+            for b in widths:
+                u = used + -(-sizes[name][b] // unit)
+                if u > capacity:
+                    continue
+                value = total + noise(name, b)
+                if u not in nxt or value < nxt[u][0]:
+                    nxt[u] = (value, {**choice, name: b})
+        best = _prune(nxt)
+    candidates = list(best.values())
+    for b in widths:
+        if sum(sizes[n][b] for n in names) <= budget:
+            candidates.append((sum(noise(n, b) for n in names), {n: b for n in names}))
+    return min(candidates, key=lambda c: c[0])[1]
+
+
+_STEPS = 4000  # size resolution of the allocation
+
+
+def _prune(states: dict[int, tuple[float, dict]]) -> dict[int, tuple[float, dict]]:
+    """Keep only states that no smaller state beats on noise (a Pareto front), so the
+    table stays small on deep models."""
+    kept, floor = {}, float("inf")
+    for used in sorted(states):
+        if states[used][0] < floor:
+            kept[used] = states[used]
+            floor = states[used][0]
+    return kept
 
 
 def uniform_bits(model: nn.Module, bits: int, layers: list[str] | None = None) -> int:
