@@ -228,9 +228,9 @@ def test_user_model_through_every_stage_then_nothing_runs_again(tmp_path, user_c
     assert result.rows[6].metric == result.rows[6].notes["ort_accuracy"]
 
     # every stage's model file loads into a fresh model and measures what the row says
+    test = pj.data.loaders(pj.data.digits(), seed=0)[1]
     for row in result.rows[1:4]:
         model = pj.load(out / row.file, tiny_res)
-        test = pj.data.loaders(pj.data.digits(), seed=0)[1]
         assert pj.train.evaluate(model, test) == pytest.approx(row.metric)
 
     data = json.loads((out / "metrics.json").read_text())

@@ -332,7 +332,7 @@ def _start(state: dict, first: str, hashes: list[str], out: Path, recipe: Recipe
     start = min(len(done), len(hashes))
     if start == len(hashes):
         messages.append(f"all {start} stages finished in an earlier run; nothing to run "
-                        "(delete state.json or pass resume=False to run again)")
+                        "(`penjing compress --restart` or run(..., resume=False) runs them again)")
     elif start:
         messages.append(f"resuming after stages[{start - 1}] ({recipe.stages[start - 1].stage})"
                         f": {start} of {len(hashes)} stages finished in an earlier run")

@@ -176,8 +176,9 @@ def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
     schedule = "" if cfg.schedule == "one-shot" else f", {cfg.schedule} ×{cfg.rounds}"
     extra = f", criterion {cfg.criterion}" if hasattr(cfg, "criterion") else ""
     tuned = f", {cfg.epochs} epochs each" if cfg.epochs else ""
+    zeros = zero_fraction(model)  # masks leave zeros; channel and head pruning leave none
     return Outcome(model, f"{cfg.granularity} {amount}{extra}{schedule}{tuned}",
-                   notes={"weight_sparsity": zero_fraction(model)})
+                   notes={"weight_sparsity": zeros} if zeros else {})
 
 
 # --- distill ---------------------------------------------------------------------------
