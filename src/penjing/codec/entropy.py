@@ -1,9 +1,13 @@
-"""One entropy-coded stream: whichever of Huffman and rANS is smaller, told apart by its
-first byte (a Huffman stream's version, 1; the rANS tag, 2).
+"""One coded stream: whichever of Huffman, rANS and plain packing is smallest, told apart
+by its first byte (a Huffman stream's version, 1; the rANS tag, 2; the packed tag, 3).
 
-Huffman is the paper's code and wins on tiny streams (its table is a length per symbol);
 rANS spends fractions of a bit and wins wherever one symbol dominates or the stream is
-long. Choosing per stream costs nothing at load time: the first byte says which decoder.
+long; Huffman's table (a length per symbol) is smaller on short streams; a stream of a
+few dozen symbols is cheapest packed at a fixed width with no table at all. Choosing per
+stream costs nothing at load time: the first byte says which decoder.
+
+Packed stream: u8 tag (3) | varint n | u8 width w (0..16) | n values of w bits (packed,
+most significant bit first); its byte count must be exactly what n and w need.
 """
 
 from __future__ import annotations
@@ -11,9 +15,33 @@ from __future__ import annotations
 import numpy as np
 
 from penjing.codec import huffman, rans
+from penjing.codec.bitpack import Reader, pack_uints, packed_size, unpack_uints, varint
 
-CODERS = {huffman.FORMAT_VERSION: "huffman", rans.TAG: "rans"}
-CODER_NAMES = ("huffman", "rans")
+PACKED_TAG = 3
+CODERS = {huffman.FORMAT_VERSION: "huffman", rans.TAG: "rans", PACKED_TAG: "packed"}
+CODER_NAMES = ("huffman", "rans", "packed")
+
+
+def encode_packed(symbols: np.ndarray) -> bytes:
+    """`symbols` at the fixed width of the largest one, behind a 3-byte header."""
+    arr = huffman._as_symbols(symbols)
+    width = int(arr.max()).bit_length() if arr.size else 0
+    return bytes([PACKED_TAG]) + varint(arr.size) + bytes([width]) + pack_uints(arr, width)
+
+
+def decode_packed(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.ndarray:
+    r = Reader(data, "packed stream")
+    if r.u8() != PACKED_TAG:
+        raise ValueError("not a packed stream")
+    n, width = r.varint(), r.u8()
+    if width > 16:
+        raise ValueError(f"packed stream has {width}-bit symbols, at most 16")
+    limit = max_symbols if max_symbols is not None else 8 * len(r.data)
+    if n > limit:
+        raise ValueError(f"packed stream claims {n} symbols, at most {limit} expected")
+    values = unpack_uints(r.take(packed_size(n, width)), n, width)
+    r.finish()
+    return values.astype(np.uint16)
 
 
 def check_coders(coders: object) -> tuple[str, ...]:
@@ -28,9 +56,11 @@ def check_coders(coders: object) -> tuple[str, ...]:
 
 
 def encode(symbols: np.ndarray, *, coders: tuple[str, ...] = CODER_NAMES) -> bytes:
-    """The smallest encoding of `symbols` among `coders` (Huffman wins ties)."""
+    """The smallest encoding of `symbols` among `coders`."""
     coders = check_coders(coders)
     options = []
+    if "packed" in coders:
+        options.append(encode_packed(symbols))
     if "huffman" in coders:
         options.append(huffman.encode(symbols))
     if "rans" in coders:
@@ -40,6 +70,7 @@ def encode(symbols: np.ndarray, *, coders: tuple[str, ...] = CODER_NAMES) -> byt
             # More distinct symbols than 16-bit frequencies can hold: Huffman only.
             if "huffman" not in coders:
                 raise
+    # Ties go to the coder listed first in `options`: packed, then Huffman, then rANS.
     return min(options, key=len)
 
 
@@ -55,6 +86,8 @@ def decode(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.nd
     """Decode a stream made by `encode`; more than `max_symbols` symbols is a ValueError."""
     if coder(data) == "rans":
         return rans.decode(data, max_symbols=max_symbols)
+    if coder(data) == "packed":
+        return decode_packed(data, max_symbols=max_symbols)
     symbols = huffman.decode(data)
     if max_symbols is not None and symbols.size > max_symbols:
         raise ValueError(f"Huffman stream has {symbols.size} symbols, at most {max_symbols} "
