@@ -160,6 +160,7 @@ def auto_deep_compression(name: str, split, loaders, workdir: Path, quick: bool)
     share_biases_(model, bias_bits)
     train_s = time.perf_counter() - t
     path = workdir / f"{name}-auto.pjz"
+    torch.save(model.state_dict(), workdir / f"{name}-auto.pt")  # to re-encode later
     report = codec.save(model, path)
     huffman_only = codec.report_size(model, coders=("huffman",))
     t = time.perf_counter()

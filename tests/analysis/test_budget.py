@@ -107,3 +107,17 @@ def test_apply_prunes_the_planned_counts():
     assert zeros == round(0.85 * 18_000)
     for name, c in plan.layers.items():
         assert int((model.get_submodule(name).weight == 0).sum()) == c.pruned
+
+
+def test_schedules_end_exactly_at_the_plan():
+    plan = plan_budget(_table(), Budget(sparsity=0.9))
+    rounds = plan.iterative(3)
+    assert len(rounds) == 3 and rounds[-1] == pytest.approx(plan.sparsities)
+    for name in plan.layers:
+        steps = [r[name] for r in rounds]
+        assert steps == sorted(steps)
+    assert plan.agp(0, 100) == dict.fromkeys(plan.layers, 0.0)
+    assert plan.agp(100, 100) == plan.sparsities
+    assert plan.agp(500, 100) == plan.sparsities
+    mid = plan.agp(50, 100)
+    assert all(0 < mid[n] < plan.sparsities[n] for n in plan.layers if plan.sparsities[n] > 0)
