@@ -10,6 +10,7 @@ from penjing.prune.explain import explain
 from penjing.prune.graph import DependencyGraph, dependency_graph
 from penjing.prune.groups import Group, Slice
 from penjing.prune.heads import HeadAttention, heads_
+from penjing.prune.hf_heads import hf_ffn_, hf_heads_, load_pretrained
 from penjing.prune.magnitude import check_sparsity, magnitude_
 from penjing.prune.masks import PRUNABLE, Mask, finalize_, get_mask, masks, select_layers, set_mask_
 from penjing.prune.nm import is_nm, nm_, nm_mask
@@ -66,6 +67,9 @@ __all__ = [
     "group_lasso_loss",
     "groups",
     "heads_",
+    "hf_ffn_",
+    "hf_heads_",
+    "load_pretrained",
     "is_nm",
     "is_pattern",
     "iterative",
