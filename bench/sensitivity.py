@@ -120,8 +120,8 @@ def plan_for(name: str, model, split, *, target: float):
     """Sensitivity sweeps on the training subset, then a plan for `target`× on the file."""
     sub = subset_loader(split)
     t = time.perf_counter()
-    prune_table = sensitivity(model, lambda m: evaluate(m, sub), ratios=RATIOS)
-    bits_table = sensitivity(model, lambda m: evaluate(m, sub), bits=BITS)
+    prune_table = sensitivity(model, lambda m: evaluate(m, sub, shard=False), ratios=RATIOS)
+    bits_table = sensitivity(model, lambda m: evaluate(m, sub, shard=False), bits=BITS)
     sweep_s = time.perf_counter() - t
     state = model.state_dict()
     original = sum(v.numel() * v.element_size() for v in state.values())
@@ -249,7 +249,7 @@ def guided_section(dense: dict, split, test, sparsities) -> list[str]:
     sub = subset_loader(split)
     held = []
     for name, model in dense.items():
-        table = sensitivity(model, lambda m: evaluate(m, sub), ratios=RATIOS)
+        table = sensitivity(model, lambda m: evaluate(m, sub, shard=False), ratios=RATIOS)
         for s in sparsities:
             uniform = copy.deepcopy(model)
             magnitude_(uniform, s)
@@ -285,7 +285,7 @@ def _finetune(model, train, epochs: int, lr: float, step_fn=None, seed: int = 0)
 def agp_section(model, split, loaders, epochs: int, sparsity: float) -> list[str]:
     train, test = loaders
     sub = subset_loader(split)
-    table = sensitivity(model, lambda m: evaluate(m, sub), ratios=RATIOS)
+    table = sensitivity(model, lambda m: evaluate(m, sub, shard=False), ratios=RATIOS)
     plan = plan_budget(table, Budget(sparsity=sparsity))
     steps_per_epoch = len(train)
     total = epochs * steps_per_epoch
@@ -341,7 +341,7 @@ def sweep_worker(dense_path: str, out: str) -> None:
                           torch.load(dense_path, weights_only=True))
     sub = subset_loader(split)
     t = time.perf_counter()
-    table = sensitivity(model, lambda m: evaluate(m, sub), ratios=RATIOS)
+    table = sensitivity(model, lambda m: evaluate(m, sub, shard=False), ratios=RATIOS)
     seconds = time.perf_counter() - t
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps({"values": table.values, "baseline": table.baseline,
@@ -353,7 +353,7 @@ def torchrun_section(model, split, workdir: Path) -> list[str]:
     torch.set_num_threads(1)
     sub = subset_loader(split)
     t = time.perf_counter()
-    table = sensitivity(model, lambda m: evaluate(m, sub), ratios=RATIOS)
+    table = sensitivity(model, lambda m: evaluate(m, sub, shard=False), ratios=RATIOS)
     one = time.perf_counter() - t
     dense_path = workdir / "lenet5-dense.pt"
     torch.save(model.state_dict(), dense_path)

@@ -8,7 +8,9 @@ which `penjing.analysis.budget` chooses per-layer ratios and bits.
 
 Under `torchrun --nproc_per_node N` (with the process group initialised, e.g. by
 `penjing.distributed.init()`), each rank evaluates every N-th (layer, point) pair and
-all ranks receive the same, complete table.
+all ranks receive the same, complete table. The ranks then hold different models, so
+`evaluate` must measure on this rank alone: `penjing.train.evaluate(m, loader,
+shard=False)`, not the default, which averages over ranks.
 
     >>> table = sensitivity(model, lambda m: evaluate(m, test_subset),
     ...                     ratios=[0.5, 0.7, 0.9, 0.95])
