@@ -38,6 +38,7 @@ bench: $(TEST_STAMP)
 	$(PIP) install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) bench/pretrained.py
 	$(PY) bench/lowbit.py
+	$(PY) bench/transformers.py
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests bench
