@@ -13,11 +13,12 @@ from penjing.codec.huffman import fixed_width_bits
 
 @dataclass(frozen=True)
 class StreamReport:
-    """One Huffman-coded stream: its cost against the entropy floor and a fixed-width code."""
+    """One coded stream (Huffman, rANS or packed, whichever was smaller): its cost against
+    the entropy floor and a fixed-width code."""
 
     symbols: int  # entries in the stream
     fixed_bits: int  # bits/symbol of a fixed-width code over the stream's alphabet
-    huffman_bits: float  # bits/symbol actually spent, code table and sync points included
+    huffman_bits: float  # bits/symbol actually spent by its coder, tables and headers included
     entropy_bits: float | None  # Shannon floor; None when only the manifest was read
     bytes: int  # encoded size of the stream
 
