@@ -3,7 +3,6 @@ call of the library function its config is named after."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,33 +263,17 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, ActQuant | WeightQuant) for m in model.modules())
 
 
-def own_classes(model: nn.Module) -> nn.Module:
-    """A deep copy whose parametrized layers have classes of their own.
-
-    torch's parametrized layers share a generated class with their deep copies, and
-    removing a parametrization deletes the property from that class: finalizing a copy
-    (as codec.save does) would leave the original without its `weight`.
-    """
-    from torch.nn.utils import parametrize
-
-    clone = copy.deepcopy(model)
-    for m in clone.modules():
-        if parametrize.is_parametrized(m):
-            cls = type(m)
-            m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-    return clone
-
-
 def encode(ctx: Context, model: nn.Module, cfg: schema.Encode) -> Outcome:
     """Write the .pjz and measure what comes back out of it: the accuracy of the stage is
     the accuracy of the file."""
     from penjing import codec, load
 
     path = ctx.out / cfg.file
-    report = codec.save(own_classes(model), path, index_bits=cfg.index_bits)
+    report = codec.save(model, path, index_bits=cfg.index_bits)
     notes = {"ratio": report.ratio, "huffman_saving": report.huffman_saving,
              "original_bytes": report.original_bytes}
-    detail = f"{report.ratio:.1f}x of float32, Huffman saved {report.huffman_saving:.0%}"
+    detail = (f"{report.ratio:.1f}x of float32; entropy coding saved "
+              f"{report.huffman_saving:.0%} of fixed-width codes")
     if is_quantized(model):  # a .pjz holds the float values the quantized layers compute
         notes["measured"] = "in memory: a .pjz rebuilds the float model, not its quantizers"
         return Outcome(model, detail, path, notes)
