@@ -121,11 +121,11 @@ def test_entropy_picks_the_smallest_coder_and_tells_them_apart() -> None:
     tiny = np.array([1, 2, 3, 0, 3, 3, 1, 2, 0, 1], dtype=np.uint16)
     for s in (skewed, tiny, np.zeros(0, np.uint16), np.full(50, 5, np.uint16)):
         data = entropy.encode(s)
-        sizes = (len(huffman.encode(s)), len(rans.encode(s)), len(entropy.encode_packed(s)))
+        sizes = (len(huffman.encode(s)), len(rans.encode(s)), len(entropy.encode_fixed(s)))
         assert len(data) == min(sizes)
         assert np.array_equal(entropy.decode(data), s)
     assert entropy.coder(entropy.encode(skewed)) == "rans"
-    assert entropy.coder(entropy.encode(tiny)) == "packed"
+    assert entropy.coder(entropy.encode(tiny)) == "fixed"
     assert entropy.coder(entropy.encode(skewed, coders=("huffman",))) == "huffman"
     with pytest.raises(ValueError, match="not a known coder tag"):
         entropy.decode(b"\x07abc")
@@ -133,8 +133,8 @@ def test_entropy_picks_the_smallest_coder_and_tells_them_apart() -> None:
         entropy.encode(skewed, coders=("zstd",))
 
 
-def test_packed_streams_are_bounded() -> None:
-    data = entropy.encode_packed(np.array([3, 1, 2], dtype=np.uint16))
+def test_fixed_width_streams_are_bounded() -> None:
+    data = entropy.encode_fixed(np.array([3, 1, 2], dtype=np.uint16))
     assert len(data) == 4  # tag, n, width, 6 bits
     with pytest.raises(ValueError, match="at most 2 expected"):
         entropy.decode(data, max_symbols=2)
@@ -142,7 +142,7 @@ def test_packed_streams_are_bounded() -> None:
         entropy.decode(data[:-1])
     with pytest.raises(ValueError, match="unexpected bytes"):
         entropy.decode(data + b"\x00")
-    zeros = entropy.encode_packed(np.zeros(10**6, dtype=np.uint16))
+    zeros = entropy.encode_fixed(np.zeros(10**6, dtype=np.uint16))
     assert len(zeros) == 5
     with pytest.raises(ValueError, match="at most 40 expected"):
         entropy.decode(zeros)  # width 0: only the caller's count can bound it

@@ -1,12 +1,12 @@
 """One coded stream: whichever of Huffman, rANS and plain packing is smallest, told apart
-by its first byte (a Huffman stream's version, 1; the rANS tag, 2; the packed tag, 3).
+by its first byte (a Huffman stream's version, 1; the rANS tag, 2; the fixed-width tag, 3).
 
 rANS spends fractions of a bit and wins wherever one symbol dominates or the stream is
 long; Huffman's table (a length per symbol) is smaller on short streams; a stream of a
-few dozen symbols is cheapest packed at a fixed width with no table at all. Choosing per
+few dozen symbols is cheapest at a fixed width with no table at all. Choosing per
 stream costs nothing at load time: the first byte says which decoder.
 
-Packed stream: u8 tag (3) | varint n | u8 width w (0..16) | n values of w bits (packed,
+Fixed-width stream: u8 tag (3) | varint n | u8 width w (0..16) | n values of w bits (packed,
 most significant bit first); its byte count must be exactly what n and w need.
 """
 
@@ -17,28 +17,28 @@ import numpy as np
 from penjing.codec import huffman, rans
 from penjing.codec.bitpack import Reader, pack_uints, packed_size, unpack_uints, varint
 
-PACKED_TAG = 3
-CODERS = {huffman.FORMAT_VERSION: "huffman", rans.TAG: "rans", PACKED_TAG: "packed"}
-CODER_NAMES = ("huffman", "rans", "packed")
+FIXED_TAG = 3
+CODERS = {huffman.FORMAT_VERSION: "huffman", rans.TAG: "rans", FIXED_TAG: "fixed"}
+CODER_NAMES = ("huffman", "rans", "fixed")
 
 
-def encode_packed(symbols: np.ndarray) -> bytes:
+def encode_fixed(symbols: np.ndarray) -> bytes:
     """`symbols` at the fixed width of the largest one, behind a 3-byte header."""
     arr = huffman._as_symbols(symbols)
     width = int(arr.max()).bit_length() if arr.size else 0
-    return bytes([PACKED_TAG]) + varint(arr.size) + bytes([width]) + pack_uints(arr, width)
+    return bytes([FIXED_TAG]) + varint(arr.size) + bytes([width]) + pack_uints(arr, width)
 
 
-def decode_packed(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.ndarray:
-    r = Reader(data, "packed stream")
-    if r.u8() != PACKED_TAG:
-        raise ValueError("not a packed stream")
+def decode_fixed(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.ndarray:
+    r = Reader(data, "fixed-width stream")
+    if r.u8() != FIXED_TAG:
+        raise ValueError("not a fixed-width stream")
     n, width = r.varint(), r.u8()
     if width > 16:
-        raise ValueError(f"packed stream has {width}-bit symbols, at most 16")
+        raise ValueError(f"fixed-width stream has {width}-bit symbols, at most 16")
     limit = max_symbols if max_symbols is not None else 8 * len(r.data)
     if n > limit:
-        raise ValueError(f"packed stream claims {n} symbols, at most {limit} expected")
+        raise ValueError(f"fixed-width stream claims {n} symbols, at most {limit} expected")
     values = unpack_uints(r.take(packed_size(n, width)), n, width)
     r.finish()
     return values.astype(np.uint16)
@@ -59,8 +59,8 @@ def encode(symbols: np.ndarray, *, coders: tuple[str, ...] = CODER_NAMES) -> byt
     """The smallest encoding of `symbols` among `coders`."""
     coders = check_coders(coders)
     options = []
-    if "packed" in coders:
-        options.append(encode_packed(symbols))
+    if "fixed" in coders:
+        options.append(encode_fixed(symbols))
     if "huffman" in coders:
         options.append(huffman.encode(symbols))
     if "rans" in coders:
@@ -70,7 +70,7 @@ def encode(symbols: np.ndarray, *, coders: tuple[str, ...] = CODER_NAMES) -> byt
             # More distinct symbols than 16-bit frequencies can hold: Huffman only.
             if "huffman" not in coders:
                 raise
-    # Ties go to the coder listed first in `options`: packed, then Huffman, then rANS.
+    # Ties go to the coder listed first in `options`: fixed, then Huffman, then rANS.
     return min(options, key=len)
 
 
@@ -86,8 +86,8 @@ def decode(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.nd
     """Decode a stream made by `encode`; more than `max_symbols` symbols is a ValueError."""
     if coder(data) == "rans":
         return rans.decode(data, max_symbols=max_symbols)
-    if coder(data) == "packed":
-        return decode_packed(data, max_symbols=max_symbols)
+    if coder(data) == "fixed":
+        return decode_fixed(data, max_symbols=max_symbols)
     symbols = huffman.decode(data)
     if max_symbols is not None and symbols.size > max_symbols:
         raise ValueError(f"Huffman stream has {symbols.size} symbols, at most {max_symbols} "

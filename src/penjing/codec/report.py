@@ -13,7 +13,7 @@ from penjing.codec.huffman import fixed_width_bits
 
 @dataclass(frozen=True)
 class StreamReport:
-    """One coded stream (Huffman, rANS or packed, whichever was smaller): its cost against
+    """One coded stream (Huffman, rANS or fixed-width, whichever was smaller): its cost against
     the entropy floor and a fixed-width code."""
 
     symbols: int  # entries in the stream
