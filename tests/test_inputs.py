@@ -99,3 +99,19 @@ def test_tuple_inputs_export_positionally(tmp_path):
         warnings.simplefilter("error", PenjingWarning)
         path = pj.export.onnx(model, tmp_path / "t.onnx", pair)
     assert compare_with_ort(model, path, pair).max_abs < 1e-5
+
+
+class _Classifier(Tokens):
+    def forward(self, input_ids, attention_mask=None):
+        return {"logits": super().forward(input_ids, attention_mask).mean(1)}
+
+
+def test_evaluate_scores_dict_batches_with_labels():
+    model = _Classifier().eval()
+    batch = _batch(4, 5)
+    labels = model(**batch)["logits"].argmax(1)
+    assert pj.train.evaluate(model, [{**batch, "labels": labels}]) == 1.0
+    pair = (batch["input_ids"], batch["attention_mask"])
+    assert pj.train.evaluate(model, [(pair, labels)]) == 1.0
+    with pytest.raises(TypeError, match="'labels' entry"):
+        pj.train.evaluate(model, [batch])

@@ -90,6 +90,21 @@ def from_batch(batch: object, model: nn.Module | None = None) -> Inputs:
     )
 
 
+def labelled(batch: object) -> tuple[Inputs, torch.Tensor]:
+    """(inputs, labels) of an evaluation batch: `(inputs, labels, ...)`, or a dict whose
+    "labels" entry is the labels and whose other entries are keyword inputs (the
+    Hugging Face convention)."""
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise TypeError(f"a dict batch needs a 'labels' entry to score against, got keys "
+                            f"{sorted(batch)}")
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    if isinstance(batch, list | tuple) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError("an evaluation batch must be (inputs, labels) or a dict with 'labels', "
+                    f"got {type(batch).__name__}")
+
+
 def _looks_like_mask(first: object, second: object, model: nn.Module) -> bool:
     import inspect
 

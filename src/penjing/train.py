@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from penjing import inputs
 from penjing.io import atomic_write_bytes
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -214,7 +215,10 @@ def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 20) -> in
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, shard: bool = True) -> float:
-    """Top-1 accuracy of `model` over `loader`, as a fraction in [0, 1].
+    """Top-1 accuracy of `model` over `loader`, as a fraction in [0, 1]. A batch is
+    (inputs, labels), the inputs a tensor, tuple or dict of keyword tensors, or a dict of
+    keyword tensors with a "labels" entry; the first tensor the model returns is scored
+    (a Hugging Face ModelOutput's `logits`).
 
     Under torchrun every rank must call it: each counts its share of `loader` and the
     counts are summed, so all ranks get the accuracy over the whole loader. `shard=False`
@@ -227,8 +231,10 @@ def evaluate(model: nn.Module, loader: Iterable, *, shard: bool = True) -> float
         loader = distributed.shard(loader, even=False)
     correct = seen = 0
     with eval_mode(model):
-        for x, y in loader:
-            correct += int((model(x).argmax(dim=1) == y).sum())
+        for batch in loader:
+            x, y = inputs.labelled(batch)
+            logits = inputs.first_tensor(inputs.call(model, x))
+            correct += int((logits.argmax(dim=1) == y).sum())
             seen += len(y)
     if spread:
         correct, seen = (int(distributed.all_reduce(v, "sum")) for v in (correct, seen))
