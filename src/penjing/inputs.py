@@ -47,7 +47,22 @@ def call(model: nn.Module, inputs: Inputs):
     args, kwargs = split(inputs)
     if kwargs:
         _check_keywords(model, kwargs)
+    _check_length(model, kwargs.get("input_ids", args[0] if args else None))
     return model(*args, **kwargs)
+
+
+def _check_length(model: nn.Module, ids: object) -> None:
+    """A clear error for token ids longer than a transformers model's position table."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None)
+    if (isinstance(limit, int) and isinstance(ids, torch.Tensor) and ids.dim() == 2
+            and not ids.is_floating_point() and ids.shape[1] > limit):
+        raise ValueError(
+            f"input_ids hold {ids.shape[1]} tokens, more than the {limit} positions "
+            f"{type(model).__name__} has (config.max_position_embeddings); truncate the text, "
+            f"e.g. tokenizer(..., truncation=True, max_length={limit})"
+        )
 
 
 def _check_keywords(model: nn.Module, kwargs: dict) -> None:

@@ -111,3 +111,9 @@ def test_vit_static_int8_linears_on_integer_kernels(tmp_path):
 def test_dynamic_without_linear_is_an_error():
     with pytest.raises(ValueError, match="has no nn.Linear layer"):
         pj.quant.dynamic(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_a_sequence_longer_than_the_position_table_is_a_clear_error():
+    model = _text_model("bert")
+    with pytest.raises(ValueError, match="70 tokens, more than the 64 positions BertModel"):
+        pj.quant.ptq(model, [_tokens(2, 70)], pj.quant.int8())
