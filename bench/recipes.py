@@ -66,6 +66,9 @@ def main() -> None:
             if name in found:
                 result = from_metrics(found[name], name)
                 sections.append(section(name, result, result.seconds))
+            else:
+                sections.append(f"### {name}\n\nNot measured: no finished full run of "
+                                f"`examples/recipes/{name}.yaml` when this was written.")
         write_section("recipes", body(sections))
         return
     if args.quick:
