@@ -56,3 +56,5 @@ def test_readme_commands_run_as_written(tmp_path):
                  "int8.safetensors", "lenet5-int8.onnx", "runs/lenet5/model.pjz"):
         assert (tmp_path / path).stat().st_size > 0, path
     assert (tmp_path / "runs/deep-compression/metrics.json").exists()
+    assert "total sparsity 90.00%" in out
+    assert (tmp_path / "runs/sensitivity/sensitivity.csv").exists()

@@ -21,8 +21,8 @@ EXIT_CODES = """exit codes:
 Every error is one line on stderr naming the file or option and what to do."""
 
 
-VERBS = ("train", "prune", "distill", "quantize", "encode", "export", "compress", "demo",
-         "inspect")
+VERBS = ("train", "prune", "distill", "quantize", "encode", "export", "compress",
+         "sensitivity", "demo", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
