@@ -130,3 +130,16 @@ def test_a_users_function_that_raises_is_named(tmp_path, monkeypatch, capsys):
     assert main(["train", "lenet5", "--data", "broken_user_code:data", "--out",
                  str(tmp_path / "m.safetensors"), "--quiet"]) == 2
     assert "data 'broken_user_code:data' raised ZeroDivisionError" in _one_line(capsys)
+
+
+def test_a_bad_recipe_lists_every_problem_with_its_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lenet5\ndata: mnist\nstages:\n"
+                      "  - stage: prune\n    ratio: 1.5\n"
+                      "  - stage: shrink\n")
+    assert main(["compress", str(recipe), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 2 and all(line.startswith("penjing compress: error:") for line in err)
+    assert any("line 5" in line and "ratio" in line for line in err), err
+    assert any("shrink" in line for line in err), err
+    assert not (tmp_path / "out").exists()

@@ -78,15 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_outputs(args)
         args.run(args)
-    except KeyboardInterrupt:
-        print(f"penjing {args.command}: interrupted; no partial output was written",
-              file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"penjing {args.command}: {_one_line(err) or 'interrupted'}; no partial output "
+              "was written", file=sys.stderr)
         return 130
     except OSError as err:  # files: not found, a folder, not writable, disk full
         print(f"{prefix} {_one_line(_os_message(err))}", file=sys.stderr)
         return 2
     except (PenjingError, ValueError, TypeError) as err:
-        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
+        if getattr(err, "lines", False):  # a list of problems (a recipe): one per line
+            for line in str(err).strip().splitlines():
+                print(f"{prefix} {line.strip()}", file=sys.stderr)
+        else:
+            print(f"{prefix} {_one_line(err)}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # PyTorch's own errors: most often a model and input that differ
         print(

@@ -51,6 +51,8 @@ SoftLoss = Literal[tuple(SOFT_LOSSES)]  # type: ignore[valid-type]
 class RecipeError(PenjingError, ValueError):
     """A recipe that cannot run: each line names the file, line, key, rule and value."""
 
+    lines = True  # the command line prints every problem, one per line
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
