@@ -127,7 +127,8 @@ def efficientnet_section(quick: bool) -> tuple[list[str], list[str]]:
                      f"{time.perf_counter() - t:.0f} |")
         print(f"effnet {label}: {agree:.1%} {db:.2f} dB", flush=True)
     dfq_w8 = results["W8 per-tensor, CLE + absorption + analytic BC (DFQ)"]
-    best_free = max(v for k, v in results.items() if k.startswith("W8 per-tensor"))
+    free = {label for label, data, _ in rows if data == "none" and "per-tensor" in label}
+    best_free = max(v for k, v in results.items() if k in free)
     yard = results["W8 per-channel (PTQ yardstick)"]
     verdicts = [
         f"EfficientNet-Lite0 W8: DFQ (CLE + absorption + analytic BC) {dfq_w8:.1%} vs "
