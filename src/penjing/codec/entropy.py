@@ -24,7 +24,7 @@ CODER_NAMES = ("huffman", "rans", "fixed")
 
 def encode_fixed(symbols: np.ndarray) -> bytes:
     """`symbols` at the fixed width of the largest one, behind a 3-byte header."""
-    arr = huffman._as_symbols(symbols)
+    arr = huffman.as_symbols(symbols)
     width = int(arr.max()).bit_length() if arr.size else 0
     return bytes([FIXED_TAG]) + varint(arr.size) + bytes([width]) + pack_uints(arr, width)
 

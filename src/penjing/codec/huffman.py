@@ -40,7 +40,8 @@ _BLOCK = 1 << 20  # encoder works on blocks of symbols to bound its temporary me
 _JUMP_WORK = 1 << 22  # bits x log2(symbols) below which pointer jumping beats lockstep
 
 
-def _as_symbols(symbols: np.ndarray) -> np.ndarray:
+def as_symbols(symbols: np.ndarray) -> np.ndarray:
+    """`symbols` as a flat uint16 array, checked to be integers in [0, MAX_SYMBOLS)."""
     arr = np.asarray(symbols)
     if arr.size == 0:
         return np.zeros(0, dtype=np.uint16)
@@ -226,7 +227,7 @@ def encode(
     _check_max_len(max_len)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or not 1 <= chunk <= MAX_CHUNK:
         raise ValueError(f"chunk must be an int in 1..{MAX_CHUNK}, got {chunk!r}")
-    arr = _as_symbols(symbols)
+    arr = as_symbols(symbols)
     n = arr.size
     if n == 0:
         return bytes([FORMAT_VERSION, 0, 0, 1]) + varint(0) + varint(chunk) + varint(0) + varint(0)
@@ -413,7 +414,7 @@ def _decode_jumping(
 
 def entropy_bits(symbols: np.ndarray) -> float:
     """Shannon entropy of a stream in bits/symbol: the floor for any symbol-by-symbol code."""
-    arr = _as_symbols(symbols)
+    arr = as_symbols(symbols)
     if arr.size == 0:
         return 0.0
     counts = np.bincount(arr)
@@ -430,7 +431,7 @@ def fixed_width_bits(alphabet_size: int) -> int:
 
 def coded_bits(symbols: np.ndarray, *, max_len: int = MAX_CODE_LEN) -> int:
     """Payload bits the Huffman code spends on `symbols` (no table, no sync points)."""
-    arr = _as_symbols(symbols)
+    arr = as_symbols(symbols)
     if arr.size == 0:
         return 0
     counts = np.bincount(arr)

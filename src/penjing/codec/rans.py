@@ -31,10 +31,10 @@ from __future__ import annotations
 import numpy as np
 
 from penjing.codec.bitpack import Reader, pack_uints, packed_size, unpack_uints, varint
+from penjing.codec.huffman import MAX_SYMBOLS, as_symbols
 
 TAG = 2
 MAX_PRECISION = 16  # frequencies of at most 16 bits keep renormalisation to one word
-MAX_SYMBOLS = 1 << 16
 MAX_LANES = 1 << 16
 # Lockstep decoding takes ceil(n / lanes) numpy steps of ~20 us each; a stream of more
 # than SCALAR_LIMIT symbols must keep that to MAX_STEPS, which bounds its decode time
@@ -49,24 +49,6 @@ _LOW = 1 << 16  # states live in [2^16, 2^32) between symbols
 _BITS_PER_LANE = 8192
 _MANY = 1 << 20
 _LOCKSTEP_LANES = 32  # from this many lanes numpy steps beat a Python loop over symbols
-
-
-def _as_symbols(symbols: np.ndarray) -> np.ndarray:
-    arr = np.asarray(symbols)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.uint16)
-    if arr.dtype.kind not in "ui":
-        raise TypeError(
-            f"symbols must be an integer array, got dtype {arr.dtype}; cast with .astype(np.uint16)"
-        )
-    arr = arr.ravel()
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= MAX_SYMBOLS:
-        raise ValueError(
-            f"symbols must be in [0, {MAX_SYMBOLS}), got values in [{lo}, {hi}]; "
-            "map them to a smaller alphabet first"
-        )
-    return arr.astype(np.uint16, copy=False)
 
 
 def normalize(counts: np.ndarray, precision: int) -> np.ndarray:
@@ -150,7 +132,7 @@ def encode(symbols: np.ndarray, *, lanes: int | None = None) -> bytes:
     A stream over more distinct symbols than 2^16 frequencies can hold is a ValueError
     (Huffman codes it instead).
     """
-    arr = _as_symbols(symbols)
+    arr = as_symbols(symbols)
     n = arr.size
     if n == 0:
         return bytes([TAG, 1]) + varint(0) + varint(1) + _table_bytes(np.array([2]))
