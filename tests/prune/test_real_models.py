@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from support_layers import SameConv2d
 from torch import fx, nn
 from torch.nn import functional as F
 
@@ -16,17 +17,6 @@ import penjing as pj
 from penjing.analysis.stats import count_params
 from penjing.errors import PenjingWarning, UnsupportedLayerError
 from penjing.prune import ops
-
-
-class SameConv2d(nn.Conv2d):
-    """TensorFlow-style "same" padding computed in forward, as EfficientNet ports have."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
-        ph = max((-(-ih // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - ih, 0)
-        pw = max((-(-iw // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - iw, 0)
-        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class SameNet(nn.Module):

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from support_layers import SameConv2d
 from torch import nn
 from torch.nn import functional as F
 
@@ -30,15 +31,6 @@ def _randomise_bn(model: nn.Module, seed: int = 1) -> None:
             m.bias.data.copy_(torch.randn(n, generator=g))
 
 
-class SameConv2d(nn.Conv2d):
-    """TensorFlow-style "same" padding in forward, as packaged EfficientNet ports have."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
-        ph = max((-(-ih // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - ih, 0)
-        pw = max((-(-iw // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - iw, 0)
-        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class Separable(nn.Module):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support_layers import SameConv2d
 from torch import nn
 
 import penjing as pj
@@ -100,17 +101,6 @@ def test_what_cannot_be_folded_is_a_clear_error():
         fold_bn_(model)
 
 
-class SameConv2d(nn.Conv2d):
-    """TensorFlow-style "same" padding, as packaged EfficientNet/MobileNet ports write it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad_h = max((-(-x.shape[-2] // self.stride[0]) - 1) * self.stride[0]
-                    + self.kernel_size[0] - x.shape[-2], 0)
-        pad_w = max((-(-x.shape[-1] // self.stride[1]) - 1) * self.stride[1]
-                    + self.kernel_size[1] - x.shape[-1], 0)
-        x = nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation,
-                                    self.groups)
 
 
 class BatchNormAct2d(nn.BatchNorm2d):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support_layers import SameConv2d
 from torch import fx, nn
 from torch.nn import functional as F
 
@@ -31,16 +32,6 @@ def images(mnist) -> torch.Tensor:
     return mnist.train.tensors[0][:256]
 
 
-class SameConv2d(nn.Conv2d):
-    """TensorFlow-style "same" padding, as packaged EfficientNet/MobileNet ports write it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad_h = max((-(-x.shape[-2] // self.stride[0]) - 1) * self.stride[0]
-                    + self.kernel_size[0] - x.shape[-2], 0)
-        pad_w = max((-(-x.shape[-1] // self.stride[1]) - 1) * self.stride[1]
-                    + self.kernel_size[1] - x.shape[-1], 0)
-        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _act(kind: str) -> nn.Module:
