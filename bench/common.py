@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -78,3 +79,68 @@ def write_section(name: str, body: str, quick: bool = False, reproduce: str | No
     tmp = BENCHMARKS.with_suffix(".md.tmp")
     tmp.write_text(text)
     os.replace(tmp, BENCHMARKS)
+
+
+# ONNX Runtime's calibration methods, by the names penjing's observers use
+PEER_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def peer_quantize(fp32: Path, out: Path, calib: list, method: str,
+                  preprocess: bool = False) -> Path:
+    """ONNX Runtime's quantize_static on our FP32 export: QDQ with u8 activations per
+    tensor and s8 weights per channel (the format penjing writes), the same calibration
+    batches, weights reduced to 7 bits where the CPU needs it. `method` is a key of
+    PEER_METHODS; `preprocess` runs `quant_pre_process` (shape inference + graph
+    optimization) first, as its docs recommend for large models."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from penjing.export import cpu_saturates_int8
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": x.numpy()} for x in calib])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    source = fp32
+    if preprocess:
+        source = out.with_name(out.stem + "-pre.onnx")
+        quant_pre_process(str(fp32), str(source))
+    quantize_static(
+        str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        reduce_range=cpu_saturates_int8(),
+        calibrate_method=getattr(CalibrationMethod, PEER_METHODS[method]),
+    )
+    return out
+
+
+def latencies(paths: dict, x, rounds: int, per_round: int, *, threads: int = 2,
+              warmup: int = 5) -> dict:
+    """Median seconds per ONNX Runtime run of each file on `x` (a tensor for the file's
+    one input, or a dict of tensors by input name), measured in interleaved rounds so
+    that a slow spell on a shared machine hits every file alike."""
+    from penjing.export import session
+
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    feeds = {k: ({n: v.numpy() for n, v in x.items()} if isinstance(x, dict)
+                 else {s.get_inputs()[0].name: x.numpy()}) for k, s in sessions.items()}
+    for k, s in sessions.items():  # warm-up: allocations and kernel choice
+        for _ in range(warmup):
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                s.run(None, feeds[k])
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}

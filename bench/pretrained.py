@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import write_section
+from common import PEER_METHODS, latencies, peer_quantize, write_section
 from pretrained_models import SIZE, crops, efficientnet_lite0, photos
 
 from penjing.errors import PenjingWarning
@@ -35,7 +34,6 @@ from penjing.quant.fold import fold_bn_
 THREADS = 2
 BATCH = 32  # calibration batch and the large timing batch
 OBSERVERS = ("minmax", "percentile", "entropy", "mse")
-PEER_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 # ops that compute on integers, and the converters between integers and floats
 INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearAdd", "QLinearMatMul", "QLinearMul",
                "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
@@ -44,40 +42,6 @@ INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearAdd", "QLinearMatMul", "QLinearMu
 CONVERTERS = {"QuantizeLinear", "DequantizeLinear"}
 # ops that only move or reshape data: float or not, they cost no arithmetic
 SHAPE_OPS = {"Reshape", "Shape", "Gather", "Unsqueeze", "Concat", "Flatten", "Squeeze"}
-
-
-def peer_quantize(fp32: Path, out: Path, calib: list[torch.Tensor], method: str,
-                  preprocess: bool = True) -> Path:
-    """ONNX Runtime's quantize_static on our FP32 export, the way its docs recommend:
-    `quant_pre_process` (shape inference + graph optimization) first, then QDQ with u8
-    activations per tensor and s8 weights per channel (the format penjing writes), the
-    same calibration batches, weights reduced to 7 bits where the CPU needs it."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": x.numpy()} for x in calib])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
-    source = fp32
-    if preprocess:
-        source = out.with_name(out.stem + "-pre.onnx")
-        quant_pre_process(str(fp32), str(source))
-    quantize_static(
-        str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        reduce_range=cpu_saturates_int8(), calibrate_method=getattr(CalibrationMethod, method),
-    )
-    return out
 
 
 def logits(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -89,24 +53,6 @@ def logits(path: Path, x: torch.Tensor) -> np.ndarray:
 def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
     noise = float(np.sum((ref.astype(np.float64) - out) ** 2))
     return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref ** 2.0)) / noise)
-
-
-def latencies(paths: dict[str, Path], x: torch.Tensor, rounds: int, per_round: int) -> dict:
-    """Median seconds per run of each file on `x`, in interleaved rounds so that a slow
-    spell on a shared machine hits every file alike."""
-    sessions = {k: session(p, THREADS) for k, p in paths.items()}
-    feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sessions.items()}
-    for k, s in sessions.items():  # warm-up: allocations and kernel choice
-        for _ in range(3):
-            s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            for _ in range(per_round):
-                t = time.perf_counter()
-                s.run(None, feeds[k])
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def optimized_graph(path: Path):
@@ -213,10 +159,10 @@ def main() -> None:
         for method in peer_methods:
             t = time.perf_counter()
             paths[f"ORT {method}"] = peer_quantize(
-                fp32, workdir / f"ort-{method}.onnx", calib, PEER_METHODS[method])
+                fp32, workdir / f"ort-{method}.onnx", calib, method, preprocess=True)
             print(f"ORT quantize_static {method}: {time.perf_counter() - t:.0f} s", flush=True)
         paths["ORT minmax, no pre-process"] = peer_quantize(
-            fp32, workdir / "ort-minmax-raw.onnx", calib, "MinMax", preprocess=False)
+            fp32, workdir / "ort-minmax-raw.onnx", calib, "minmax")
 
         ref = logits(fp32, evaluation)
         rows = {}
@@ -227,7 +173,8 @@ def main() -> None:
         for batch, (n_rounds, per_round) in rounds.items():
             x = evaluation[:batch]
             print(f"timing batch {batch}...", flush=True)
-            for key, t in latencies(paths, x, n_rounds, per_round).items():
+            timed = latencies(paths, x, n_rounds, per_round, threads=THREADS, warmup=3)
+            for key, t in timed.items():
                 rows[key][batch] = t
 
     fp32_top = Counter(int(i) for i in ref.argmax(1))

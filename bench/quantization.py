@@ -10,17 +10,16 @@ that writes it; latencies are medians of interleaved runs in one process. Run:
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import write_section
+from common import PEER_METHODS, latencies, peer_quantize, write_section
 
 from penjing import data
 from penjing.demo import dense_baseline
-from penjing.export import compare_with_ort, cpu_saturates_int8, ort_accuracy, session
+from penjing.export import compare_with_ort, cpu_saturates_int8, ort_accuracy
 from penjing.export import onnx as export_onnx
 from penjing.quant import (
     OBSERVERS,
@@ -42,52 +41,6 @@ SPEED_TARGET = 0.6  # INT8 / FP32 latency at batch 32 on the CNN
 QAT_BUDGET = 0.5  # points INT4 QAT may stay below FP32
 PEER_SLACK = 1.05  # "no worse" latency: within 5 % timing noise of the peer
 MODELS = {"lenet5": "LeNet-5", "vgg": "small BN VGG"}
-PEER_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-
-
-def peer_quantize(fp32: Path, out: Path, calib: list[torch.Tensor], method: str) -> Path:
-    """ONNX Runtime's quantize_static on our FP32 export: QDQ, uint8 activations, int8
-    weights per channel (the same format as ours), the same calibration images."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": x.numpy()} for x in calib])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
-    quantize_static(
-        str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        reduce_range=cpu_saturates_int8(),
-        calibrate_method=getattr(CalibrationMethod, PEER_METHODS[method]),
-    )
-    return out
-
-
-def latencies(paths: dict[str, Path], x: torch.Tensor, rounds: int, per_round: int) -> dict:
-    """Median seconds per run of each file on `x`, measured in interleaved rounds so that
-    a slow spell on a shared machine hits every file alike."""
-    sessions = {k: session(p, THREADS) for k, p in paths.items()}
-    feeds = {k: {s.get_inputs()[0].name: x.numpy()} for k, s in sessions.items()}
-    for k, s in sessions.items():  # warm-up: allocations and kernel choice
-        for _ in range(5):
-            s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            for _ in range(per_round):
-                t = time.perf_counter()
-                s.run(None, feeds[k])
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def ptq_section(name, model, fp32_acc, calib, test, workdir, example) -> tuple[list, dict, dict]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import write_section  # noqa: E402
+from common import latencies, write_section  # noqa: E402
 
 # this script is named like the package it benchmarks: import the package, not the script
 _HERE = str(Path(__file__).resolve().parent)
@@ -166,23 +165,6 @@ def embeddings(path: Path, batches: list[dict]) -> np.ndarray:
     return np.concatenate([embed(sess, b) for b in batches])
 
 
-def latencies(paths: dict[str, Path], feed: dict, rounds: int, per_round: int) -> dict:
-    """Median seconds per run of each file on `feed`, files alternating round by round."""
-    sessions = {k: session(p, THREADS) for k, p in paths.items()}
-    arrays = {k: v.numpy() for k, v in feed.items()}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, arrays)
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            for _ in range(per_round):
-                t = time.perf_counter()
-                s.run(None, arrays)
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def ort_dynamic(fp32: Path, out: Path) -> Path:
     """ONNX Runtime's quantize_dynamic with its defaults (int8 weights per tensor), after
     its recommended pre-processing (its symbolic shape inference gives up on BERT's
@@ -247,7 +229,8 @@ def main() -> None:
         full = tokens(tokenizer, SENTENCES[:BATCH])
         for batch, feed in ((1, single), (BATCH, full)):
             print(f"timing batch {batch} ({feed['input_ids'].shape[1]} tokens)...", flush=True)
-            for key, seconds in latencies(paths, feed, *rounds[batch]).items():
+            timed = latencies(paths, feed, *rounds[batch], threads=THREADS, warmup=3)
+            for key, seconds in timed.items():
                 rows[key][batch] = seconds
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     fp = rows["FP32"]
