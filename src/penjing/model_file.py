@@ -20,6 +20,7 @@ masks as booleans, shared-weight codes in a byte where they fit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -197,13 +198,28 @@ def _steps(path: str | os.PathLike, text: str | None) -> list[dict]:
     return steps
 
 
+@contextlib.contextmanager
+def _fitting(path, base: nn.Module):
+    """Turn what replaying a file on `base` can raise into one FormatError."""
+    try:
+        yield
+    except FormatError:
+        raise
+    except (PenjingError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            RuntimeError) as err:
+        raise FormatError(
+            f"{os.fspath(path)!r} does not fit this {type(base).__name__} ({err}): it was "
+            "saved from another architecture; give the model it was saved from"
+        ) from err
+
+
 def _replay(path, base: nn.Module, tensors: dict, metadata: dict) -> nn.Module:
     """Replay the file's history on `base`, then load its tensors."""
     from penjing.train import load_state
 
     steps = _steps(path, metadata.get("penjing.history"))
     model = base
-    try:
+    with _fitting(path, base):
         for step in steps:
             model = _apply(model, step, tensors)
         if any(s["op"] == "quantize" for s in steps):
@@ -217,14 +233,6 @@ def _replay(path, base: nn.Module, tensors: dict, metadata: dict) -> nn.Module:
                 state[key] = value.float()
             elif key.endswith(_CODES_SUFFIX) and value.dtype in (torch.uint8, torch.int32):
                 state[key] = value.long()
-    except FormatError:
-        raise
-    except (PenjingError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            RuntimeError) as err:
-        raise FormatError(
-            f"{os.fspath(path)!r} does not fit this {type(base).__name__} ({err}): it was "
-            "saved from another architecture; give the model it was saved from"
-        ) from err
     return load_state(model, state, path).eval()
 
 
@@ -286,25 +294,18 @@ def _parametrize(model: nn.Module, layers: dict, tensors: dict) -> None:
 
 
 def _load_pjz(path, base: nn.Module, max_memory: int | None) -> nn.Module:
-    from penjing.codec.container import load as load_pjz
-    from penjing.codec.container import read_history
+    from penjing.codec.container import load_with_history
     from penjing.train import load_state
 
-    steps = read_history(path)
-    state = load_pjz(path, max_memory=max_memory)
-    try:
+    state, steps = load_with_history(path, max_memory=max_memory)
+    model = base
+    with _fitting(path, base):
         for step in steps:
             if not isinstance(step, dict) or step.get("op") not in ("channels", "heads",
                                                                      "compact"):
                 raise ValueError(f"a .pjz history holds structural steps only, got {step!r}")
-            base = _apply(base, step, state)
-    except FormatError:
-        raise
-    except (PenjingError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            RuntimeError) as err:
-        raise FormatError(f"{os.fspath(path)!r} does not fit this {type(base).__name__} "
-                          f"({err}); give the model it was saved from") from err
-    return load_state(base, state, path).eval()
+            model = _apply(model, step, state)
+    return load_state(model, state, path).eval()
 
 
 def _load_torch(path, base: nn.Module) -> nn.Module:

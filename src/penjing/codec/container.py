@@ -413,6 +413,14 @@ def load(path: str | os.PathLike, *, max_memory: int | None = None) -> dict[str,
     is allocated; every section's CRC32 is checked before it is decoded, and nothing
     partial is returned. A missing file is FileNotFoundError.
     """
+    return load_with_history(path, max_memory=max_memory)[0]
+
+
+def load_with_history(
+    path: str | os.PathLike, *, max_memory: int | None = None
+) -> tuple[dict[str, torch.Tensor], list]:
+    """`load`, plus the structural history the file records (empty when it has none;
+    see penjing.history), from one read of the file."""
     budget = _budget(max_memory)
     data = memoryview(_read_file(path))
     head = data[: _HEADER.size]
@@ -448,7 +456,10 @@ def load(path: str | os.PathLike, *, max_memory: int | None = None) -> dict[str,
                 path, f"tensor {entry['name']!r} does not fit in memory once decoded",
                 "free memory, or check that the file is the model you meant",
             ) from err
-    return state
+    history = manifest.get("history", [])
+    if not isinstance(history, list):
+        raise _error(path, "its history is not a list")
+    return state, history
 
 
 def structure(model: nn.Module) -> list[dict]:
@@ -457,19 +468,6 @@ def structure(model: nn.Module) -> list[dict]:
     from penjing import history
 
     return [s for s in history.steps(model) if s["op"] in ("channels", "heads", "compact")]
-
-
-def read_history(path: str | os.PathLike) -> list:
-    """The structural history a .pjz file records (empty when it has none), read from its
-    checked manifest without decoding any tensor."""
-    data = memoryview(_read_file(path))
-    length, crc = _read_header(data[: _HEADER.size], path, len(data))
-    start = _HEADER.size + length
-    manifest = _read_manifest(data[_HEADER.size : start], crc, path, len(data) - start)
-    found = manifest.get("history", [])
-    if not isinstance(found, list):
-        raise _error(path, "its history is not a list")
-    return found
 
 
 def inspect(path: str | os.PathLike) -> CompressionReport:
