@@ -1,5 +1,6 @@
 """One coded stream: whichever of Huffman, rANS and plain packing is smallest, told apart
-by its first byte (a Huffman stream's version, 1; the rANS tag, 2; the fixed-width tag, 3).
+by its first byte (a Huffman stream's version, 1; the fixed-width tag, 3; a rANS tag, 2 or
+16..31).
 
 rANS spends fractions of a bit and wins wherever one symbol dominates or the stream is
 long; Huffman's table (a length per symbol) is smaller on short streams; a stream of a
@@ -19,6 +20,7 @@ from penjing.codec.bitpack import Reader, pack_uints, packed_size, unpack_uints,
 
 FIXED_TAG = 3
 CODERS = {huffman.FORMAT_VERSION: "huffman", rans.TAG: "rans", FIXED_TAG: "fixed"}
+CODERS |= dict.fromkeys(rans.TAGS, "rans")
 CODER_NAMES = ("huffman", "rans", "fixed")
 
 

@@ -10,14 +10,17 @@ decoding is ceil(n / K) numpy steps over K lanes instead of n Python steps.
 
 Stream layout (all written by `encode`, read by `decode`):
 
-    u8 tag (2) | u8 precision P (1..16) | varint n symbols | varint lanes K
+    u8 tag 15 + P, for precision P in 1..16 | varint 2n + (K > 1) for n symbols and K
+    lanes | varint K, only when K > 1
     frequency table: varint S, varint top symbol T < S, u8 width w (0..16), then the
                      frequencies of symbols 0..S-1 except T, w bits each (packed, most
                      significant bit first); T's is 2^P minus their sum, and at least 1
     K final states (u32, little-endian), then the payload: 16-bit words (little-endian)
     up to the end of the stream
 
-The first byte tells the stream apart from a Huffman stream (whose version byte is 1).
+The first byte tells the stream apart from a Huffman stream (whose version byte is 1) and
+a fixed-width one (3). Streams written before this layout (tag 2, then u8 P, varint n,
+varint K, the rest as above) still decode: two bytes longer, for nothing.
 Every lane starts encoding at state 2^16 and so must end decoding there: together with
 the payload being consumed exactly, that is a check that comes for free.
 
@@ -33,15 +36,18 @@ import numpy as np
 from penjing.codec.bitpack import Reader, pack_uints, packed_size, unpack_uints, varint
 from penjing.codec.huffman import MAX_SYMBOLS, as_symbols
 
-TAG = 2
+TAG = 2  # the first layout, read but no longer written
+TAGS = range(16, 32)  # 15 + precision
 MAX_PRECISION = 16  # frequencies of at most 16 bits keep renormalisation to one word
 MAX_LANES = 1 << 16
 # Lockstep decoding takes ceil(n / lanes) numpy steps of ~20 us each; a stream of more
 # than SCALAR_LIMIT symbols must keep that to MAX_STEPS, which bounds its decode time
 # (as Huffman's chunk does), hostile headers included. Up to SCALAR_LIMIT symbols a
-# plain Python loop decodes (~0.5 us a symbol, beating a numpy step per few lanes).
+# plain Python loop decodes one lane (~0.5 us a symbol, at most ~0.5 s): a mid-sized
+# layer (a few hundred thousand weights, ~70 k coded bits) then pays for one lane state
+# instead of dozens, each ~24 bits.
 MAX_STEPS = 8192
-SCALAR_LIMIT = 1 << 18
+SCALAR_LIMIT = 1 << 20
 _LOW = 1 << 16  # states live in [2^16, 2^32) between symbols
 # A lane costs ~24 bits: a 32-bit final state of which 16 bits repeat the initial state.
 # Long streams (at least _MANY symbols) get one lane per this many payload bits (~0.3 %
@@ -135,7 +141,7 @@ def encode(symbols: np.ndarray, *, lanes: int | None = None) -> bytes:
     arr = as_symbols(symbols)
     n = arr.size
     if n == 0:
-        return bytes([TAG, 1]) + varint(0) + varint(1) + _table_bytes(np.array([2]))
+        return bytes([TAGS[0]]) + varint(0) + _table_bytes(np.array([2]))
     counts = np.bincount(arr)
     if int((counts > 0).sum()) > 1 << MAX_PRECISION:
         raise ValueError(f"rANS holds at most {1 << MAX_PRECISION} distinct symbols")
@@ -153,7 +159,8 @@ def encode(symbols: np.ndarray, *, lanes: int | None = None) -> bytes:
     cum = np.concatenate([[0], np.cumsum(freq)[:-1]])
     coder = _encode_scalar if lanes < _LOCKSTEP_LANES else _encode_lockstep
     state, payload = coder(arr, lanes, freq, cum, precision)
-    head = bytes([TAG, precision]) + varint(n) + varint(lanes)
+    head = bytes([TAGS[precision - 1]]) + varint(2 * n + (lanes > 1))
+    head += varint(lanes) if lanes > 1 else b""
     return head + _table_bytes(freq) + state.astype("<u4").tobytes() + payload.tobytes()
 
 
@@ -208,10 +215,15 @@ def decode(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.nd
     allocated: a stream over one symbol spends no bits, so its bytes cannot bound it.
     """
     r = Reader(data, "rANS stream")
-    tag, precision = r.u8(), r.u8()
-    if tag != TAG:
-        raise ValueError(f"rANS stream tag {tag} is unknown; expected {TAG}")
-    n, lanes = r.varint(), r.varint()
+    tag = r.u8()
+    if tag == TAG:
+        precision, n, lanes = r.u8(), r.varint(), r.varint()
+    elif tag in TAGS:
+        precision, head = tag - TAGS[0] + 1, r.varint()
+        n, lanes = head >> 1, r.varint() if head & 1 else 1
+    else:
+        raise ValueError(f"rANS stream tag {tag} is unknown; expected {TAG} or "
+                         f"{TAGS[0]}..{TAGS[-1]}")
     if not 1 <= precision <= MAX_PRECISION or not 1 <= lanes <= MAX_LANES:
         raise ValueError(
             f"rANS stream header is corrupt (precision {precision}, 1..{MAX_PRECISION}; "
