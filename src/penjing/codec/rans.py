@@ -298,32 +298,41 @@ def _decode_scalar(state, payload, n, precision, sym, slot_freq, slot_bias):
 
 
 def _decode_lockstep(state, payload, n, precision, sym, slot_freq, slot_bias):
-    """Decode every lane at once, one symbol per lane per numpy step (long streams)."""
+    """Decode every lane at once, one symbol per lane per numpy step (long streams).
+
+    Each step keeps its slots and maps them to symbols once at the end; every array a
+    step writes is preallocated, so a step is a handful of numpy calls and no allocation
+    beyond the lanes that read a word.
+    """
     lanes = state.size
     steps = -(-n // lanes)
-    out = np.empty((steps, lanes), dtype=np.uint16)
+    slots = np.empty((steps, lanes), dtype=np.uint32)
     mask = np.uint32((1 << precision) - 1)
-    p = np.uint32(precision)
-    low = np.uint32(_LOW)
+    p, low, sixteen = np.uint32(precision), np.uint32(_LOW), np.uint32(16)
     pos = 0
     last = n - (steps - 1) * lanes
     x = state
+    tmp = np.empty(lanes, dtype=np.uint32)
+    need = np.empty(lanes, dtype=bool)
     for t in range(steps):
         if t == steps - 1 and last < lanes:
-            x = state[:last]
-        slot = x & mask
-        np.take(sym, slot, out=out[t, : x.size])
+            x, tmp, need = state[:last], tmp[:last], need[:last]
+        slot = slots[t, : x.size]
+        np.bitwise_and(x, mask, out=slot)
         x >>= p
-        x *= slot_freq[slot]
-        x += slot_bias[slot]
-        need = np.flatnonzero(x < low)
-        if need.size:
-            end = pos + need.size
+        np.take(slot_freq, slot, out=tmp)
+        x *= tmp
+        np.take(slot_bias, slot, out=tmp)
+        x += tmp
+        np.less(x, low, out=need)
+        reads = np.flatnonzero(need)
+        if reads.size:
+            end = pos + reads.size
             if end > payload.size:
                 raise ValueError("rANS payload ends before its symbols do: corrupt stream")
-            x[need] = (x[need] << np.uint32(16)) | payload[pos:end]
+            x[reads] = (x[reads] << sixteen) | payload[pos:end]
             pos = end
-    return out.reshape(-1)[:n], pos, state
+    return sym[slots.reshape(-1)[:n]], pos, state
 
 
 def coded_bits(symbols: np.ndarray) -> int:
