@@ -1,15 +1,18 @@
 """What was done to a model's structure, kept on the model itself.
 
-Structured pruning, head pruning, compaction and quantization change which modules a model
-has and their shapes, so its state_dict no longer fits a freshly built model of the same
-architecture. Each of those steps appends a small JSON-ready record here; `penjing.save`
-writes the list into the model file and `penjing.load` replays it on a fresh model before
-loading the weights. The list lives in the module's `__dict__`, so `copy.deepcopy` carries
-it along; `carry` copies it onto a new module (a traced GraphModule) made from an old one.
+Structured pruning, head pruning (torch and transformers attention), FFN neuron pruning,
+compaction and quantization change which modules a model has and their shapes, so its
+state_dict no longer fits a freshly built model of the same architecture. Each of those
+steps appends a small JSON-ready record here; `penjing.save` writes the list into the
+model file and `penjing.load` replays it on a fresh model before loading the weights. The
+list lives in the module's `__dict__`, so `copy.deepcopy` carries it along; `carry` copies
+it onto a new module (a traced GraphModule) made from an old one.
 
 Steps (every key JSON):
     {"op": "channels", "changes": [[module, tensor, dim, [kept indices]], ...]}
     {"op": "heads", "layers": {layer: [kept head indices]}}
+    {"op": "hf_heads", "layers": {transformers attention module: [kept head indices]}}
+    {"op": "hf_ffn", "layers": {first FFN Linear: [kept neuron indices]}}
     {"op": "compact", "layers": {layer: ["stripe" | "shape", [[kept indices] per kernel
         position]]}}
     {"op": "parametrize", "layers": {layer: {tensor: ["mask" | "shared", ...]}}}
@@ -23,7 +26,8 @@ import copy
 from torch import nn
 
 _ATTR = "_penjing_history"
-OPS = ("channels", "heads", "compact", "parametrize", "quantize")
+OPS = ("channels", "heads", "hf_heads", "hf_ffn", "compact", "parametrize", "quantize")
+STRUCTURAL = ("channels", "heads", "hf_heads", "hf_ffn", "compact")  # what a .pjz keeps
 
 
 def steps(model: nn.Module) -> list[dict]:

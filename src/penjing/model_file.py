@@ -1,11 +1,11 @@
 """One model file: `save` writes a model and what was done to it; `load` rebuilds it.
 
 A compressed model is its architecture plus the steps that changed it: channels removed,
-attention heads cut, convs compacted, live pruning masks and shared weights, a
-quantization config. `save` writes the state_dict as safetensors with that history in the
-metadata (format "penjing.model/1"); `load` builds a fresh model of the architecture,
-replays the history on it and loads the weights, so every stage of a pipeline reads the
-file the previous one wrote:
+attention heads cut (torch or transformers attention), FFN neurons cut, convs compacted,
+live pruning masks and shared weights, a quantization config. `save` writes the state_dict
+as safetensors with that history in the metadata (format "penjing.model/1"); `load` builds
+a fresh model of the architecture, replays the history on it and loads the weights, so
+every stage of a pipeline reads the file the previous one wrote:
 
     pj.save(pruned, "pruned.safetensors")
     model = pj.load("pruned.safetensors", lambda: MyNet())   # same shapes, masks, config
@@ -250,6 +250,11 @@ def _apply(model: nn.Module, step: dict, tensors: dict) -> nn.Module:
 
         replay_heads_(model, dict(step["layers"]))
         history.record(model, step)
+    elif op in ("hf_heads", "hf_ffn"):
+        from penjing.prune.hf_heads import replay_hf_
+
+        replay_hf_(model, step)
+        history.record(model, step)
     elif op == "compact":
         from penjing.prune.compact import replay_compact_
 
@@ -301,8 +306,7 @@ def _load_pjz(path, base: nn.Module, max_memory: int | None) -> nn.Module:
     model = base
     with _fitting(path, base):
         for step in steps:
-            if not isinstance(step, dict) or step.get("op") not in ("channels", "heads",
-                                                                     "compact"):
+            if not isinstance(step, dict) or step.get("op") not in history.STRUCTURAL:
                 raise ValueError(f"a .pjz history holds structural steps only, got {step!r}")
             model = _apply(model, step, state)
     return load_state(model, state, path).eval()

@@ -10,6 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import penjing as pj  # noqa: E402
+from penjing import history  # noqa: E402
+from penjing.analysis.stats import count_macs  # noqa: E402
 from penjing.errors import UnsupportedLayerError  # noqa: E402
 from penjing.prune.hf_heads import attention_layers, ffn_layers  # noqa: E402
 
@@ -99,3 +101,81 @@ def test_bad_requests_are_clear_errors():
     gpt2 = t.GPT2Model(t.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4))
     with pytest.raises(UnsupportedLayerError, match="c_attn"):
         pj.prune.hf_heads_(gpt2, 0.5)
+
+
+def test_mac_count_matches_a_hand_count():
+    model = _model("bert")  # 2 layers, hidden 32, 4 heads of 8, FFN 64
+    tokens = 10
+    # per layer and token: Q, K, V, output 4·32·32 + FFN 2·32·64 + QKᵀ, AV 2·10·(4·8)
+    assert pj.prune.count_hf_macs(model, tokens) == 2 * (4096 + 4096 + 640) == 17664
+    # the Linear part agrees with penjing.analysis on one sequence (+ the pooler, one token)
+    ids = torch.randint(1, 100, (1, tokens))
+    linear = count_macs(model, ids)
+    assert linear == tokens * (17664 - 2 * 640) + 32 * 32
+    pj.prune.hf_heads_(model, 0.5)
+    pj.prune.hf_ffn_(model, 0.5)
+    # 2 heads of 8: 4·32·16 + 2·32·32 + 2·10·16 per layer
+    assert pj.prune.count_hf_macs(model, tokens) == 2 * (2048 + 2048 + 320) == 8832
+    with pytest.raises(ValueError, match="tokens must be a sequence length, an int >= 1, got 0"):
+        pj.prune.count_hf_macs(model, 0)
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert"])
+def test_model_file_rebuilds_heads_and_ffn_pruned_from_the_unpruned_config(name, tmp_path):
+    model = _model(name)
+    config = model.config.to_dict()
+    batches = [_inputs(name, 2)]
+    pj.prune.hf_heads_(model, 0.25, criterion="activation", loader=batches)
+    pj.prune.hf_ffn_(model, 0.25)
+    pj.prune.hf_heads_(model, 0.5)  # a second cut: indices into the 3 heads left
+    assert [s["op"] for s in history.steps(model)] == ["hf_heads", "hf_ffn", "hf_heads"]
+    pj.save(model, tmp_path / "m.safetensors")
+    fresh = type(model)(type(model.config).from_dict(config))
+    loaded = pj.load(tmp_path / "m.safetensors", lambda: fresh)
+    x = _inputs(name)
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).last_hidden_state, model(**x).last_hidden_state)
+    assert [a.heads for a in attention_layers(loaded)] == [2, 2]
+    kept = pj.prune.hf_heads.KEPT_HEADS
+    assert getattr(loaded.config, kept) == getattr(model.config, kept)
+    width = "intermediate_size" if name == "bert" else "hidden_dim"
+    assert getattr(loaded.config, width) == getattr(model.config, width) == 48
+    # the loaded model saves and loads again, history and all
+    pj.save(loaded, tmp_path / "again.safetensors")
+    again = pj.load(tmp_path / "again.safetensors",
+                    lambda: type(model)(type(model.config).from_dict(config)))
+    with torch.no_grad():
+        assert torch.equal(again(**x).last_hidden_state, model(**x).last_hidden_state)
+
+
+def test_replaying_a_step_of_another_model_is_a_clear_error(tmp_path):
+    from penjing.errors import FormatError
+    from penjing.prune.hf_heads import replay_hf_
+
+    model = _model("bert")
+    name = attention_layers(model)[0].name
+    with pytest.raises(ValueError, match=r"has 4 heads; cannot keep \[1, 7\]"):
+        replay_hf_(model, {"op": "hf_heads", "layers": {name: [1, 7]}})
+    with pytest.raises(ValueError, match="not the first Linear of an FFN block"):
+        replay_hf_(model, {"op": "hf_ffn", "layers": {"pooler.dense": [0, 1]}})
+    pj.prune.hf_ffn_(model, 0.5)
+    pj.save(model, tmp_path / "m.safetensors")
+    small = _model("distilbert")
+    with pytest.raises(FormatError, match="does not fit this DistilBertModel"):
+        pj.load(tmp_path / "m.safetensors", small)
+
+
+def test_heads_that_do_not_divide_and_ratios_out_of_range_are_clear_errors():
+    model = _model("bert")
+    model.get_submodule(attention_layers(model)[0].name).num_attention_heads = 3
+    with pytest.raises(UnsupportedLayerError, match=r"32 outputs, not 3 heads × 8; the head "
+                                                    "count does not divide it"):
+        pj.prune.hf_heads_(model, 0.5)
+    model = _model("bert")
+    for ratio in (-0.1, 1.5, True):
+        with pytest.raises(ValueError, match=r"ratio must be a fraction to remove in \[0, 1\), "
+                                             f"got {ratio!r}"):
+            pj.prune.hf_ffn_(model, ratio)
+    with pytest.raises(ValueError, match="unknown criterion 'taylor'"):
+        pj.prune.hf_ffn_(model, 0.5, criterion="taylor")
+    assert history.steps(model) == []  # nothing was cut on the way to an error

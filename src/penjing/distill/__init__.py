@@ -1,4 +1,5 @@
-"""Knowledge distillation: soft targets, hints, ensembles, mutual and data distillation."""
+"""Knowledge distillation: soft targets, hints, hidden states of encoders, ensembles, mutual
+and data distillation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from penjing.distill.data_distillation import (
     pseudo_label,
 )
 from penjing.distill.ensemble import Ensemble
+from penjing.distill.hidden import (
+    HIDDEN_LOSSES,
+    HiddenLossFn,
+    distill_hidden_,
+    hidden_loss,
+    mean_pool,
+)
 from penjing.distill.hints import build_regressor, capture, hint_loss, regressor, train_hints_
 from penjing.distill.kd import DistillLoss, distill
 from penjing.distill.losses import SOFT_LOSSES, UNLABELED, kd_loss, logit_mse, soft_target
@@ -24,6 +32,7 @@ from penjing.distill.transforms import (
 )
 
 __all__ = [
+    "HIDDEN_LOSSES",
     "LABEL_PRESERVING",
     "SOFT_LOSSES",
     "TRANSFORMS",
@@ -33,14 +42,18 @@ __all__ = [
     "DataDistillation",
     "DistillLoss",
     "Ensemble",
+    "HiddenLossFn",
     "PseudoLabels",
     "build_regressor",
     "capture",
     "data_distill",
     "distill",
+    "distill_hidden_",
+    "hidden_loss",
     "hint_loss",
     "kd_loss",
     "logit_mse",
+    "mean_pool",
     "mutual_",
     "mutual_losses",
     "pseudo_label",

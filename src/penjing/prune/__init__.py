@@ -10,7 +10,7 @@ from penjing.prune.explain import explain
 from penjing.prune.graph import DependencyGraph, dependency_graph
 from penjing.prune.groups import Group, Slice
 from penjing.prune.heads import HeadAttention, heads_
-from penjing.prune.hf_heads import hf_ffn_, hf_heads_, load_pretrained
+from penjing.prune.hf_heads import count_hf_macs, hf_ffn_, hf_heads_, load_pretrained
 from penjing.prune.magnitude import check_sparsity, magnitude_
 from penjing.prune.masks import PRUNABLE, Mask, finalize_, get_mask, masks, select_layers, set_mask_
 from penjing.prune.nm import is_nm, nm_, nm_mask
@@ -59,6 +59,7 @@ __all__ = [
     "channels_",
     "check_sparsity",
     "compact_",
+    "count_hf_macs",
     "dependency_graph",
     "explain",
     "finalize_",

@@ -19,6 +19,11 @@ the head size from `hidden_size / num_attention_heads`, and transformers 5 dropp
 32"; the kept heads are recorded in the config as `penjing_kept_heads` and
 `load_pretrained` rebuilds the pruned shapes before loading the weights.
 
+Both are recorded in the model's history (`penjing.history`, ops "hf_heads" and "hf_ffn"),
+so `pj.save(model, path)` and `pj.load(path, lambda: BertModel(config))` with the config the
+model was built from replay the cuts before loading the weights. `count_hf_macs` counts what
+the attention and FFN blocks cost per token, attention products included.
+
 Importance: "l1" of a head's Q/K/V rows and output columns (a neuron's row and column), or
 "activation": over a few batches, the mean norm of what the head (neuron) adds to the
 output Linear's result, ||x_h · W_out[:, h]ᵀ||, so a head whose output projection is zero
@@ -27,6 +32,7 @@ scores zero.
 >>> kept = pj.prune.hf_heads_(model, ratio=0.25, loader=batches, criterion="activation")
 >>> pj.prune.hf_ffn_(model, ratio=0.5)
 >>> model.save_pretrained(path); again = pj.prune.load_pretrained(type(model), path)
+>>> pj.prune.count_hf_macs(model, tokens=128) / full   # fraction of the MACs left
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing import inputs
+from penjing import history, inputs
 from penjing.errors import UnsupportedLayerError
 
 CRITERIA = ("l1", "activation")
@@ -241,14 +247,23 @@ def hf_heads_(
         if keep < n:
             _keep_heads(model, attn, kept)
         kept_heads[attn.name] = [int(i) for i in kept]
-    config = getattr(model, "config", None)
-    if config is not None and keep < n:
-        before = dict(getattr(config, KEPT_HEADS, None) or {})
-        for name, kept in kept_heads.items():  # indices into the heads the config builds
-            prior = before.get(name)
-            before[name] = [prior[i] for i in kept] if prior else kept
-        setattr(config, KEPT_HEADS, before)
+    if keep < n:
+        _note_heads(model, kept_heads, n)
+        history.record(model, {"op": "hf_heads", "layers": kept_heads})
     return kept_heads
+
+
+def _note_heads(model: nn.Module, kept_heads: dict[str, list[int]], had: int) -> None:
+    """Write the kept heads into `model.config`, as indices into the heads the config
+    builds: a second cut (of layers that had `had` heads) is composed with the first."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    before = dict(getattr(config, KEPT_HEADS, None) or {})
+    for name, kept in kept_heads.items():
+        prior = before.get(name)  # stale when the layer was built whole from this config
+        before[name] = [prior[i] for i in kept] if prior and len(prior) == had else list(kept)
+    setattr(config, KEPT_HEADS, before)
 
 
 def _l1_heads(model: nn.Module, attn: Attention) -> torch.Tensor:
@@ -285,16 +300,28 @@ def hf_ffn_(
     else:
         scores = [model.get_submodule(b.inner).weight.detach().abs().sum(1)
                   + model.get_submodule(b.outer).weight.detach().abs().sum(0) for b in blocks]
+    kept_neurons = {}
     for block, score in zip(blocks, scores, strict=True):
         kept = torch.argsort(score, descending=True, stable=True)[:keep].sort().values
         if keep < n:
-            _slice_linear(model, block.inner, kept, 0)
-            _slice_linear(model, block.outer, kept, 1)
-    config = getattr(model, "config", None)
-    if config is not None and keep < n:
-        key = "intermediate_size" if hasattr(config, "intermediate_size") else "hidden_dim"
-        setattr(config, key, keep)
+            _keep_neurons(model, block, kept)
+        kept_neurons[block.inner] = [int(i) for i in kept]
+    if keep < n:
+        _note_ffn(model, keep)
+        history.record(model, {"op": "hf_ffn", "layers": kept_neurons})
     return {b.inner: keep for b in blocks}
+
+
+def _keep_neurons(model: nn.Module, block: FFN, kept: torch.Tensor) -> None:
+    _slice_linear(model, block.inner, kept, 0)
+    _slice_linear(model, block.outer, kept, 1)
+
+
+def _note_ffn(model: nn.Module, width: int) -> None:
+    config = getattr(model, "config", None)
+    if config is not None:
+        key = "intermediate_size" if hasattr(config, "intermediate_size") else "hidden_dim"
+        setattr(config, key, width)
 
 
 def load_pretrained(model_class: type[nn.Module], path: str | os.PathLike, **kwargs) -> nn.Module:
@@ -320,10 +347,85 @@ def load_pretrained(model_class: type[nn.Module], path: str | os.PathLike, **kwa
     return loaded
 
 
-def _replay_heads(model: nn.Module, kept: dict[str, list[int]]) -> None:
+def _kept(where: str, kept: object, count: int, what: str) -> torch.Tensor:
+    """`kept` as an index tensor, checked: a non-empty increasing list of ints < `count`."""
+    if not (isinstance(kept, list) and kept and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in kept)):
+        raise ValueError(f"{where}: kept {what} must be a non-empty list of ints, got {kept!r}")
+    if kept[0] < 0 or kept[-1] >= count or any(b <= a for a, b in zip(kept, kept[1:],
+                                                                       strict=False)):
+        raise ValueError(f"{where} has {count} {what}; cannot keep {kept} (indices must be "
+                         f"increasing, in 0..{count - 1}); the step belongs to another model")
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def _replay_heads(model: nn.Module, kept: dict[str, list[int]]) -> int:
+    """Cut the heads `kept` names; returns the head count the layers had."""
     layers = {a.name: a for a in attention_layers(model)}
+    counts = {layers[n].heads for n in kept if n in layers}
+    if len(counts) > 1:
+        raise ValueError(f"attention layers have different head counts {sorted(counts)}; "
+                         "the heads to keep were chosen on a model with one count")
     for name, heads in kept.items():
         if name not in layers:
-            raise ValueError(f"config {KEPT_HEADS} names {name!r}, which is not an attention "
-                             f"layer of {type(model).__name__}; layers: {sorted(layers)}")
-        _keep_heads(model, layers[name], torch.tensor(heads, dtype=torch.long))
+            raise ValueError(f"{name!r} is not an attention layer of {type(model).__name__} "
+                             f"(layers: {sorted(layers)}); its heads cannot be cut")
+        index = _kept(f"attention {name!r}", heads, layers[name].heads, "heads")
+        if len(index) < layers[name].heads:
+            _keep_heads(model, layers[name], index)
+    return counts.pop()
+
+
+def replay_hf_(model: nn.Module, step: dict) -> None:
+    """Cut `model` as a history step of `hf_heads_` ("hf_heads") or `hf_ffn_` ("hf_ffn")
+    says, and update its config the same way; the weights are loaded afterwards. A
+    ValueError when the step names layers or indices `model` does not have."""
+    layers = step.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"a {step.get('op')!r} step needs a non-empty 'layers' dict, got "
+                         f"{layers!r}")
+    if step["op"] == "hf_heads":
+        _note_heads(model, layers, _replay_heads(model, layers))
+        return
+    if step["op"] != "hf_ffn":
+        raise ValueError(f"replay_hf_ replays 'hf_heads' and 'hf_ffn' steps, got {step['op']!r}")
+    blocks = {b.inner: b for b in ffn_layers(model)}
+    widths = {len(k) if isinstance(k, list) else 0 for k in layers.values()}
+    if len(widths) != 1:
+        raise ValueError(f"an 'hf_ffn' step keeps the same number of neurons in every block, "
+                         f"got {sorted(widths)}")
+    for name, neurons in layers.items():
+        if name not in blocks:
+            raise ValueError(f"{name!r} is not the first Linear of an FFN block of "
+                             f"{type(model).__name__} (blocks: {sorted(blocks)})")
+        width = model.get_submodule(name).out_features
+        index = _kept(f"FFN {name!r}", neurons, width, "neurons")
+        if len(index) < width:
+            _keep_neurons(model, blocks[name], index)
+    _note_ffn(model, widths.pop())
+
+
+def count_hf_macs(model: nn.Module, tokens: int) -> int:
+    """Multiply-accumulates per token of the attention and FFN blocks of `model` on
+    sequences of `tokens` tokens: the Q, K, V and output projections, the two attention
+    products (QKᵀ and AV, each `tokens` × heads × head size per token) and the two FFN
+    Linear layers. Embeddings, pooler and task heads are left out: this is the encoder's
+    cost, the part head and FFN pruning change. Counted from the layers' current shapes.
+
+    >>> kept = pj.prune.count_hf_macs(pruned, 128) / pj.prune.count_hf_macs(model, 128)
+    """
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens must be a sequence length, an int >= 1, got {tokens!r}")
+    layers, blocks = attention_layers(model), ffn_layers(model)
+    if not layers and not blocks:
+        raise UnsupportedLayerError(
+            f"{type(model).__name__} has no transformers attention or FFN blocks to count "
+            "(see attention_layers / ffn_layers); use penjing.analysis.count_macs")
+    total = 0
+    for attn in layers:
+        total += sum(model.get_submodule(n).weight.numel()
+                     for n in (attn.q, attn.k, attn.v, attn.out))
+        total += 2 * tokens * attn.heads * attn.head_size
+    for block in blocks:
+        total += sum(model.get_submodule(n).weight.numel() for n in (block.inner, block.outer))
+    return total
