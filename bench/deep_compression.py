@@ -77,7 +77,7 @@ def paper_section(results: dict) -> list[str]:
             f"| {name} | {recipe} | {r['dense']:.2%} | {r['loaded']:.2%} | "
             f"{100 * (r['loaded'] - r['dense']):+.1f} | {rep.original_bytes:,} | "
             f"{rep.compressed_bytes:,} | **{rep.ratio:.1f}×** | {PAPER_RATIO[name]:.0f}× | "
-            f"{rep.huffman_saving:.1%} |"
+            f"{rep.coding_saving:.1%} |"
         )
     return lines
 
@@ -102,8 +102,8 @@ def streams_section(results: dict) -> list[str]:
                     continue
                 lines.append(
                     f"| {name} | {layer.name} | {label} | {s.symbols:,} | {s.fixed_bits} | "
-                    f"{s.huffman_bits:.3f} | {s.entropy_bits:.3f} | "
-                    f"{s.huffman_bits - s.entropy_bits:+.3f} |"
+                    f"{s.coded_bits:.3f} | {s.entropy_bits:.3f} | "
+                    f"{s.coded_bits - s.entropy_bits:+.3f} |"
                 )
     return lines
 

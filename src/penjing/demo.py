@@ -95,7 +95,7 @@ def run_demo(
         "dense_bytes": saved.original_bytes,
         "compressed_bytes": saved.compressed_bytes,
         "compression_ratio": saved.ratio,
-        "huffman_saving": saved.huffman_saving,
+        "coding_saving": saved.coding_saving,
         "loaded_bit_exact": exact,
         "test_images": len(split.test),
         "seconds": time.perf_counter() - started,
@@ -106,7 +106,7 @@ def run_demo(
         f"\naccuracy: dense {dense_accuracy:.2%}, from {pjz} {compressed_accuracy:.2%} "
         f"({metrics['accuracy_change_points']:+.1f} points); size {saved.original_bytes:,} B -> "
         f"{saved.compressed_bytes:,} B = {saved.ratio:.1f}× smaller; "
-        f"Huffman saved {saved.huffman_saving:.1%} over fixed-width codes"
+        f"entropy coding saved {saved.coding_saving:.1%} over fixed-width codes"
     )
     plots = weight_histograms(
         {s: stages.weights[s] for s in ("dense", "pruned", "quantized")}, out
@@ -130,7 +130,7 @@ def _report(metrics: dict, rows: list[dict], plots: dict[str, Path]) -> str:
         f"| bytes | {metrics['dense_bytes']:,} | {metrics['compressed_bytes']:,} |",
         "",
         f"Compression ratio **{metrics['compression_ratio']:.1f}×** (all tensors and the file "
-        f"header counted); Huffman coding saved {metrics['huffman_saving']:.1%} over "
+        f"header counted); entropy coding saved {metrics['coding_saving']:.1%} over "
         "fixed-width codes.",
         "",
         "Accuracy after each stage: "

@@ -119,8 +119,8 @@ def test_sparse_fc_compresses_over_20x(tmp_path: Path) -> None:
     assert report.original_bytes == 300 * 784 * 4
     assert report.ratio > 20
     assert layer.padding > 0
-    assert layer.index_stream.entropy_bits <= layer.index_stream.huffman_bits
-    assert layer.index_stream.huffman_bits < layer.index_stream.fixed_bits
+    assert layer.index_stream.entropy_bits <= layer.index_stream.coded_bits
+    assert layer.index_stream.coded_bits < layer.index_stream.fixed_bits
 
 
 def test_report_is_the_bytes_on_disk(state: dict, tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_inspect_reads_the_manifest(state: dict, tmp_path: Path) -> None:
     saved = codec.save(state, tmp_path / "a.pjz")
     seen = codec.inspect(tmp_path / "a.pjz")
     assert seen.compressed_bytes == saved.compressed_bytes
-    assert seen.huffman_saving == pytest.approx(saved.huffman_saving)
+    assert seen.coding_saving == pytest.approx(saved.coding_saving)
     for a, b in zip(saved.layers, seen.layers, strict=True):
         assert (a.name, a.shape, a.encoding, a.total_bytes, a.padding, a.nonzero) == (
             b.name,
@@ -154,7 +154,7 @@ def test_inspect_reads_the_manifest(state: dict, tmp_path: Path) -> None:
         )
         if b.weight_stream is not None:
             assert b.weight_stream.entropy_bits is None
-            assert b.weight_stream.huffman_bits == pytest.approx(a.weight_stream.huffman_bits)
+            assert b.weight_stream.coded_bits == pytest.approx(a.weight_stream.coded_bits)
 
 
 def test_index_bits_override(state: dict) -> None:
@@ -329,7 +329,7 @@ def test_format_error_is_a_value_error() -> None:
     assert container.FORMAT_VERSION == 1 and container.MAGIC == b"PJZ\x00"
 
 
-def test_huffman_saving_is_measured_on_the_coded_streams(state: dict) -> None:
+def test_coding_saving_is_measured_on_the_coded_streams(state: dict) -> None:
     report = codec.report_size(state)
     streams = [
         s
@@ -339,8 +339,8 @@ def test_huffman_saving_is_measured_on_the_coded_streams(state: dict) -> None:
     ]
     fixed = sum(s.symbols * s.fixed_bits for s in streams)
     coded = sum(8 * s.bytes for s in streams)
-    assert report.huffman_saving == pytest.approx(1 - coded / fixed)
-    assert 0 < report.huffman_saving < 1
+    assert report.coding_saving == pytest.approx(1 - coded / fixed)
+    assert 0 < report.coding_saving < 1
 
 
 def test_all_zero_tensor_costs_almost_nothing() -> None:

@@ -18,7 +18,7 @@ class StreamReport:
 
     symbols: int  # entries in the stream
     fixed_bits: int  # bits/symbol of a fixed-width code over the stream's alphabet
-    huffman_bits: float  # bits/symbol actually spent by its coder, tables and headers included
+    coded_bits: float  # bits/symbol actually spent by its coder, tables and headers included
     entropy_bits: float | None  # Shannon floor; None when only the manifest was read
     bytes: int  # encoded size of the stream
 
@@ -60,7 +60,7 @@ class CompressionReport:
     original_bytes: int
     compressed_bytes: int  # the .pjz file size, headers and manifest included
     ratio: float
-    huffman_saving: float  # fraction Huffman saved over fixed-width codes, all coded streams
+    coding_saving: float  # fraction entropy coding saved over fixed-width codes, all coded streams
     # (tables and sync points included; single-symbol streams left out)
     overhead_bytes: int = field(default=0)  # header + manifest: compressed minus all tensors
 
@@ -82,7 +82,7 @@ class CompressionReport:
             original_bytes=original,
             compressed_bytes=compressed_bytes,
             ratio=_ratio(original, compressed_bytes),
-            huffman_saving=1.0 - coded / fixed if fixed else 0.0,
+            coding_saving=1.0 - coded / fixed if fixed else 0.0,
             overhead_bytes=compressed_bytes - sum(layer.total_bytes for layer in layers),
         )
 
@@ -104,7 +104,7 @@ class CompressionReport:
         rows.append(
             f"{self.original_bytes:,} B -> {self.compressed_bytes:,} B "
             f"({self.ratio:.1f}x, {self.overhead_bytes:,} B header+manifest); "
-            f"Huffman saved {self.huffman_saving:.1%} over fixed-width codes"
+            f"entropy coding saved {self.coding_saving:.1%} over fixed-width codes"
         )
         return "\n".join(rows)
 

@@ -270,10 +270,10 @@ def encode(ctx: Context, model: nn.Module, cfg: schema.Encode) -> Outcome:
 
     path = ctx.out / cfg.file
     report = codec.save(model, path, index_bits=cfg.index_bits)
-    notes = {"ratio": report.ratio, "huffman_saving": report.huffman_saving,
+    notes = {"ratio": report.ratio, "coding_saving": report.coding_saving,
              "original_bytes": report.original_bytes}
     detail = (f"{report.ratio:.1f}x of float32; entropy coding saved "
-              f"{report.huffman_saving:.0%} of fixed-width codes")
+              f"{report.coding_saving:.0%} of fixed-width codes")
     if is_quantized(model):  # a .pjz holds the float values the quantized layers compute
         notes["measured"] = "in memory: a .pjz rebuilds the float model, not its quantizers"
         return Outcome(model, detail, path, notes)
