@@ -61,6 +61,7 @@ from penjing.quant.ptq import (
 )
 from penjing.quant.report import LayerStats, format_layers, layer_report
 from penjing.quant.shared import SharedWeights, SharingInfo, get_shared, kmeans_
+from penjing.quant.smooth import ScaledInput, Smoothing, smooth_
 
 __all__ = [
     "DynamicLinear",
@@ -137,4 +138,7 @@ __all__ = [
     "sqnr",
     "weight_only",
     "weight_qparams",
+    "ScaledInput",
+    "Smoothing",
+    "smooth_",
 ]
