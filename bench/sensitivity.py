@@ -40,11 +40,17 @@ from penjing.prune.masks import finalize_
 from penjing.train import evaluate
 
 RATIOS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]
-BITS = [6, 5, 4, 3, 2]
+# No 2-bit option: each layer alone loses nothing at 2 bits on the dense model, so a plan
+# offered 2 bits takes them everywhere, and LeNet-5 then lost a point after fine-tuning
+# (128x, 97.0 -> 96.0 %; `--only auto --models lenet5 --bits 6 5 4 3 2`).
+BITS = [6, 5, 4, 3]
 TARGET = 100.0  # the ratio the plan aims at
-PLAN_MARGIN = 1.1  # plan this much below the byte target: the estimate is not the file
+# Plan this much below the byte target. The estimate (kept weights at the full width) is
+# above what entropy coding stores, so the file lands under it without a margin.
+PLAN_MARGIN = 1.0
 MANIFEST_BYTES = 60  # per tensor: name, shape, section lengths and CRCs
 BIAS_BITS = (2, 3, 4, 5, 6)
+LONG_STREAM = 10_000  # symbols: the coded-bits summary splits streams here
 SUBSET = 1000  # training images the sweep evaluates on (the test images are never used)
 
 
@@ -98,13 +104,17 @@ def coder_section(quick: bool) -> list[str]:
 
 def stream_rows(report, state) -> tuple[list[str], dict]:
     """Per stream of a saved model: symbols, entropy, stored bits, coder."""
-    rows, totals = [], {"entropy": 0.0, "coded": 0, "huffman": 0}
+    rows = []
+    totals = {"entropy": 0.0, "coded": 0, "huffman": 0, "long_entropy": 0.0, "long_coded": 0}
     for layer in report.layers:
         for label, s in (("index", layer.index_stream), ("weight", layer.weight_stream)):
             if s is None or not s.symbols:
                 continue
             totals["entropy"] += s.entropy_bits * s.symbols
             totals["coded"] += 8 * s.bytes
+            if s.symbols >= LONG_STREAM:
+                totals["long_entropy"] += s.entropy_bits * s.symbols
+                totals["long_coded"] += 8 * s.bytes
             rows.append(
                 f"| {layer.name} | {label} ({layer.encoding}) | {s.symbols:,} | "
                 f"{s.entropy_bits * s.symbols / 8:,.0f} | {s.bytes:,} | "
@@ -221,12 +231,25 @@ def auto_section(results: dict) -> list[str]:
     for name, r in results.items():
         rows, totals = stream_rows(r["report"], None)
         lines += [f"| {name} {row[1:]}" for row in rows]
+        over = totals["coded"] / totals["entropy"] - 1
+        long_over = totals["long_coded"] / max(totals["long_entropy"], 1e-9) - 1
+        fixed = (totals["coded"] - totals["entropy"]) / 8
         summary.append(
             f"{name}: {totals['coded'] / 8:,.0f} bytes stored for {totals['entropy'] / 8:,.0f} "
-            f"bytes of entropy (**{totals['coded'] / totals['entropy'] - 1:+.2%}**, tables "
-            "and headers included)"
+            f"bytes of entropy (**{over:+.2%}**: target ≤ +0.50 %, "
+            f"{'met' if over <= 0.005 else 'MISSED'}; streams of at least {LONG_STREAM:,} "
+            f"symbols {long_over:+.2%}; {fixed:,.0f} bytes over in all, tables and headers "
+            "included)"
         )
-    lines += ["", "Summed per model: " + "; ".join(summary) + "."]
+    lines += [
+        "", "Summed per model: " + "; ".join(summary) + ".", "",
+        "Every stream pays a fixed cost next to its payload (which rANS codes within "
+        "0.01 % of the entropy): a tag and symbol count (2–4 bytes), its frequency table "
+        "(a few bytes for a codebook of 2^bits entries) and a 32-bit final state of which ~16 "
+        "bits carry no data. Eight to eleven bytes a stream are nothing on a long one and "
+        "dominate a bias of 10–500 symbols, and a layer small enough to be stored as a "
+        "few dozen bytes.",
+    ]
     return lines
 
 
@@ -387,6 +410,7 @@ def torchrun_section(model, split, workdir: Path) -> list[str]:
 
 
 def main() -> None:
+    global BITS, PLAN_MARGIN
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short streams and training")
     parser.add_argument("--sweep-worker", nargs=2, metavar=("DENSE", "OUT"),
@@ -398,7 +422,13 @@ def main() -> None:
                         help="folder that keeps the dense baselines between runs")
     parser.add_argument("--models", nargs="*", default=["lenet300", "lenet5"],
                         help="models of the automatic Deep Compression part")
+    parser.add_argument("--bits", nargs="*", type=int, default=None,
+                        help="k-means widths the plan may choose (default 6 5 4 3)")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="plan this much below the byte target (default 1.0)")
     args = parser.parse_args()
+    BITS = args.bits or BITS
+    PLAN_MARGIN = args.margin or PLAN_MARGIN
     if args.sweep_worker:
         sweep_worker(*args.sweep_worker)
         return
