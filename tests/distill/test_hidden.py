@@ -56,6 +56,7 @@ def test_a_short_pass_brings_a_pruned_student_closer_to_its_teacher():
     pj.prune.hf_ffn_(student, 0.5, criterion="activation", loader=train)
     before = {name: hidden_loss(teacher, student, held, name) for name in HIDDEN_LOSSES}
     weights = {k: v.clone() for k, v in teacher.state_dict().items()}
+    teacher.train()  # it runs in eval mode and comes back in the mode it had
     result = distill_hidden_(teacher, student, train, loss="token_mse", epochs=4, lr=1e-3,
                              progress=False)
     assert len(result.loss) == 4 and result.loss[-1] < result.loss[0]
@@ -63,6 +64,7 @@ def test_a_short_pass_brings_a_pruned_student_closer_to_its_teacher():
     assert after["token_mse"] < 0.6 * before["token_mse"], (before, after)
     assert after["cosine"] < before["cosine"], (before, after)
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in weights.items())
+    assert teacher.training
 
 
 def test_bad_pairs_and_losses_are_clear_errors():

@@ -137,9 +137,9 @@ def distill_hidden_(
     if teacher is student:
         raise ValueError("teacher and student are the same module; distil into a pruned copy "
                          "(copy.deepcopy the teacher before pruning)")
-    loss_fn = HiddenLossFn(teacher, loss)
     pairs = _SizedPairs(loader) if hasattr(loader, "__len__") else _Pairs(loader)
-    with eval_mode(teacher):
+    with eval_mode(teacher):  # the teacher leaves in the mode it came in
+        loss_fn = HiddenLossFn(teacher, loss)
         return fit(student, pairs, epochs=epochs, lr=lr, optimizer=optimizer,
                    loss_fn=loss_fn, seed=seed, progress=progress, desc="distill hidden",
                    schedule=schedule)
@@ -150,9 +150,9 @@ def hidden_loss(teacher: nn.Module, student: nn.Module, loader: Iterable,
                 loss: str | HiddenLoss = "cosine") -> float:
     """The mean of `loss` over `loader`'s batches, both models in eval mode: how far the
     student is from the teacher before and after `distill_hidden_`."""
-    fn = HiddenLossFn(teacher, loss)
     total, batches = 0.0, 0
     with eval_mode(teacher, student):
+        fn = HiddenLossFn(teacher, loss)
         for batch in loader:
             total += float(fn(student, inputs.from_batch(batch), None))
             batches += 1
