@@ -124,13 +124,16 @@ def peer_quantize(fp32: Path, out: Path, calib: list, method: str,
 
 
 def latencies(paths: dict, x, rounds: int, per_round: int, *, threads: int = 2,
-              warmup: int = 5) -> dict:
+              warmup: int = 5, accuracy_levels: dict | None = None) -> dict:
     """Median seconds per ONNX Runtime run of each file on `x` (a tensor for the file's
     one input, or a dict of tensors by input name), measured in interleaved rounds so
-    that a slow spell on a shared machine hits every file alike."""
+    that a slow spell on a shared machine hits every file alike. `accuracy_levels`
+    ({key: level}) sets the MatMulNBits accuracy level of some files' sessions."""
     from penjing.export import session
 
-    sessions = {k: session(p, threads) for k, p in paths.items()}
+    levels = accuracy_levels or {}
+    sessions = {k: session(p, threads, accuracy_level=levels.get(k, 1))
+                for k, p in paths.items()}
     feeds = {k: ({n: v.numpy() for n, v in x.items()} if isinstance(x, dict)
                  else {s.get_inputs()[0].name: x.numpy()}) for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up: allocations and kernel choice

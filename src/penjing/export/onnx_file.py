@@ -190,11 +190,12 @@ def onnx(
     path: str | os.PathLike,
     example_inputs,
     *,
-    opset: int = 17,
+    opset: int | None = None,
     dynamic_batch: bool = True,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    contrib_ops: bool = True,
 ) -> str:
     """Write `model` to `path` as ONNX and return the path.
 
@@ -203,8 +204,17 @@ def onnx(
     activations as QuantizeLinear/DequantizeLinear pairs (uint8 by default), which ONNX
     Runtime turns into integer kernels (QLinearConv, QGemm, ...). Weights without
     quantized inputs (weight-only INT8, nn.MultiheadAttention's projections) stay int8
-    behind DequantizeLinear. Weights in groups or wider than 8 bits, which QDQ in opset
-    17 cannot hold, are written as their dequantized floats.
+    behind DequantizeLinear. Weights quantized in groups (`weight_only(4, 32)`) are
+    stored as their integers (int4 up to 4 bits, int8 up to 8) behind a blocked
+    DequantizeLinear, which needs opset 21: ONNX Runtime runs them as MatMulNBits. With
+    `contrib_ops` (the default) a group-quantized embedding table becomes ORT's
+    GatherBlockQuantized (com.microsoft), which reads only the gathered rows; without,
+    the file holds standard ONNX only and ORT dequantizes the whole table on every run.
+    Other weights wider than 8 bits are written as their dequantized floats.
+
+    `opset` defaults to 17, or to 21 when the model has group-quantized weights; the
+    TorchScript exporter writes at most opset 20, so a file at 21 is traced at 20 (no op
+    it writes changed between the two).
 
     `example_inputs` is a tensor, a tuple of tensors or a dict of keyword tensors (its
     keys name the graph's inputs). The batch axis is dynamic unless `dynamic_batch=False`;
@@ -218,10 +228,24 @@ def onnx(
     """
     import onnx as onnx_lib
 
+    from penjing.export.blocked import BLOCKED_OPSET, finish_blocked, group_quantizers
     from penjing.export.qdq import finish_qdq
 
-    if opset < 13:
-        raise ValueError(f"opset must be >= 13 (per-channel QuantizeLinear), got {opset}")
+    groups = group_quantizers(model)
+    blocked = any(b.spec.bits <= 8 for b in groups.values())
+    if opset is None:
+        opset = BLOCKED_OPSET if blocked else 17
+    if not 13 <= opset <= BLOCKED_OPSET:
+        raise ValueError(
+            f"opset must be >= 13 (per-channel QuantizeLinear) and <= {BLOCKED_OPSET} (the "
+            f"TorchScript exporter writes up to 20, raised to 21 afterwards), got {opset}"
+        )
+    if blocked and opset < BLOCKED_OPSET:
+        raise ValueError(
+            f"group-quantized weights are stored as blocked DequantizeLinear, which needs "
+            f"opset >= {BLOCKED_OPSET}, got opset={opset}; leave opset unset (or pass "
+            f"{BLOCKED_OPSET}), or quantize per channel to export at an older opset"
+        )
     traced, args, default_names = _as_args(model, example_inputs)
     _check_quantizers(model)
     n_in = len(default_names)
@@ -251,9 +275,10 @@ def onnx(
                 # its index_add indices are distinct filters, for which the export is exact
                 warnings.filterwarnings("ignore", message=".*duplicated values in 'index'.*")
             torch.onnx.export(
-                traced, args, buffer, dynamo=False, opset_version=opset,
+                traced, args, buffer, dynamo=False, opset_version=min(opset, 20),
                 input_names=input_names, output_names=output_names,
                 dynamic_axes=axes or None, do_constant_folding=True,
+                custom_opsets={"penjing": 1} if groups else None,
             )
     except (torch.onnx.errors.UnsupportedOperatorError,
             torch.onnx.errors.SymbolicValueError) as err:
@@ -264,6 +289,8 @@ def onnx(
     if any(node.op_type == "QuantizeLinear" for node in proto.graph.node):
         finish_qdq(proto)
         _check_integer_layers(model, proto)
+    if groups or opset > 20:
+        finish_blocked(proto, groups, opset, contrib_ops)
     onnx_lib.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
     return str(path)

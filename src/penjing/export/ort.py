@@ -25,7 +25,11 @@ def _onnxruntime():
     return onnxruntime
 
 
-def _options(ort, path: str | os.PathLike, level):
+# MatMulNBits accuracy levels ONNX Runtime knows: unset, fp32, fp16, bf16, int8 compute
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+def _options(ort, path: str | os.PathLike, level, accuracy_level: int = 1):
     """Session options for `path` at graph optimization `level`, shared by every session
     we open, so that each runs the graph the same way."""
     if not os.path.isfile(path):
@@ -36,17 +40,29 @@ def _options(ort, path: str | os.PathLike, level):
     # A weight-only DequantizeLinear → MatMul (e.g. attention projections) becomes
     # MatMulNBits; at ORT's default accuracy level 4 it quantizes the float activations
     # to int8 on the fly, which the model never asked for. Level 1 computes in float.
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    if isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(
+            f"accuracy_level must be one of {ACCURACY_LEVELS} (1: float compute, 4: int8 "
+            f"activations in MatMulNBits), got {accuracy_level!r}"
+        )
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                     str(accuracy_level))
     return options
 
 
-def session(path: str | os.PathLike, threads: int = 2):
+def session(path: str | os.PathLike, threads: int = 2, *, accuracy_level: int = 1):
     """An ONNX Runtime CPU session on `path` with `threads` intra-op threads, all graph
-    optimizations on (that is where QDQ pairs become integer kernels)."""
+    optimizations on (that is where QDQ pairs become integer kernels).
+
+    `accuracy_level` is what the MatMulNBits kernels that weight-only (group-quantized)
+    weights fuse into compute with: 1 keeps activations in float (the model as
+    quantized); 4 quantizes them to int8 per block on the fly, ORT's own default, which
+    changes the numbers a little; on an AVX2 CPU without VNNI it ran all-MiniLM-L6-v2
+    faster than level 1 at batch 1 and no faster at batch 32 (bench/transformers_size.py)."""
     ort = _onnxruntime()
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    options = _options(ort, path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options = _options(ort, path, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, accuracy_level)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

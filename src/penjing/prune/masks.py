@@ -17,6 +17,9 @@ from penjing.errors import UnsupportedLayerError
 
 # Layers whose `weight` element pruning and weight sharing handle.
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# embedding tables: pruned or shared only when named (a model's table is often tied to its
+# output layer, and a sweep over "every layer" should not change the vocabulary silently)
+LOOKUPS = (nn.Embedding,)
 
 
 class Mask(nn.Module):
@@ -61,10 +64,11 @@ def select_layers(
         if name not in modules:
             raise ValueError(f"no layer named {name!r} in the model; prunable layers: {prunable}")
         module = modules[name]
-        if not isinstance(module, PRUNABLE):
+        if not isinstance(module, PRUNABLE + LOOKUPS):
             raise UnsupportedLayerError(
                 f"layer {name!r} is a {type(module).__name__}, which weight pruning and sharing "
-                f"cannot handle; supported: Linear, Conv1d/2d/3d, e.g. {prunable[:5]}"
+                f"cannot handle; supported: Linear, Conv1d/2d/3d, and nn.Embedding when named, "
+                f"e.g. {prunable[:5]}"
             )
         chosen[name] = module
     return chosen

@@ -15,6 +15,8 @@ from penjing.quant.observers import OBSERVERS
 
 # nn.MultiheadAttention: its projection weights only (its activations stay float inside)
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
+# lookup tables: weights only (their input is integer ids), chosen with weight_only(embeddings=True)
+EMBEDDINGS = (nn.Embedding,)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,13 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.weight is None and self.activation is None:
             raise ValueError("a QuantConfig needs a weight spec, an activation spec, or both")
+        lookups = [t.__name__ for t in self.types if issubclass(t, EMBEDDINGS)]
+        if lookups and self.activation is not None:
+            raise ValueError(
+                f"types include {lookups}, whose input is integer ids, not an activation to "
+                "quantize; quantize embeddings with weights only: "
+                "pj.quant.weight_only(bits, group_size, embeddings=True)"
+            )
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
         for pattern, value in self.layers.items():
             if not isinstance(value, bool | QuantSpec):
@@ -81,9 +90,20 @@ def int8(
     return QuantConfig(weight=QuantSpec(bits, True, True, granularity), observer=observer, **kwargs)
 
 
-def weight_only(bits: int = 8, group_size: int | None = None, **kwargs) -> QuantConfig:
-    """Weights only, symmetric, per channel or in groups of `group_size` (32/64/128)."""
+def weight_only(
+    bits: int = 8, group_size: int | None = None, *, embeddings: bool = False, **kwargs
+) -> QuantConfig:
+    """Weights only, symmetric, per channel or in groups of `group_size` (32/64/128).
+
+    `embeddings=True` quantizes nn.Embedding tables too, per row (one token's vector) or
+    in groups along it: in a small transformer the word table is half the weights.
+
+    >>> pj.quant.quantize_(bert, pj.quant.weight_only(4, 32, embeddings=True))
+    """
     granularity = PerChannel(0) if group_size is None else PerGroup(group_size)
+    if embeddings:
+        types = tuple(kwargs.pop("types", QUANTIZABLE))
+        kwargs["types"] = types + tuple(t for t in EMBEDDINGS if t not in types)
     return QuantConfig(weight=QuantSpec(bits, True, True, granularity), activation=None, **kwargs)
 
 

@@ -142,6 +142,22 @@ def _exportable(spec: QuantSpec) -> bool:
     return spec.bits <= 8 and not isinstance(spec.granularity, PerGroup)
 
 
+class _GroupQuantized(torch.autograd.Function):
+    """fake_quantize, written to ONNX as one `penjing::GroupQuantized` node tagged with
+    its quantizer: `penjing.export.blocked` replaces it by the stored integers (blocked
+    DequantizeLinear), which no opset-17 op the exporter knows could hold."""
+
+    @staticmethod
+    def forward(ctx, weight, scale, zero, spec, tag):  # noqa: ANN001 - autograd signature
+        return fake_quantize(weight, scale, zero, spec)
+
+    @staticmethod
+    def symbolic(g, weight, scale, zero, spec, tag):  # noqa: ANN001 - exporter signature
+        out = g.op("penjing::GroupQuantized", weight, tag_i=tag)
+        out.setType(weight.type())  # same shape and type: the exporter's shape inference
+        return out
+
+
 class WeightQuant(_LearnableScale):
     """Parametrization `weight -> fake_quantize(weight)`.
 
@@ -174,6 +190,8 @@ class WeightQuant(_LearnableScale):
         scale = self.current_scale(weight.numel() // self.scale.numel())
         if torch.onnx.is_in_onnx_export() and _exportable(self.spec):
             return _export_fake_quantize(weight, self.scale, self.zero_point, self.spec)
+        if torch.onnx.is_in_onnx_export() and isinstance(self.spec.granularity, PerGroup):
+            return _GroupQuantized.apply(weight, self.scale, self.zero_point, self.spec, id(self))
         return fake_quantize(weight, scale, self.zero_point, self.spec)
 
     def freeze_(self, weight: torch.Tensor) -> None:
