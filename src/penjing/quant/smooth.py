@@ -10,15 +10,16 @@ max|Wⱼ| the largest weight of column j over every Linear reading X,
     sⱼ = max|Xⱼ|^α / max|Wⱼ|^(1-α),    X·Wᵀ = (X / s)·(W · s)ᵀ,
 
 so the float function is unchanged while the Linear's input ranges flatten to
-max|Xⱼ|/sⱼ = (max|Xⱼ| · max|Wⱼ|)^(1-α): α = 0 divides by the weights' range only, α = 1
-puts every input channel at 1 and all the spread in the weights; 0.5 splits it evenly.
+max|Xⱼ|/sⱼ = (max|Xⱼ| · max|Wⱼ|)^(1-α): α = 1 puts every input channel at 1 and all the
+spread in the weights, α = 0 moves the weights' spread into the inputs, 0.5 splits it.
 
 Where 1/s goes. When the LayerNorm's output reaches nothing but those Linears (pre-LN
 models), 1/s is folded into the LayerNorm's weight and bias: no op is added. In a post-LN
 model (BERT) the same output is also the residual stream, so folding would change the
 function; there each Linear is wrapped in `ScaledInput`, one element-wise Mul by 1/s ahead
-of it (and ahead of its input quantizer). Which case holds is checked, not assumed: the
-fold is tried, the model is run on a calibration batch, and a changed output undoes it.
+of it (and ahead of its input quantizer; the Linear's weights move to `<name>.linear`).
+Which case holds is checked, not assumed: the fold is tried, the model is run on a
+calibration batch, and a changed output undoes it.
 
 Pairs are found by running the model: a Linear is paired with the LayerNorm whose output
 tensor (the same object, also through eval-mode dropout) it receives as input, on every
