@@ -96,12 +96,15 @@ def store_blocked(model: onnx.ModelProto, quantizers: dict) -> int:
     A 2-D weight read only through Transpose (a Linear that became MatMul) is stored
     transposed, blocked along axis 0, so that the DequantizeLinear feeds the MatMul
     directly, as ORT's MatMulNBits fusion wants; a weight of more dimensions is blocked
-    as (rows, rest) and reshaped back."""
+    as (rows, rest) and reshaped back. A layer the model calls more than once is stored
+    once; ORT then runs it as DequantizeLinear → MatMul in float (it fuses no shared
+    initializer)."""
     graph = model.graph
     readers = _readers(graph)
     graph_outputs = {o.name for o in graph.output}
     nodes, inits, done = [], [], 0
     dropped: set[int] = set()
+    made: set[tuple[str, bool]] = set()  # a layer called twice is stored once per layout
     markers = [n for n in graph.node if (n.domain, n.op_type) == MARKER]
     for marker in markers:
         tag = next(a.i for a in marker.attribute if a.name == "tag")
@@ -126,26 +129,33 @@ def store_blocked(model: onnx.ModelProto, quantizers: dict) -> int:
                               for u in users))
         zeros = zero.any()
         if transposed:
-            inits.append(_int_tensor(base, q.T, spec.bits, spec.signed))
-            inits.append(numpy_helper.from_array(np.ascontiguousarray(scale.T), f"{base}_scale"))
-            if zeros:
-                inits.append(_int_tensor(f"{base}_zero", zero.T, spec.bits, spec.signed))
+            base += "_t"
+            if (base, True) not in made:
+                made.add((base, True))
+                inits.append(_int_tensor(base, q.T, spec.bits, spec.signed))
+                inits.append(numpy_helper.from_array(np.ascontiguousarray(scale.T),
+                                                     f"{base}_scale"))
+                if zeros:
+                    inits.append(_int_tensor(f"{base}_zero", zero.T, spec.bits, spec.signed))
             for user in users:
                 nodes.append((user, _dequantize(base, zeros, user.output[0], 0, size)))
                 dropped.add(id(user))
             continue
-        rows = q.reshape(q.shape[0], -1)
-        inits.append(_int_tensor(base, rows, spec.bits, spec.signed))
-        inits.append(numpy_helper.from_array(scale, f"{base}_scale"))
-        if zeros:
-            inits.append(_int_tensor(f"{base}_zero", zero, spec.bits, spec.signed))
+        if (base, False) not in made:
+            made.add((base, False))
+            inits.append(_int_tensor(base, q.reshape(q.shape[0], -1), spec.bits, spec.signed))
+            inits.append(numpy_helper.from_array(scale, f"{base}_scale"))
+            if zeros:
+                inits.append(_int_tensor(f"{base}_zero", zero, spec.bits, spec.signed))
+            if q.ndim != 2:
+                inits.append(numpy_helper.from_array(np.array(q.shape, np.int64),
+                                                     f"{base}_shape"))
         if q.ndim == 2:
             nodes.append((marker, _dequantize(base, zeros, out, 1, size)))
             continue
-        inits.append(numpy_helper.from_array(np.array(q.shape, np.int64), f"{base}_shape"))
-        nodes.append((marker, _dequantize(base, zeros, f"{base}_rows", 1, size)))
-        nodes.append((marker, helper.make_node("Reshape", [f"{base}_rows", f"{base}_shape"],
-                                               [out], name=f"{base}_reshape")))
+        nodes.append((marker, _dequantize(base, zeros, f"{out}_rows", 1, size)))
+        nodes.append((marker, helper.make_node("Reshape", [f"{out}_rows", f"{base}_shape"],
+                                               [out], name=f"{out}_reshape")))
     placed = []
     for node in graph.node:
         placed += [new for old, new in nodes if old is node]
