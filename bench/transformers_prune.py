@@ -287,10 +287,10 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
     per_batch, distinct = 16, 1280
-    steps = args.steps or (12 if args.quick else 80)
+    steps = args.steps or (12 if args.quick else 160)
     splits = (3, 4) if args.quick else (0, 2, 3, 4, 6)
     distilled_splits = 1 if args.quick else 2
-    rounds = {1: (3, 5), BATCH: (2, 1)} if args.quick else {1: (10, 10), BATCH: (8, 2)}
+    rounds = {1: (3, 5), BATCH: (2, 1)} if args.quick else {1: (20, 10), BATCH: (15, 2)}
 
     tokenizer, model = minilm.load()
     held = set(minilm.SENTENCES) | set(minilm.CALIBRATION)
