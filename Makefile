@@ -39,6 +39,8 @@ bench: $(TEST_STAMP)
 	$(PY) bench/pretrained.py
 	$(PY) bench/lowbit.py
 	$(PY) bench/transformers.py
+	$(PY) bench/transformers_size.py
+	$(PY) bench/transformers_prune.py
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -179,3 +179,19 @@ def test_heads_that_do_not_divide_and_ratios_out_of_range_are_clear_errors():
     with pytest.raises(ValueError, match="unknown criterion 'taylor'"):
         pj.prune.hf_ffn_(model, 0.5, criterion="taylor")
     assert history.steps(model) == []  # nothing was cut on the way to an error
+
+
+def test_pjz_of_a_head_and_ffn_pruned_model_rebuilds_it(tmp_path):
+    model = _model("bert")
+    config = model.config.to_dict()
+    pj.prune.hf_heads_(model, 0.5)
+    pj.prune.hf_ffn_(model, 0.25)
+    pj.codec.save(model, tmp_path / "m.pjz")
+    loaded = pj.load(tmp_path / "m.pjz",
+                     lambda: type(model)(type(model.config).from_dict(config)))
+    assert [a.heads for a in attention_layers(loaded)] == [2, 2]
+    assert loaded.config.intermediate_size == 48
+    x = _inputs("bert")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).last_hidden_state,
+                                   model(**x).last_hidden_state)

@@ -467,7 +467,7 @@ def structure(model: nn.Module) -> list[dict]:
     masks and shared weights are baked into a .pjz, so their steps are left out."""
     from penjing import history
 
-    return [s for s in history.steps(model) if s["op"] in ("channels", "heads", "compact")]
+    return [s for s in history.steps(model) if s["op"] in history.STRUCTURAL]
 
 
 def inspect(path: str | os.PathLike) -> CompressionReport:
