@@ -15,6 +15,7 @@ Steps (every key JSON):
     {"op": "hf_ffn", "layers": {first FFN Linear: [kept neuron indices]}}
     {"op": "compact", "layers": {layer: ["stripe" | "shape", [[kept indices] per kernel
         position]]}}
+    {"op": "smooth", "layers": [Linear layers wrapped in quant.smooth.ScaledInput]}
     {"op": "parametrize", "layers": {layer: {tensor: ["mask" | "shared", ...]}}}
     {"op": "quantize", "config": QuantConfig as penjing.quant.checkpoint.config_to_dict}
 """
@@ -26,8 +27,9 @@ import copy
 from torch import nn
 
 _ATTR = "_penjing_history"
-OPS = ("channels", "heads", "hf_heads", "hf_ffn", "compact", "parametrize", "quantize")
-STRUCTURAL = ("channels", "heads", "hf_heads", "hf_ffn", "compact")  # what a .pjz keeps
+OPS = ("channels", "heads", "hf_heads", "hf_ffn", "compact", "smooth", "parametrize",
+       "quantize")
+STRUCTURAL = ("channels", "heads", "hf_heads", "hf_ffn", "compact", "smooth")  # a .pjz keeps
 
 
 def steps(model: nn.Module) -> list[dict]:

@@ -260,6 +260,11 @@ def _apply(model: nn.Module, step: dict, tensors: dict) -> nn.Module:
 
         replay_compact_(model, dict(step["layers"]))
         history.record(model, step)
+    elif op == "smooth":
+        from penjing.quant.smooth import replay_smooth_
+
+        replay_smooth_(model, step["layers"])
+        history.record(model, step)
     elif op == "parametrize":
         _parametrize(model, step["layers"], tensors)
     elif op == "quantize":

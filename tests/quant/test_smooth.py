@@ -147,6 +147,27 @@ def test_smoothed_bert_quantizes_after_the_scale():
     assert float(pj.quant.sqnr(ref, _output(d, test))) > 20
 
 
+def test_smoothed_and_quantized_bert_rebuilds_from_its_model_file(tmp_path):
+    model = _bert(outlier=40.0)
+    config = model.config
+    calib = [_tokens(1), _tokens(2)]
+    smooth_(model, calib)
+    q = pj.quant.ptq(model, calib, pj.quant.int8(reduce_range=True))
+    pj.save(q, tmp_path / "q.safetensors")
+    loaded = pj.load(tmp_path / "q.safetensors", lambda: transformers.BertModel(
+        config, add_pooling_layer=False))
+    assert isinstance(loaded.encoder.layer[1].attention.self.key, ScaledInput)
+    test = _tokens(3)
+    torch.testing.assert_close(_output(loaded, test), _output(q, test))
+    # the float smoothed model, through a .pjz too
+    plain = _bert(outlier=40.0)
+    smooth_(plain, calib)
+    pj.codec.save(plain, tmp_path / "s.pjz")
+    again = pj.load(tmp_path / "s.pjz", lambda: transformers.BertModel(
+        config, add_pooling_layer=False))
+    torch.testing.assert_close(_output(again, test), _output(plain, test))
+
+
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), True])
 def test_alpha_outside_0_1_is_refused(alpha):
     model, x = _pre_ln()

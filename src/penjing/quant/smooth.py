@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing import inputs
+from penjing import history, inputs
 
 _EPS = 1e-5  # floor for ranges and scales: a dead channel must not give s = 0 or inf
 _SAME = 1e-4  # fold check: largest output change allowed, relative to the output's range
@@ -195,7 +195,7 @@ def smooth_(
             for name in names:
                 _check_linear(name, modules[name])
         reference = _output(model, first)
-        done = []
+        done, wrapped = [], []
         for norm_name, names in groups.items():
             norm, linears = modules[norm_name], [modules[n] for n in names]
             x_max = seen.absmax[norm_name].clamp_min(_EPS)
@@ -209,10 +209,28 @@ def smooth_(
                 for name, m in zip(names, linears, strict=True):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, ScaledInput(m, 1 / scale))
+                    wrapped.append(name)
             done.append(Smoothing(norm_name, tuple(names), scale, folded))
     finally:
         model.train(was_training)
+    if wrapped:  # a model file rebuilds the wrappers; their 1/s comes with the weights
+        history.record(model, {"op": "smooth", "layers": wrapped})
     return done
+
+
+def replay_smooth_(model: nn.Module, layers: list[str]) -> None:
+    """Wrap the named Linear layers of `model` in `ScaledInput` (1/s of ones until the
+    saved state is loaded): the "smooth" step of a model file's history."""
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"a 'smooth' step needs a non-empty list of layers, got {layers!r}")
+    for name in layers:
+        module = model.get_submodule(name) if isinstance(name, str) else None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"a 'smooth' step names {name!r}, which is not a Linear layer "
+                             f"of {type(model).__name__}")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                ScaledInput(module, torch.ones(module.in_features)))
 
 
 def _fold(model: nn.Module, norm: nn.LayerNorm, scale: torch.Tensor, first, reference
