@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from penjing.codec import entropy, huffman, rans
+from penjing.codec import entropy, enumerative, huffman, rans
 
 
 def _skewed(n: int, seed: int = 0, keep: float = 0.08, k: int = 31) -> np.ndarray:
@@ -153,10 +153,16 @@ def test_entropy_picks_the_smallest_coder_and_tells_them_apart() -> None:
     for s in (skewed, tiny, np.zeros(0, np.uint16), np.full(50, 5, np.uint16)):
         data = entropy.encode(s)
         sizes = (len(huffman.encode(s)), len(rans.encode(s)), len(entropy.encode_fixed(s)))
+        if s.size <= enumerative.MAX_SYMBOLS:
+            sizes += (len(enumerative.encode(s)),)
         assert len(data) == min(sizes)
         assert np.array_equal(entropy.decode(data), s)
     assert entropy.coder(entropy.encode(skewed)) == "rans"
     assert entropy.coder(entropy.encode(tiny)) == "fixed"
+    small = _skewed(300, seed=2, keep=0.2, k=3)  # a bias: a table would cost more than it
+    assert entropy.coder(entropy.encode(small)) == "enumerative"
+    assert np.array_equal(entropy.decode(entropy.encode(small)), small)
+    assert entropy.coder(entropy.encode(small, coders=("huffman", "rans"))) == "rans"
     assert entropy.coder(entropy.encode(skewed, coders=("huffman",))) == "huffman"
     with pytest.raises(ValueError, match="not a known coder tag"):
         entropy.decode(b"\x07abc")

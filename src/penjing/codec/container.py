@@ -156,8 +156,8 @@ def save(
     `index_bits` is the relative-index gap width: None for 8 (conv) / 5 (fc), one int for
     all tensors, or {name: bits}. Float tensors with at most `max_codebook` distinct
     non-zero values are codebook-coded; the rest are stored raw. Each coded stream takes
-    the smallest of `coders` ("huffman", "rans"); `coders=("huffman",)` writes what
-    the paper describes.
+    the smallest of `coders` ("huffman", "rans", "fixed", "enumerative");
+    `coders=("huffman",)` writes what the paper describes.
 
         report = penjing.codec.save(model, "lenet.pjz")
         print(report)

@@ -1,10 +1,13 @@
-"""One coded stream: whichever of Huffman, rANS and plain packing is smallest, told apart
-by its first byte (a Huffman stream's version, 1; the fixed-width tag, 3; a rANS tag, 2 or
-16..31).
+"""One coded stream: whichever of Huffman, rANS, enumerative coding and plain packing is
+smallest, told apart
+by its first byte (a Huffman stream's version, 1; the fixed-width tag, 3; the enumerative
+tag, 4; a rANS tag, 2 or 16..31).
 
 rANS spends fractions of a bit and wins wherever one symbol dominates or the stream is
 long; Huffman's table (a length per symbol) is smaller on short streams; a stream of a
-few dozen symbols is cheapest at a fixed width with no table at all. Choosing per
+few dozen symbols is cheapest at a fixed width with no table at all, and one of up to a
+few thousand (a bias, a small layer) as its counts and rank (`enumerative`), which needs
+neither a table nor a coder state. Choosing per
 stream costs nothing at load time: the first byte says which decoder.
 
 Fixed-width stream: u8 tag (3) | varint n | u8 width w (0..16) | n values of w bits (packed,
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from penjing.codec import huffman, rans
+from penjing.codec import enumerative, huffman, rans
 from penjing.codec.bitpack import Reader, pack_uints, packed_size, unpack_uints, varint
 
 FIXED_TAG = 3
-CODERS = {huffman.FORMAT_VERSION: "huffman", rans.TAG: "rans", FIXED_TAG: "fixed"}
+CODERS = {huffman.FORMAT_VERSION: "huffman", rans.TAG: "rans", FIXED_TAG: "fixed",
+          enumerative.TAG: "enumerative"}
 CODERS |= dict.fromkeys(rans.TAGS, "rans")
-CODER_NAMES = ("huffman", "rans", "fixed")
+CODER_NAMES = ("huffman", "rans", "fixed", "enumerative")
 
 
 def encode_fixed(symbols: np.ndarray) -> bytes:
@@ -72,7 +76,14 @@ def encode(symbols: np.ndarray, *, coders: tuple[str, ...] = CODER_NAMES) -> byt
             # More distinct symbols than 16-bit frequencies can hold: Huffman only.
             if "huffman" not in coders:
                 raise
-    # Ties go to the coder listed first in `options`: fixed, then Huffman, then rANS.
+    arr = huffman.as_symbols(symbols)
+    if ("enumerative" in coders and arr.size <= enumerative.MAX_SYMBOLS
+            and (arr.size == 0 or int(arr.max()) < enumerative.MAX_ALPHABET)):
+        options.append(enumerative.encode(arr))
+    if not options:
+        raise ValueError(f"none of the coders {coders} takes this stream of {arr.size} "
+                         "symbols; allow 'huffman'")
+    # Ties go to the coder listed first in `options`: fixed, Huffman, rANS, enumerative.
     return min(options, key=len)
 
 
@@ -90,6 +101,8 @@ def decode(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.nd
         return rans.decode(data, max_symbols=max_symbols)
     if coder(data) == "fixed":
         return decode_fixed(data, max_symbols=max_symbols)
+    if coder(data) == "enumerative":
+        return enumerative.decode(data, max_symbols=max_symbols)
     symbols = huffman.decode(data)
     if max_symbols is not None and symbols.size > max_symbols:
         raise ValueError(f"Huffman stream has {symbols.size} symbols, at most {max_symbols} "
