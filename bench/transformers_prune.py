@@ -409,7 +409,7 @@ def main() -> None:
     ]
     body = "\n".join(lines)
     print(body)
-    write_section("transformers-prune", body, quick=args.quick)
+    write_section("transformers_prune", body, quick=args.quick)
 
 
 if __name__ == "__main__":

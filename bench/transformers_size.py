@@ -237,7 +237,7 @@ def main() -> None:
     ]
     body = "\n".join(lines)
     print(body)
-    write_section("transformers-size", body, quick=args.quick)
+    write_section("transformers_size", body, quick=args.quick)
 
 
 if __name__ == "__main__":
