@@ -62,6 +62,26 @@ def test_a_format_2_file_with_its_tensor_hash_still_loads(saved, tmp_path):
     assert torch.equal(load_quantized(pj.models.create("lenet5"), path)(x), q(x))
 
 
+def test_symmetric_weight_zero_points_are_implied_and_old_files_that_store_them_load(
+        saved, tmp_path):
+    q, _, tensors, metadata = saved
+    assert not [k for k in tensors if k.endswith("weight.0.zero_point")]
+    scales = [k for k in tensors if k.endswith("weight.0.scale")]
+    assert scales
+    older = dict(tensors)
+    for key in scales:  # what files written before stored: a zero per scale
+        older[key.replace(".scale", ".zero_point")] = torch.zeros(tensors[key].shape,
+                                                                  dtype=torch.int32)
+    path = _write(tmp_path / "old.safetensors", older, dict(metadata))
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(load_quantized(pj.models.create("lenet5"), path)(x), q(x))
+    nonzero = dict(older)
+    nonzero[scales[0].replace(".scale", ".zero_point")] = torch.ones(
+        tensors[scales[0]].shape, dtype=torch.int32)
+    path = _write(tmp_path / "shifted.safetensors", nonzero, dict(metadata))
+    assert not torch.equal(load_quantized(pj.models.create("lenet5"), path)(x), q(x))
+
+
 def _config_edit(edit):
     def apply(tensors, metadata):
         config = json.loads(metadata["config"])
@@ -86,7 +106,7 @@ EDITS = {
         k: t[k].float() for k in t if k.endswith(".int")}),
     "act scale missing": lambda t, m: [t.pop(k) for k in list(t) if k.endswith("quant.scale")],
     "zero point missing": lambda t, m: [t.pop(k) for k in list(t)
-                                        if k.endswith("0.zero_point")][:1],
+                                        if k.endswith("quant.zero_point")][:1],
 }
 
 

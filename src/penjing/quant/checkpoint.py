@@ -273,6 +273,13 @@ def _rebuild(
     return q.eval()
 
 
+def _zero_is_implied(quant: nn.Module) -> bool:
+    """Whether a weight quantizer's zero points go without saying: a symmetric spec has
+    all of them 0 (an INT4 model in groups of 32 spends as many bytes on them as on its
+    scales)."""
+    return quant.spec.symmetric and not bool(torch.any(quant.zero_point != 0))
+
+
 def integer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model`'s state with every fake-quantized weight as its integers (keys ending in
     .int, or .int4 for two to a byte), as `save_quantized` stores it."""
@@ -280,6 +287,8 @@ def integer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, quant in _integer_weights(model).items():
         ints = quantize(state.pop(key).float(), quant.scale.detach(), quant.zero_point,
                         quant.spec)
+        if _zero_is_implied(quant):  # as many as the scales, every one 0: not stored
+            state.pop(key.removesuffix("original") + "0.zero_point", None)
         if _fits_a_nibble(quant.spec):
             state[key + _NIBBLE_SUFFIX] = pack_nibbles(ints, quant.spec.qmin)
         else:
@@ -332,7 +341,9 @@ def restore_state(q: nn.Module, tensors: dict, path: str | os.PathLike) -> dict:
             ints = value.to(torch.int32)
         base = float_key.removesuffix("original")
         scale = _fitting(tensors, base + "0.scale", shape, path)
-        zero = _fitting(tensors, base + "0.zero_point", shape, path)
+        if base + "0.zero_point" not in tensors and quant.spec.symmetric:
+            state[base + "0.zero_point"] = torch.zeros(scale.shape, dtype=torch.int32)
+        zero = _fitting({**tensors, **state}, base + "0.zero_point", shape, path)
         state[float_key] = dequantize(ints, scale, zero, quant.spec)
         if state[float_key].shape != shape:
             raise FormatError(f"{str(path)!r}: the scales of {key!r} make a weight of shape "
