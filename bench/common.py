@@ -16,6 +16,19 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 
+def minilm_bench():
+    """bench/transformers.py as a module named `minilm_bench`: imported as `transformers`
+    it would hide the package it benchmarks (the script drops bench/ from sys.path itself,
+    so the package is what `import transformers` finds afterwards)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "minilm_bench", Path(__file__).resolve().with_name("transformers.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def machine() -> str:
     """One line saying where the figures were measured."""
     import numpy

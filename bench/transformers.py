@@ -193,19 +193,25 @@ def smoothed(model: torch.nn.Module, calib: list[dict]) -> tuple[torch.nn.Module
     return model, smooth_(model, calib, alpha=ALPHA)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short timing: a smoke run")
-    args = parser.parse_args()
+def setup():
+    """What the ONNX benches of this model start from: seeded, THREADS threads, the
+    tokenizer and model, the test sentences in batches of BATCH, and an export example."""
     # BERT's position slice exports as advanced indexing; its indices are never negative
     warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
-    rounds = {1: (3, 5), BATCH: (2, 1)} if args.quick else {1: (10, 20), BATCH: (8, 2)}
     tokenizer, model = load()
     batches = [tokens(tokenizer, SENTENCES[i:i + BATCH]) for i in range(0, len(SENTENCES), BATCH)]
+    return tokenizer, model, batches, tokens(tokenizer, SENTENCES[:2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short timing: a smoke run")
+    args = parser.parse_args()
+    rounds = {1: (3, 5), BATCH: (2, 1)} if args.quick else {1: (10, 20), BATCH: (8, 2)}
+    tokenizer, model, batches, example = setup()
     calib = [tokens(tokenizer, CALIBRATION[i:i + 8]) for i in range(0, len(CALIBRATION), 8)]
-    example = tokens(tokenizer, SENTENCES[:2])
     saturates = cpu_saturates_int8()
     builds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import itertools
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,15 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import write_section  # noqa: E402
+from common import minilm_bench, write_section  # noqa: E402
 
-# bench/transformers.py is named like the package: keep this folder off the import path
-# and load that script by its file name
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != str(_HERE)]
-_spec = importlib.util.spec_from_file_location("bench_transformers", _HERE / "transformers.py")
-minilm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(minilm)
+minilm = minilm_bench()  # bench/transformers.py, which keeps bench/ off the import path
 
 import penjing as pj  # noqa: E402
 from penjing.distill import distill_hidden_, mean_pool  # noqa: E402

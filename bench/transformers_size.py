@@ -24,30 +24,17 @@ import copy
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import importlib.util  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import latencies, write_section  # noqa: E402
+from common import latencies, minilm_bench, write_section  # noqa: E402
 
-
-def _minilm_bench():
-    """bench/transformers.py, loaded under another name: as `transformers` it would hide
-    the package it benchmarks (it drops this folder from sys.path itself)."""
-    spec = importlib.util.spec_from_file_location(
-        "minilm_bench", Path(__file__).resolve().with_name("transformers.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_mb = _minilm_bench()
+_mb = minilm_bench()
 BATCH, SENTENCES, THREADS = _mb.BATCH, _mb.SENTENCES, _mb.THREADS
 embed, load, tokens = _mb.embed, _mb.load, _mb.tokens
 
@@ -114,13 +101,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short timing: a smoke run")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
-    torch.manual_seed(0)
-    torch.set_num_threads(THREADS)
     rounds = {1: (3, 5), BATCH: (2, 1)} if args.quick else {1: (10, 20), BATCH: (8, 2)}
-    tokenizer, model = load()
-    batches = [tokens(tokenizer, SENTENCES[i:i + BATCH]) for i in range(0, len(SENTENCES), BATCH)]
-    example = tokens(tokenizer, SENTENCES[:2])
+    tokenizer, model, batches, example = _mb.setup()
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
