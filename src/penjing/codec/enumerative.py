@@ -26,7 +26,7 @@ grows with the stream's coded size, so only streams of at most MAX_SYMBOLS use i
 from __future__ import annotations
 
 from bisect import bisect_right
-from math import comb
+from math import comb, prod
 
 import numpy as np
 
@@ -38,17 +38,22 @@ MAX_SYMBOLS = 8192  # big-integer work grows as n x coded bits: ~0.1 s at most
 MAX_ALPHABET = 64  # each symbol also updates the counts of the symbols above it
 
 
+def _radices(n: int, counts: list[int]) -> list[int]:
+    """The radix of each stored count: the symbols not yet counted, plus one."""
+    radices, left = [], n
+    for c in counts[:-1]:
+        radices.append(left + 1)
+        left -= c
+    return radices
+
+
 def _capacity(n: int, counts: list[int]) -> tuple[int, int]:
     """(product of the count radices, number of orderings) for `counts` summing to n."""
-    radices, left = 1, n
-    for c in counts[:-1]:
-        radices *= left + 1
-        left -= c
     orderings, left = 1, n
     for c in counts:  # n! / prod(c!) as a product of binomials
         orderings *= comb(left, c)
         left -= c
-    return radices, orderings
+    return prod(_radices(n, counts)), orderings
 
 
 def encode(symbols: np.ndarray) -> bytes:
@@ -64,7 +69,8 @@ def encode(symbols: np.ndarray) -> bytes:
     counts = np.bincount(arr, minlength=size).tolist() if n else []
     below = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist() if n else []
     left = list(counts)
-    rank, orderings, m = 0, _capacity(n, counts)[1], n
+    radix_product, total = _capacity(n, counts)
+    rank, orderings, m = 0, total, n
     for s in arr.tolist():
         # Orderings that put a smaller symbol here come first: orderings * (count of
         # smaller symbols left) / m of them.
@@ -77,14 +83,8 @@ def encode(symbols: np.ndarray) -> bytes:
             below[t] -= 1
         m -= 1
     value = rank
-    radices = []
-    rest = n
-    for c in counts[:-1]:
-        radices.append(rest + 1)
-        rest -= c
-    for c, radix in zip(reversed(counts[:-1]), reversed(radices), strict=True):
+    for c, radix in zip(reversed(counts[:-1]), reversed(_radices(n, counts)), strict=True):
         value = value * radix + c
-    radix_product, total = _capacity(n, counts)
     width = _width(radix_product * total)
     return bytes([TAG]) + varint(n) + varint(size) + value.to_bytes(width, "big")
 

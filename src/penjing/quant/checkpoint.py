@@ -341,9 +341,11 @@ def restore_state(q: nn.Module, tensors: dict, path: str | os.PathLike) -> dict:
             ints = value.to(torch.int32)
         base = float_key.removesuffix("original")
         scale = _fitting(tensors, base + "0.scale", shape, path)
-        if base + "0.zero_point" not in tensors and quant.spec.symmetric:
-            state[base + "0.zero_point"] = torch.zeros(scale.shape, dtype=torch.int32)
-        zero = _fitting({**tensors, **state}, base + "0.zero_point", shape, path)
+        zero_key = base + "0.zero_point"
+        if zero_key not in tensors and quant.spec.symmetric:  # implied: all 0
+            zero = state[zero_key] = torch.zeros(scale.shape, dtype=torch.int32)
+        else:
+            zero = _fitting(tensors, zero_key, shape, path)
         state[float_key] = dequantize(ints, scale, zero, quant.spec)
         if state[float_key].shape != shape:
             raise FormatError(f"{str(path)!r}: the scales of {key!r} make a weight of shape "
