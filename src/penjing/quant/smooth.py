@@ -207,8 +207,7 @@ def smooth_(
             folded = _fold(model, norm, scale, first, reference)
             if not folded:
                 for name, m in zip(names, linears, strict=True):
-                    parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent), child, ScaledInput(m, 1 / scale))
+                    model.set_submodule(name, ScaledInput(m, 1 / scale))
                     wrapped.append(name)
             done.append(Smoothing(norm_name, tuple(names), scale, folded))
     finally:
@@ -228,9 +227,7 @@ def replay_smooth_(model: nn.Module, layers: list[str]) -> None:
         if not isinstance(module, nn.Linear):
             raise ValueError(f"a 'smooth' step names {name!r}, which is not a Linear layer "
                              f"of {type(model).__name__}")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child,
-                ScaledInput(module, torch.ones(module.in_features)))
+        model.set_submodule(name, ScaledInput(module, torch.ones(module.in_features)))
 
 
 def _fold(model: nn.Module, norm: nn.LayerNorm, scale: torch.Tensor, first, reference
