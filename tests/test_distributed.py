@@ -156,3 +156,99 @@ def test_two_processes_end_identical_and_learn(tmp_path):
     assert files == ["pruned-0.safetensors"]  # only rank 0 writes
     saved = pj.train.load_checkpoint(tmp_path / files[0])
     assert any(k.endswith("mask") for k in saved)
+
+
+# `penjing` under torchrun: each rank counts its destroy_process_group calls (printed by an
+# exit handler registered first, so it runs after penjing's own) and says when it joined
+CLI = """
+import atexit, json, sys
+import torch.distributed as dist
+calls = []
+real = dist.destroy_process_group
+def counted(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
+dist.destroy_process_group = counted
+atexit.register(lambda: print(json.dumps({"destroyed": len(calls)}), flush=True))
+from penjing import distributed
+from penjing.cli import main
+joined = distributed.init
+def init(*args, **kwargs):
+    first = not dist.is_initialized()
+    spread = joined(*args, **kwargs)
+    if first:
+        print("joined", flush=True)
+    return spread
+distributed.init = init
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def launch_cli(args: list[str], tmp_path, interrupt_after: float | None = None,
+               timeout: float = 240) -> list[tuple[int, str, str]]:
+    """(exit code, stdout, stderr) of each of two ranks running `penjing ARGS`; with
+    `interrupt_after`, both get SIGINT that many seconds after both joined the group."""
+    import signal
+    import time
+
+    path = tmp_path / "cli.py"
+    path.write_text(textwrap.dedent(CLI))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(path), str(tmp_path), *args],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        if interrupt_after is not None:
+            for p in procs:  # reading stdout up to 'joined' never blocks the peer
+                line = p.stdout.readline()
+                assert line.strip() == "joined", line + p.stderr.read()[-2000:]
+            time.sleep(interrupt_after)
+            for p in procs:
+                p.send_signal(signal.SIGINT)
+        done = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, *outs) for p, outs in zip(procs, done, strict=True)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def destroyed(out: str) -> int:
+    return json.loads(out.strip().splitlines()[-1])["destroyed"]
+
+
+TRAIN = ["train", "lenet300", "--data", "mnist", "--quiet"]
+
+
+@pytest.mark.slow
+def test_a_cli_run_that_ends_well_leaves_the_group_once_on_every_rank(tmp_path):
+    ranks = launch_cli([*TRAIN, "--epochs", "1", "--out", str(tmp_path / "m.safetensors")],
+                       tmp_path)
+    for code, out, err in ranks:
+        assert code == 0, err[-3000:]
+        assert destroyed(out) == 1
+        assert "terminate called" not in err
+
+
+@pytest.mark.slow
+def test_a_cli_run_that_fails_after_joining_leaves_the_group_once(tmp_path):
+    ranks = launch_cli([*TRAIN, "--epochs", "1", "--lr", "-1",
+                        "--out", str(tmp_path / "m.safetensors")], tmp_path)
+    for code, out, err in ranks:
+        assert code == 2, err[-3000:]
+        assert "joined" in out and destroyed(out) == 1
+        assert err.strip().splitlines() == [
+            "penjing train: error: Invalid learning rate: -1.0"], err[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_training_is_one_line_and_exit_130_on_every_rank(tmp_path):
+    ranks = launch_cli([*TRAIN, "--epochs", "500", "--out", str(tmp_path / "m.safetensors")],
+                       tmp_path, interrupt_after=2.0)
+    for code, out, err in ranks:
+        assert code == 130, err[-3000:]
+        assert destroyed(out) == 1
+        assert len(err.strip().splitlines()) == 1 and "interrupted" in err, err[-3000:]
+    assert not (tmp_path / "m.safetensors").exists()

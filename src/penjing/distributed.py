@@ -96,14 +96,92 @@ def init(backend: str | None = None) -> bool:
     if "nccl" in backend and local_rank() < torch.cuda.device_count():
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend)
-    atexit.register(_shutdown)
+    global _joined, _hooked
+    _joined = True
+    if not _hooked:
+        atexit.register(_at_exit)
+        _hooked = True
     return dist.get_world_size() > 1
 
 
-def _shutdown() -> None:
+_joined = False  # this process joined a group through init() and has not left it yet
+_hooked = False  # _at_exit is registered (once per process)
+LEAVE_TIMEOUT = 60.0  # seconds every rank waits for the others at the end of a run
+
+
+def shutdown(*, wait: bool = True, timeout: float = LEAVE_TIMEOUT) -> bool:
+    """Leave the process group that `init` joined; return whether this call left it.
+
+    A rank that tears down its connections while a peer is still using them can take the
+    peer down with it (an abort in the peer's communication threads), so by default
+    every rank first waits for the others (at most `timeout` seconds), then each destroys
+    the group, and rank 0, which hosts the rendezvous store, leaves last, once every
+    other rank has said it is gone. `wait=False` skips the waiting: a rank that stops on
+    an error must not wait for peers that may be waiting for it. Outside torchrun, and on
+    a second call, nothing happens. `init` registers this to run at exit, so a script
+    needs no call of its own; the `penjing` command calls it when a verb ends.
+    """
+    global _joined
+    if not _joined:
+        return False
     dist = _dist()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):  # the caller destroyed it
+        _joined = False
+        return False
+    world, me = dist.get_world_size(), dist.get_rank()
+    store = None
+    if wait and world > 1:  # interrupted here, the group stays joined for a later call
+        store = _store(dist)
+        _barrier(dist, timeout)
+    _joined = False
+    dist.destroy_process_group()
+    if store is not None:
+        _leave_in_order(store, me, world, timeout)
+    return True
+
+
+def _store(dist):
+    """The rendezvous store, kept past the group so that ranks can say they are gone."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+
+
+def _barrier(dist, timeout: float) -> None:
+    """Every rank here, or `timeout` seconds passed, or a peer already gone: go on."""
+    import datetime
+
+    try:
+        if "gloo" in str(dist.get_backend()):
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout))
+        else:
+            dist.barrier()
+    except (RuntimeError, ValueError):  # a peer that left or timed out: leave all the same
+        pass
+
+
+def _leave_in_order(store, me: int, world: int, timeout: float) -> None:
+    """Ranks other than 0 say they left; rank 0 waits for them before its store goes."""
+    import datetime
+
+    try:
+        if me != 0:
+            store.set(f"penjing/left/{me}", "1")
+        else:
+            store.wait([f"penjing/left/{r}" for r in range(1, world)],
+                       datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError):  # a peer that never said so: rank 0 leaves anyway
+        pass
+
+
+def _at_exit() -> None:
+    """At interpreter exit: leave the group, waiting for the peers unless the process is
+    ending on an uncaught exception (Python has set sys.last_value by then)."""
+    import sys
+
+    failed = getattr(sys, "last_value", None) is not None
+    shutdown(wait=not failed)
 
 
 def rank() -> int:

@@ -72,12 +72,53 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code: int | str | None = 1
+    try:
+        code = _run(args)
+    except SystemExit as exit_:  # SIGTERM (torchrun stopping the ranks after a failure)
+        code = exit_.code
+        raise
+    finally:
+        _leave_group(0 if code is None else code)
+    return code
+
+
+def _leave_group(code: int | str) -> None:
+    """Under torchrun, leave the process group now, once: after a verb that succeeded every
+    rank waits for the others first; after an error or Ctrl-C none waits for peers that
+    may never come."""
+    if "penjing.distributed" in sys.modules:  # else no verb could have joined a group
+        from penjing import distributed
+
+        try:
+            distributed.shutdown(wait=code == 0)
+        except KeyboardInterrupt:
+            distributed.shutdown(wait=False)
+
+
+def _run(args: argparse.Namespace) -> int:
     prefix = f"penjing {args.command}: error:"
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    interrupted: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {}
+    if in_main:
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
+                    signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
     try:
-        _check_outputs(args)
-        args.run(args)
+        try:
+            _check_outputs(args)
+            args.run(args)
+        except Exception:
+            # Ctrl-C under torchrun reaches every rank at once: a rank whose peer left
+            # first sees that peer's connection close (a RuntimeError), not the signal
+            if interrupted:
+                raise KeyboardInterrupt from None
+            raise
     except KeyboardInterrupt as err:
         print(f"penjing {args.command}: {_one_line(err) or 'interrupted'}; no partial output "
               "was written", file=sys.stderr)
@@ -113,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 
