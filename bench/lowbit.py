@@ -22,8 +22,8 @@ import torch
 from common import write_section
 
 import penjing as pj
+from penjing.core.parametrize import finalize_
 from penjing.errors import PenjingWarning
-from penjing.prune.masks import finalize_
 from penjing.quant import (
     cast,
     cast_report,

@@ -21,7 +21,7 @@ from common import write_section
 from torch import nn
 
 from penjing import data, models, prune
-from penjing.analysis.stats import count_macs, count_params, latency
+from penjing.core.counting import count_macs, count_params, latency
 from penjing.export import onnx, ort_latency
 from penjing.train import evaluate, fit, recalibrate_bn_
 

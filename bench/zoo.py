@@ -40,7 +40,7 @@ from common import ROOT, write_section
 from torch import nn
 
 import penjing as pj
-from penjing.analysis.stats import count_params
+from penjing.core.counting import count_params
 
 RATIO = 0.5
 QUICK = ("resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",

@@ -15,8 +15,8 @@ from penjing import (
     quant,
     train,
 )
-from penjing.model_file import load, save
-from penjing.prune.masks import finalize_
+from penjing.core.model_file import load, save
+from penjing.core.parametrize import finalize_
 
 __version__ = "0.1.0"
 

@@ -17,9 +17,10 @@ import torch
 
 from penjing import codec, data, models
 from penjing.analysis.report import format_table, paper_table, weight_histograms
+from penjing.core.checkpoint import load_checkpoint, save_checkpoint
 from penjing.io import atomic_write_bytes
 from penjing.pipeline import RECIPES, DeepCompression, deep_compression_
-from penjing.train import evaluate, fit, load_checkpoint, save_checkpoint
+from penjing.train import evaluate, fit
 
 
 def dense_baseline(

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from penjing.codec.relindex import check_index_bits
+from penjing.core.parametrize import finalize_, select_layers
 from penjing.prune.magnitude import check_sparsity, magnitude_
-from penjing.prune.masks import finalize_, select_layers
 from penjing.prune.schedule import iterative
 from penjing.quant.kmeans import INITS, check_bits, kmeans_1d
 from penjing.quant.shared import kmeans_

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import penjing as pj
-from penjing.analysis.stats import count_macs, count_params, latency
+from penjing.core.counting import count_macs, count_params, latency
 
 
 def test_conv_and_linear_macs_by_hand():

@@ -37,12 +37,13 @@ from torch import nn
 import penjing as pj
 from penjing.codec import container, rans
 from penjing.codec.bitpack import Reader, varint
+from penjing.core.checkpoint import INTEGRITY_KEY, checkpoint_digest
+from penjing.core.model_file import PRUNED_KEY
 from penjing.errors import PenjingError
-from penjing.prune.surgery import METADATA_KEY, Change
+from penjing.prune.surgery import Change
 from penjing.quant import ptq, save_quantized
 from penjing.quant.checkpoint import load_quantized
 from penjing.quant.config import make_config
-from penjing.train import INTEGRITY_KEY, checkpoint_digest
 
 SLOW_S = 2.0  # an input that takes longer is a failure
 WATCHDOG_S = 10.0  # an input still running then is stopped and counted
@@ -398,7 +399,7 @@ def mutate_checkpoint(rng: np.random.Generator, seed: tuple[dict, dict]) -> byte
     metadata.pop(INTEGRITY_KEY, None)
     for _ in range(int(rng.integers(1, 4))):
         op = rng.integers(100)
-        json_keys = [k for k in (METADATA_KEY, "config") if k in metadata]
+        json_keys = [k for k in (PRUNED_KEY, "config") if k in metadata]
         if op < 40 and json_keys:
             key = str(rng.choice(json_keys))
             try:

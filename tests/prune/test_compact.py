@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import penjing as pj
-from penjing.analysis.stats import count_macs, count_params
+from penjing.core.counting import count_macs, count_params
 from penjing.errors import UnsupportedLayerError
 from penjing.prune import ShapeConv2d, StripeConv2d, compact_
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import penjing as pj
-from penjing.analysis.stats import count_macs, count_params
+from penjing.core.counting import count_macs, count_params
 from penjing.errors import UnsupportedLayerError
 from penjing.prune import HeadAttention, heads_
 

@@ -10,8 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import penjing as pj  # noqa: E402
-from penjing import history  # noqa: E402
-from penjing.analysis.stats import count_macs  # noqa: E402
+from penjing.core import history  # noqa: E402
+from penjing.core.counting import count_macs  # noqa: E402
 from penjing.errors import UnsupportedLayerError  # noqa: E402
 from penjing.prune.hf_heads import attention_layers, ffn_layers  # noqa: E402
 

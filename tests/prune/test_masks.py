@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing.prune.masks import get_mask, set_mask_
+from penjing.core.parametrize import get_mask, set_mask_
 
 
 def test_mask_of_another_shape_is_refused():

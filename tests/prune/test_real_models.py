@@ -14,7 +14,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 import penjing as pj
-from penjing.analysis.stats import count_params
+from penjing.core.counting import count_params
 from penjing.errors import PenjingWarning, UnsupportedLayerError
 from penjing.prune import ops
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import penjing as pj
-from penjing.analysis.stats import count_macs, count_params
+from penjing.core.counting import count_macs, count_params
 from penjing.prune.criteria import l1
 from penjing.prune.graph import dependency_graph
 from penjing.prune.structured import channels, channels_, select

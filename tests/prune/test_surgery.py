@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import penjing as pj
+from penjing.core.checkpoint import INTEGRITY_KEY, checkpoint_digest
+from penjing.core.model_file import PRUNED_KEY
 from penjing.errors import FormatError
 from penjing.prune.structured import channels_
-from penjing.prune.surgery import METADATA_KEY
-from penjing.train import INTEGRITY_KEY, checkpoint_digest
 
 
 @pytest.fixture
@@ -59,9 +59,9 @@ EDITS = {
 def test_an_edited_change_list_is_a_format_error_and_leaves_the_model(pruned, tmp_path, edit):
     _, path = pruned
     tensors, metadata = _read(path)
-    rows = json.loads(metadata[METADATA_KEY])
+    rows = json.loads(metadata[PRUNED_KEY])
     EDITS[edit](rows)
-    metadata[METADATA_KEY] = json.dumps(rows)
+    metadata[PRUNED_KEY] = json.dumps(rows)
     bad = _write(tmp_path / "bad.safetensors", tensors, metadata)
     fresh = pj.models.create("lenet5")
     before = _snapshot(fresh)
@@ -76,9 +76,9 @@ def test_an_edited_change_list_is_a_format_error_and_leaves_the_model(pruned, tm
 def test_the_hash_covers_the_change_list(pruned, tmp_path):
     model, path = pruned
     tensors, metadata = _read(path)
-    rows = json.loads(metadata[METADATA_KEY])
+    rows = json.loads(metadata[PRUNED_KEY])
     rows[0][3] = rows[0][3][:-1]
-    metadata[METADATA_KEY] = json.dumps(rows)
+    metadata[PRUNED_KEY] = json.dumps(rows)
     bad = _write(tmp_path / "edited.safetensors", tensors, metadata, rehash=False)
     with pytest.raises(FormatError, match="do not match their SHA-256"):
         pj.prune.load_pruned(pj.models.create("lenet5"), bad)
@@ -98,7 +98,7 @@ def test_deep_or_huge_json_is_a_format_error(pruned, tmp_path):
     tensors, metadata = _read(path)
     for meta, match in (("[" * 50000 + "]" * 50000, "nests 50000 levels"),
                         ('[["conv1", "weight", 1' + "0" * 5000 + ", [0]]]", "5001 digits")):
-        metadata[METADATA_KEY] = meta
+        metadata[PRUNED_KEY] = meta
         bad = _write(tmp_path / "deep.safetensors", tensors, metadata)
         with pytest.raises(FormatError, match=match):
             pj.prune.load_pruned(pj.models.create("lenet5"), bad)

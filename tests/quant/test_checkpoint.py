@@ -204,8 +204,8 @@ def _rewrite(src, dst, edit) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from penjing.core.checkpoint import INTEGRITY_KEY, checkpoint_digest
     from penjing.quant.checkpoint import TENSOR_HASHED, _digest
-    from penjing.train import INTEGRITY_KEY, checkpoint_digest
 
     with safe_open(str(src), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118

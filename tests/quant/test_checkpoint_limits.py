@@ -11,11 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import penjing as pj
+from penjing.core.checkpoint import INTEGRITY_KEY, checkpoint_digest
 from penjing.errors import FormatError
 from penjing.quant import ptq, save_quantized
 from penjing.quant.checkpoint import _digest, load_quantized
 from penjing.quant.config import make_config
-from penjing.train import INTEGRITY_KEY, checkpoint_digest
 
 
 @pytest.fixture(scope="module")

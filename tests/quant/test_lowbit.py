@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import penjing as pj
-from penjing.prune.masks import finalize_
+from penjing.core.parametrize import finalize_
 from penjing.quant import lowbit
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from penjing.analysis.budget import Budget, BudgetError, Plan, plan_budget
 from penjing.analysis.report import format_table, paper_table, weight_histograms
 from penjing.analysis.sensitivity import EvaluateError, SensitivityTable, sensitivity
+from penjing.core.counting import count_macs, count_params, latency
 
 __all__ = [
     "Budget",
@@ -13,7 +14,10 @@ __all__ = [
     "EvaluateError",
     "Plan",
     "SensitivityTable",
+    "count_macs",
+    "count_params",
     "format_table",
+    "latency",
     "paper_table",
     "plan_budget",
     "sensitivity",

@@ -23,6 +23,9 @@ from torch import nn
 
 from penjing.analysis.sensitivity import SensitivityTable
 from penjing.errors import PenjingError
+from penjing.prune.magnitude import magnitude_
+from penjing.prune.schedule import agp, iterative
+from penjing.quant.shared import kmeans_
 
 CODEBOOK_ENTRY_BYTES = 4  # a float32 codebook value in the .pjz file
 
@@ -125,7 +128,6 @@ class Plan:
     def iterative(self, rounds: int) -> list[dict[str, float]]:
         """Per-layer sparsities for `rounds` prune → fine-tune rounds ending at the plan
         (each round removes the same share of each layer's surviving weights)."""
-        from penjing.prune.schedule import iterative
 
         steps = {name: iterative(c.sparsity, rounds) for name, c in self.layers.items()}
         return [{name: s[i] for name, s in steps.items()} for i in range(rounds)]
@@ -134,7 +136,6 @@ class Plan:
         """Per-layer sparsities at training step `step` of Zhu & Gupta's gradual schedule
         reaching the plan after `steps` steps from `start`: call magnitude_ with them every
         few steps from the training loop."""
-        from penjing.prune.schedule import agp
 
         return {name: min(c.sparsity, agp(step, c.sparsity, steps, start=start))
                 for name, c in self.layers.items()}
@@ -142,8 +143,6 @@ class Plan:
     def apply_(self, model: nn.Module, *, init: str = "linear") -> dict[str, float]:
         """Prune the model in place to the planned ratios (magnitude, per layer), then share
         weights at the planned bits if any; returns the sparsities reached."""
-        from penjing.prune.magnitude import magnitude_
-        from penjing.quant.shared import kmeans_
 
         reached = magnitude_(model, self.sparsities)
         if self.bits:
@@ -225,7 +224,7 @@ def _unit_cost(table: SensitivityTable, layer: str, kind: str) -> float:
     if kind == "macs":
         if layer not in table.macs:
             raise ValueError(f"a MACs budget needs table.macs for every layer; {layer!r} has none "
-                             "(pass macs= to sensitivity, e.g. from penjing.analysis.stats)")
+                             "(pass macs= to sensitivity, e.g. from penjing.core.counting)")
         return table.macs[layer] / table.sizes[layer]
     return 1.0
 

@@ -32,8 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from penjing.core.parametrize import select_layers
 from penjing.errors import PenjingError
-from penjing.prune.masks import select_layers
+from penjing.prune.graph import dependency_graph
+from penjing.prune.nm import nm_mask
+from penjing.prune.structured import score_groups
+from penjing.quant.kmeans import kmeans_1d
 
 GRANULARITIES = ("element", "channel", "nm")
 QUANTIZERS = ("kmeans", "linear")
@@ -146,7 +150,6 @@ def prune_weight(weight: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def nm_weight(weight: torch.Tensor, ratio: float) -> torch.Tensor:
-    from penjing.prune.nm import nm_mask
 
     n = round((1.0 - ratio) * NM_GROUP)
     if not 0 < n < NM_GROUP:
@@ -157,7 +160,6 @@ def nm_weight(weight: torch.Tensor, ratio: float) -> torch.Tensor:
 def kmeans_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """The weight with its non-zeros replaced by 2^bits − 1 k-means centroids (zeros kept,
     as Deep Compression stores them)."""
-    from penjing.quant.kmeans import kmeans_1d
 
     alive = weight != 0
     out = weight.clone()
@@ -243,8 +245,6 @@ def _layer_units(model, layers, axis, granularity, quantizer) -> list[_Unit]:
 
 
 def _channel_units(model, layers, example_inputs, criterion) -> list[_Unit]:
-    from penjing.prune.graph import dependency_graph
-    from penjing.prune.structured import score_groups
 
     if example_inputs is None:
         raise ValueError("granularity='channel' needs example_inputs= to trace the model")

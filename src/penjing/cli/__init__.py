@@ -21,7 +21,7 @@ EXIT_CODES = """exit codes:
 Every error is one line on stderr naming the file or option and what to do."""
 
 
-VERBS = ("train", "prune", "distill", "quantize", "encode", "export", "compress",
+VERBS = ("train", "prune", "distill", "quantize", "encode", "export", "compress", "apply",
          "sensitivity", "demo", "inspect")
 
 
@@ -71,7 +71,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "fields"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # `apply`: flags that name no field of the step's config, reported by it
+        args.fields = extra
     code: int | str | None = 1
     try:
         code = _run(args)

@@ -115,7 +115,7 @@ def factory(spec: str, num_classes: int | None, role: str = "model") -> Callable
 def load_model(spec: str, weights: str | os.PathLike | None, num_classes: int | None,
                role: str = "model") -> nn.Module:
     """A fresh `spec` model, rebuilt from the model file `weights` when given."""
-    from penjing.model_file import load
+    from penjing.core.model_file import load
 
     build = factory(spec, num_classes, role)
     return load(weights, build) if weights is not None else build().eval()
@@ -123,7 +123,7 @@ def load_model(spec: str, weights: str | os.PathLike | None, num_classes: int | 
 
 def save_model(model: nn.Module, path: str | os.PathLike, spec: str) -> int:
     """Write `model` as a penjing model file naming its architecture; the bytes written."""
-    from penjing.model_file import save
+    from penjing.core.model_file import save
 
     return save(model, path, metadata={"model": spec})
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from penjing.cli import common
+from penjing.core.parametrize import PRUNABLE, set_mask_
 from penjing.distill.cache import CachedTeacher
 from penjing.distill.ensemble import Ensemble
 from penjing.distill.kd import check_hints, check_pair, distill, example_batch
 from penjing.distill.losses import check_temperature, check_weight, resolve_soft_loss
-from penjing.prune.masks import PRUNABLE, set_mask_
 from penjing.train import evaluate, fit, seed_everything
 
 
@@ -103,7 +103,7 @@ def distill_named(
     of the starting student is also trained on the labels alone for the same epochs, and
     its accuracy printed beside the distilled one.
     """
-    from penjing.model_file import load
+    from penjing.core.model_file import load
 
     check_temperature(temperature)
     check_weight(alpha)

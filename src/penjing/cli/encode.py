@@ -29,7 +29,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from penjing.codec import save
-    from penjing.model_file import load
+    from penjing.core.model_file import load
 
     if not str(args.out).endswith(".pjz"):
         raise ValueError(f"--out {args.out!r} must end in .pjz")

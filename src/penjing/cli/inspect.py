@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
 
         print(inspect(args.path).format())
         return
-    from penjing.train import read_checkpoint
+    from penjing.core.checkpoint import read_checkpoint
 
     tensors, metadata = read_checkpoint(args.path, "model file", "penjing.save")
     size = sum(t.numel() * t.element_size() for t in tensors.values())

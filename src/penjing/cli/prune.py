@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from penjing.analysis.stats import count_macs, count_params, latency
 from penjing.cli import common
+from penjing.core.counting import count_macs, count_params, latency
+from penjing.core.parametrize import finalize_
 from penjing.prune.compact import compact_
 from penjing.prune.heads import HEAD_CRITERIA, heads_
 from penjing.prune.magnitude import check_sparsity
-from penjing.prune.masks import finalize_
 from penjing.prune.nm import check_nm, nm_
 from penjing.prune.patterns import PATTERNS, pattern_
 from penjing.prune.structured import GRANULARITIES, channels_, check_ratio
@@ -224,7 +224,7 @@ def _unskipped(model: nn.Module, ignored: list[str]) -> list[str] | None:
     """Prunable layers other than the skipped ones (None: all of them)."""
     if not ignored:
         return None
-    from penjing.prune.masks import PRUNABLE
+    from penjing.core.parametrize import PRUNABLE
 
     return [n for n, m in model.named_modules()
             if n and isinstance(m, PRUNABLE) and n not in ignored]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from penjing.cli import common
-from penjing.prune.masks import finalize_
+from penjing.core.parametrize import finalize_
 from penjing.quant.config import QuantConfig, make_config
 from penjing.quant.ptq import ptq, qat
 from penjing.quant.report import LayerStats, describe, format_layers, layer_report

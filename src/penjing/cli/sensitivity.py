@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
 
     from penjing import distributed
     from penjing.analysis import Budget, plan_budget, sensitivity
-    from penjing.prune.masks import PRUNABLE
+    from penjing.core.parametrize import PRUNABLE
     from penjing.train import evaluate
 
     distributed.init()

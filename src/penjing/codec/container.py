@@ -45,6 +45,8 @@ from penjing.codec.encoding import (
 from penjing.codec.entropy import CODER_NAMES, check_coders
 from penjing.codec.relindex import check_index_bits
 from penjing.codec.report import CompressionReport, layer_report
+from penjing.core import history, steps
+from penjing.core.parametrize import finalize_
 from penjing.errors import FormatError
 from penjing.io import atomic_write_bytes, parse_json
 
@@ -71,7 +73,6 @@ def _state_dict(obj: object) -> dict:
         if any(parametrize.is_parametrized(m) for m in obj.modules()):
             # live masks or shared weights: store what the layers compute, not the raw
             # originals and int64 codes, which no fresh model could load
-            from penjing.prune.masks import finalize_
 
             obj = copy.deepcopy(obj)
             finalize_(obj)
@@ -129,8 +130,8 @@ def _build(
     data = [section for e in encoded for _, section in e.sections]
     manifest = {"format": "pjz", "data_bytes": sum(map(len, data)),
                 "tensors": [e.entry for e in encoded]}
-    if isinstance(obj, nn.Module) and (steps := structure(obj)):
-        manifest["history"] = steps  # penjing.load rebuilds the pruned structure from it
+    if isinstance(obj, nn.Module) and (recorded := structure(obj)):
+        manifest["history"] = recorded  # penjing.load rebuilds the pruned structure from it
     manifest = zlib.compress(
         json.dumps(
             manifest,
@@ -420,7 +421,7 @@ def load_with_history(
     path: str | os.PathLike, *, max_memory: int | None = None
 ) -> tuple[dict[str, torch.Tensor], list]:
     """`load`, plus the structural history the file records (empty when it has none;
-    see penjing.history), from one read of the file."""
+    see penjing.core.history), from one read of the file."""
     budget = _budget(max_memory)
     data = memoryview(_read_file(path))
     head = data[: _HEADER.size]
@@ -463,11 +464,9 @@ def load_with_history(
 
 
 def structure(model: nn.Module) -> list[dict]:
-    """The steps of `model`'s history that change its structure (see penjing.history);
+    """The steps of `model`'s history that change its structure (see penjing.core.history);
     masks and shared weights are baked into a .pjz, so their steps are left out."""
-    from penjing import history
-
-    return [s for s in history.steps(model) if s["op"] in history.STRUCTURAL]
+    return [s for s in history.steps(model) if steps.get(s["op"]).structural]
 
 
 def inspect(path: str | os.PathLike) -> CompressionReport:

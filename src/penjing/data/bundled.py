@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from penjing.errors import MissingDependencyError
+from penjing.spec import import_object
 
 # The usual MNIST statistics (full 60k training set); the subset's own differ by < 1 %.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -115,7 +116,6 @@ def load(spec: str) -> DataSplit:
                 "'package.module:function' returning a penjing.data.DataSplit"
             )
         return DATASETS[spec]()
-    from penjing.spec import import_object
 
     factory = import_object(spec, "data")
     try:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
+from penjing.core.modes import eval_mode
 from penjing.distill.kd import check_pair
 from penjing.distill.transforms import (
     LABEL_PRESERVING,
@@ -27,7 +28,7 @@ from penjing.distill.transforms import (
     Transform,
     resolve_transforms,
 )
-from penjing.train import History, eval_mode, fit
+from penjing.train import History, fit
 
 
 @dataclass

@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from penjing import inputs
-from penjing.train import History, eval_mode, fit
+from penjing.core.modes import eval_mode
+from penjing.train import History, fit
 
 # (student hidden, teacher hidden, token mask (N, T) of 0/1 or None) → scalar loss
 HiddenLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]

@@ -17,7 +17,8 @@ from itertools import chain
 import torch
 from torch import nn
 
-from penjing.train import History, eval_mode, fit, make_optimizer
+from penjing.core.modes import eval_mode
+from penjing.train import History, fit, make_optimizer
 
 
 def find_layer(model: nn.Module, name: str, role: str = "model") -> nn.Module:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from penjing.core.modes import eval_mode
 from penjing.distill.cache import CachedTeacher
 from penjing.distill.ensemble import Ensemble
 from penjing.distill.hints import build_regressor, find_layer, train_hints_
@@ -24,7 +25,7 @@ from penjing.distill.losses import (
     kd_loss,
     resolve_soft_loss,
 )
-from penjing.train import History, eval_mode, fit
+from penjing.train import History, fit
 
 
 def example_batch(loader: Iterable, size: int = 2) -> torch.Tensor:

@@ -13,9 +13,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from penjing.core.modes import eval_mode
 from penjing.distill.kd import example_batch
 from penjing.distill.losses import check_temperature, soft_target
-from penjing.train import History, eval_mode, evaluate, make_optimizer, seed_everything
+from penjing.train import History, evaluate, make_optimizer, seed_everything
 
 
 def mutual_losses(

@@ -22,6 +22,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.nn.utils import parametrize
 
+from penjing.export.qdq import prune_unused
+from penjing.quant.fakequant import WeightQuant
+from penjing.quant.linear import PerGroup, quantize
+
 MARKER = ("penjing", "GroupQuantized")
 BLOCKED_OPSET = 21  # DequantizeLinear's block_size and the int4 / uint4 types
 CONTRIB = "com.microsoft"
@@ -40,8 +44,6 @@ class Blocks(NamedTuple):
 def group_quantizers(model: nn.Module) -> dict[int, Blocks]:
     """{id of a group-wise WeightQuant: its Blocks} for every weight of `model` quantized
     in groups; the value quantized is what reaches the quantizer (after any mask)."""
-    from penjing.quant.fakequant import WeightQuant
-    from penjing.quant.linear import PerGroup, quantize
 
     found = {}
     for module_name, module in model.named_modules():
@@ -246,7 +248,6 @@ def finish_blocked(model: onnx.ModelProto, quantizers: dict, opset: int,
                    contrib_ops: bool = True) -> onnx.ModelProto:
     """Integers for every marked weight, GatherBlockQuantized for embedding lookups when
     `contrib_ops`, the opset that blocked DequantizeLinear needs, no dead constants."""
-    from penjing.export.qdq import prune_unused
 
     store_blocked(model, quantizers)
     if contrib_ops:

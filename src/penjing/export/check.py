@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from penjing.export.ort import ort_run
 from penjing.inputs import Inputs, call, first_tensor
+from penjing.quant.fakequant import ActQuant
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,6 @@ class Agreement:
 
 def output_step(model: nn.Module) -> float | None:
     """The scale of the activation quantizer whose value the model returns, if one does."""
-    from penjing.quant.fakequant import ActQuant
 
     if not isinstance(model, fx.GraphModule):
         return None

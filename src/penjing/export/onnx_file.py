@@ -16,10 +16,16 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from penjing.errors import UnsupportedLayerError
-from penjing.inputs import flat_outputs
+from penjing.errors import PenjingWarning, UnsupportedLayerError
+from penjing.export.blocked import BLOCKED_OPSET, finish_blocked, group_quantizers
+from penjing.export.qdq import finish_qdq, float_joins, float_layers
+from penjing.hf import is_hf
+from penjing.inputs import flat_outputs, split
 from penjing.inputs import output_names as default_output_names
 from penjing.io import atomic_write_bytes
+from penjing.quant.eager import quantized_inputs
+from penjing.quant.fakequant import ActQuant, get_weight_quant
+from penjing.quant.graph import quantized_joins
 
 
 class _Keywords(nn.Module):
@@ -38,7 +44,6 @@ class _Keywords(nn.Module):
 def _as_args(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, list[str]]:
     """The module to trace, its positional `args` for a tensor, a tuple of tensors or a
     dict of keyword tensors, and the default input names (the dict's keys)."""
-    from penjing.inputs import split
 
     args, kwargs = split(example_inputs, "example_inputs")
     if kwargs:
@@ -84,7 +89,6 @@ def _unsupported(err: Exception, model: nn.Module, args: tuple) -> UnsupportedLa
 def _check_quantizers(model: nn.Module) -> None:
     """QDQ in ONNX opset 17 holds at most 8 bits: name the first activation quantizer
     that needs more, or that was never calibrated."""
-    from penjing.quant.fakequant import ActQuant
 
     for name, module in model.named_modules():
         if not isinstance(module, ActQuant):
@@ -106,10 +110,8 @@ def _quantized_layers(model: nn.Module) -> list[str]:
     each should become one integer kernel in the exported file."""
     from torch import fx
 
-    from penjing.quant.fakequant import ActQuant, get_weight_quant
 
     if not isinstance(model, fx.GraphModule):
-        from penjing.quant.eager import quantized_inputs
 
         return quantized_inputs(model)
     found = []
@@ -130,9 +132,6 @@ def _check_integer_layers(model: nn.Module, proto) -> None:
     """Warn when the file has fewer integer-ready layers or joins than the model quantized:
     an op between a quantizer and its layer (inside a layer subclass's forward, say), or
     between a join and its quantizers, leaves it to a float kernel in ONNX Runtime."""
-    from penjing.errors import PenjingWarning
-    from penjing.export.qdq import float_joins, float_layers
-    from penjing.quant.graph import quantized_joins
 
     expected = _quantized_layers(model)
     fused, left = float_layers(proto)
@@ -162,7 +161,6 @@ def _axes(model, example_inputs, outputs, input_names, output_names, dynamic_bat
           dynamic_axes):
     """{name: {axis: label}}: the batch axis of every input and output, the sequence axis
     of a Hugging Face model's 2-D inputs, and what `dynamic_axes` adds."""
-    from penjing.hf import is_hf
 
     names = [*input_names, *output_names]
     axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names} if dynamic_batch else {}
@@ -228,8 +226,6 @@ def onnx(
     """
     import onnx as onnx_lib
 
-    from penjing.export.blocked import BLOCKED_OPSET, finish_blocked, group_quantizers
-    from penjing.export.qdq import finish_qdq
 
     groups = group_quantizers(model)
     blocked = any(b.spec.bits <= 8 for b in groups.values())

@@ -12,6 +12,7 @@ from penjing.models.mobilenet import MobileNetV2
 from penjing.models.resnet import ResNet, resnet20, resnet56
 from penjing.models.students import MLP, ThinLeNet5
 from penjing.models.vgg import SmallVGG
+from penjing.spec import import_object
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": LeNet300,
@@ -46,7 +47,6 @@ def build(spec: str, num_classes: int | None = None, role: str = "model") -> nn.
                 "'package.module:function' (a function of no arguments returning an nn.Module)"
             )
         return create(spec) if num_classes is None else create(spec, num_classes=num_classes)
-    from penjing.spec import import_object
 
     factory = import_object(spec, role)
     if not callable(factory):

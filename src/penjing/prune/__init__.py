@@ -4,6 +4,15 @@ removes channels (dependency graph, groups, surgery) and attention heads."""
 
 from __future__ import annotations
 
+from penjing.core.parametrize import (
+    PRUNABLE,
+    Mask,
+    finalize_,
+    get_mask,
+    masks,
+    select_layers,
+    set_mask_,
+)
 from penjing.prune.compact import ShapeConv2d, StripeConv2d, compact_
 from penjing.prune.criteria import CRITERIA, taylor
 from penjing.prune.explain import explain
@@ -12,7 +21,6 @@ from penjing.prune.groups import Group, Slice
 from penjing.prune.heads import HeadAttention, heads_
 from penjing.prune.hf_heads import count_hf_macs, hf_ffn_, hf_heads_, load_pretrained
 from penjing.prune.magnitude import check_sparsity, magnitude_
-from penjing.prune.masks import PRUNABLE, Mask, finalize_, get_mask, masks, select_layers, set_mask_
 from penjing.prune.nm import is_nm, nm_, nm_mask
 from penjing.prune.ops import KINDS, register_op
 from penjing.prune.patterns import (

@@ -24,9 +24,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from penjing import history
+from penjing.core import history
+from penjing.core.parametrize import own_class_
+from penjing.core.steps import Step
 from penjing.errors import UnsupportedLayerError
-from penjing.prune.masks import own_class_
 
 
 def _positions(kernel: tuple[int, int]) -> list[tuple[int, int]]:
@@ -240,3 +241,10 @@ def replay_compact_(model: nn.Module, layers: dict[str, list]) -> None:
         new = (StripeConv2d if kind == "stripe" else ShapeConv2d)(conv, mask)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
+
+
+STEP = Step(
+    "compact", history.replaying(lambda m, step: replay_compact_(m, dict(step["layers"]))),
+    structural=True,
+    help="convs with pruned stripes or shapes rebuilt smaller (penjing.prune.compact_)",
+)

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from penjing.core.modes import eval_mode
 from penjing.prune.groups import Group, Slice
-from penjing.train import LossFn, cross_entropy, eval_mode
+from penjing.train import LossFn, cross_entropy
 
 Criterion = Callable[[nn.Module, Group], "torch.Tensor | None"]
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)

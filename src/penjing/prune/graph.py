@@ -26,11 +26,12 @@ from torch import nn
 from torch.nn.utils import stateless
 
 from penjing import tracing
+from penjing.core.modes import eval_mode
 from penjing.errors import PenjingWarning, UnsupportedLayerError
 from penjing.prune import ops
+from penjing.prune.groups import build_groups
 from penjing.prune.labels import Slot, UnionFind
 from penjing.prune.propagate import Propagator
-from penjing.train import eval_mode
 
 __all__ = ["DependencyGraph", "Slot", "dependency_graph", "trace"]
 
@@ -45,7 +46,6 @@ class DependencyGraph:
 
     def groups(self):
         """The prunable groups of coupled channels (see `penjing.prune.groups.Group`)."""
-        from penjing.prune.groups import build_groups
 
         self.sets.freeze()
         return build_groups(self)

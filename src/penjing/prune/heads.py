@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from penjing import history
+from penjing.core import history
+from penjing.core.steps import Step
 from penjing.errors import UnsupportedLayerError
 
 
@@ -215,3 +216,10 @@ def replay_heads_(model: nn.Module, layers: dict[str, list[int]]) -> None:
             raise ValueError(f"layer {name!r} has {attn.num_heads} heads; cannot keep {kept}")
         if len(kept) < attn.num_heads:
             _keep_heads(attn, index)
+
+
+STEP = Step(
+    "heads", history.replaying(lambda m, step: replay_heads_(m, dict(step["layers"]))),
+    structural=True,
+    help="attention heads removed from nn.MultiheadAttention (penjing.prune.heads_)",
+)

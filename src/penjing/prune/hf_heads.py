@@ -19,7 +19,7 @@ the head size from `hidden_size / num_attention_heads`, and transformers 5 dropp
 32"; the kept heads are recorded in the config as `penjing_kept_heads` and
 `load_pretrained` rebuilds the pruned shapes before loading the weights.
 
-Both are recorded in the model's history (`penjing.history`, ops "hf_heads" and "hf_ffn"),
+Both are recorded in the model's history (`penjing.core.history`, ops "hf_heads" and "hf_ffn"),
 so `pj.save(model, path)` and `pj.load(path, lambda: BertModel(config))` with the config the
 model was built from replay the cuts before loading the weights. `count_hf_macs` counts what
 the attention and FFN blocks cost per token, attention products included.
@@ -47,7 +47,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing import history, inputs
+from penjing import inputs
+from penjing.core import history
+from penjing.core.steps import Step
 from penjing.errors import UnsupportedLayerError
 
 CRITERIA = ("l1", "activation")
@@ -429,3 +431,9 @@ def count_hf_macs(model: nn.Module, tokens: int) -> int:
     for block in blocks:
         total += sum(model.get_submodule(n).weight.numel() for n in (block.inner, block.outer))
     return total
+
+
+HEADS_STEP = Step("hf_heads", history.replaying(replay_hf_), structural=True,
+                  help="heads removed from Hugging Face attention (penjing.prune.hf_heads_)")
+FFN_STEP = Step("hf_ffn", history.replaying(replay_hf_), structural=True,
+                help="FFN neurons removed from Hugging Face blocks (penjing.prune.hf_ffn_)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from penjing.prune.masks import select_layers, set_mask_
+from penjing.core.parametrize import select_layers, set_mask_
 
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:

@@ -3,7 +3,7 @@
 2:4 is what NVIDIA's sparse tensor cores (Ampere and later) run at up to twice the dense
 rate. The groups run along the reduction dim: a Linear's input features, and a conv's input
 channels at each kernel position (weight viewed as out × kh × kw × in), which is how the
-sparse kernels lay a conv out. Masks are ordinary `penjing.prune.masks` parametrizations,
+sparse kernels lay a conv out. Masks are ordinary `penjing.core.parametrize` parametrizations,
 so fine-tuning keeps the pattern.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from penjing.prune.masks import get_mask, select_layers, set_mask_
+from penjing.core.parametrize import get_mask, select_layers, set_mask_
 
 
 def check_nm(n: int, m: int) -> None:

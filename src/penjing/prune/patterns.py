@@ -1,7 +1,7 @@
 """Structured masks: zero whole groups of weights (shapes, kernels, stripes, vectors, blocks).
 
 A *pattern* cuts a weight into groups; `pattern_` zeroes the lowest-norm `sparsity` of the
-groups of every chosen layer with the ordinary `penjing.prune.masks` parametrization, so
+groups of every chosen layer with the ordinary `penjing.core.parametrize` parametrization, so
 fine-tuning keeps them at zero. `group_lasso` is the regularizer that trains a network
 towards such a pattern (Wen et al., NeurIPS'16: λ·Σ_g √|g|·‖w_g‖₂ drives whole groups to 0).
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from penjing.core.parametrize import get_mask, select_layers, set_mask_
 from penjing.errors import UnsupportedLayerError
 from penjing.prune.magnitude import check_sparsity
-from penjing.prune.masks import get_mask, select_layers, set_mask_
 from penjing.train import LossFn, cross_entropy, with_penalty
 
 

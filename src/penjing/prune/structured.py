@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from penjing.analysis.stats import count_macs
+from penjing.core.counting import count_macs
 from penjing.errors import PenjingWarning
 from penjing.prune.criteria import Criterion, resolve
+from penjing.prune.explain import pinned
 from penjing.prune.graph import DependencyGraph, dependency_graph
 from penjing.prune.groups import Group
 from penjing.prune.surgery import Change, apply_, plan
@@ -226,7 +227,6 @@ def channels_(
 def _warn_nothing_removed(graph: DependencyGraph, scored: int) -> None:
     """Say why a call that was asked to prune removes nothing: which layers' channels stay,
     and the op that keeps each."""
-    from penjing.prune.explain import pinned
 
     stay = pinned(graph)
     found = len(graph.groups())

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing import history
+from penjing.core import history
+from penjing.core.checkpoint import load_state, read_checkpoint, save_checkpoint
+from penjing.core.model_file import PRUNED_KEY
+from penjing.core.steps import Step
 from penjing.errors import FormatError, UnsupportedLayerError
+from penjing.io import parse_json
 from penjing.prune.graph import DependencyGraph
 from penjing.tracing import layer_class
-from penjing.train import load_state, read_checkpoint, save_checkpoint
-
-METADATA_KEY = "penjing.prune.changes"
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def changes_to_rows(changes: Iterable[Change]) -> list[list]:
 def save_pruned(model: nn.Module, changes: list[Change], path: str | os.PathLike) -> None:
     """Write the pruned weights as safetensors with the change list in its metadata, atomically."""
     meta = json.dumps(changes_to_rows(changes))
-    save_checkpoint(model, path, metadata={METADATA_KEY: meta})
+    save_checkpoint(model, path, metadata={PRUNED_KEY: meta})
 
 
 _MAX_DIM = 8  # tensors of more dimensions than this are not sliced by structured pruning
@@ -159,7 +160,6 @@ _MAX_DIM = 8  # tensors of more dimensions than this are not sliced by structure
 def _changes_from_json(meta: object) -> list[Change]:
     """The change list in a file's metadata, each row checked for types and order (a row
     may only keep strictly increasing indices, so replaying it can only shrink a model)."""
-    from penjing.io import parse_json
 
     return changes_from_rows(parse_json(meta, "the change list"))
 
@@ -220,14 +220,14 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     import copy
 
     state, metadata = read_checkpoint(path, "pruned model", "penjing.prune.save_pruned")
-    meta = metadata.get(METADATA_KEY)
+    meta = metadata.get(PRUNED_KEY)
     if meta is None:
-        raise FormatError(f"{str(path)!r} has no {METADATA_KEY!r} metadata; write it with "
+        raise FormatError(f"{str(path)!r} has no {PRUNED_KEY!r} metadata; write it with "
                           "penjing.prune.save_pruned")
     try:
         changes = _changes_from_json(meta)
     except ValueError as err:  # bad JSON, or not [fqn, name, dim, kept] rows
-        raise FormatError(f"the {METADATA_KEY!r} metadata of {str(path)!r} is not a list of "
+        raise FormatError(f"the {PRUNED_KEY!r} metadata of {str(path)!r} is not a list of "
                           f"[module, tensor, dim, kept indices] ({err}); write it with "
                           "penjing.prune.save_pruned") from err
     try:
@@ -239,9 +239,20 @@ def load_pruned(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise
     except (ValueError, TypeError, IndexError, AttributeError, KeyError, RuntimeError,
             UnsupportedLayerError) as err:
-        raise FormatError(f"the {METADATA_KEY!r} metadata of {str(path)!r} does not apply to "
+        raise FormatError(f"the {PRUNED_KEY!r} metadata of {str(path)!r} does not apply to "
                           f"this {type(model).__name__} ({err}); write it with "
                           "penjing.prune.save_pruned from this architecture") from err
     # The copy took every change and weight; the same steps on `model` cannot fail.
     apply_(model, changes)
     return load_state(model, state, path)
+
+
+def _replay(model: nn.Module, record: dict, tensors) -> nn.Module:
+    changes = changes_from_rows(record.get("changes"))
+    _check_against(model, changes)
+    apply_(model, changes)  # records the step again
+    return model
+
+
+STEP = Step("channels", _replay, structural=True,
+            help="channels removed across coupled layers (penjing.prune.channels_)")

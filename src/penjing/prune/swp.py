@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from penjing.core.parametrize import get_mask, own_class_, set_mask_
 from penjing.errors import UnsupportedLayerError
 from penjing.prune.magnitude import check_sparsity
-from penjing.prune.masks import get_mask, own_class_, set_mask_
 from penjing.prune.patterns import Stripe, pattern_mask
 from penjing.train import LossFn, cross_entropy, with_penalty
 

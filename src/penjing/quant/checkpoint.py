@@ -15,19 +15,19 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from penjing.core import steps
+from penjing.core.checkpoint import INTEGRITY_KEY, load_state, read_checkpoint, save_checkpoint
 from penjing.errors import FormatError, PenjingError
 from penjing.io import parse_json
-from penjing.quant.config import QuantConfig
+from penjing.quant.config import QuantConfig, resolve_filter
 from penjing.quant.fakequant import ActQuant, WeightQuant
 from penjing.quant.linear import PerChannel, PerGroup, PerTensor, QuantSpec, dequantize, quantize
-from penjing.train import INTEGRITY_KEY, load_state, read_checkpoint, save_checkpoint
 
 # 2: weights of 4 bits and fewer packed two to a byte; 3: the file's SHA-256
 # (penjing.sha256, see save_checkpoint) covers the config as well as the tensors.
@@ -183,18 +183,21 @@ def unpack_nibbles(packed: torch.Tensor, qmin: int, shape: torch.Size) -> torch.
     return (flat.to(torch.int32) + qmin).reshape(shape)
 
 
-def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLike) -> int:
-    """Write the quantized `model` (from `ptq` / `qat` with `config`) to `path`; return
-    the file size in bytes. Weights are stored as integers (packed two to a byte at 4
-    bits and below), the rest as float32."""
+def check_calibrated(model: nn.Module) -> None:
+    """A ValueError naming the first activation quantizer that has not seen data yet."""
     for name, module in model.named_modules():
         if isinstance(module, ActQuant) and not module.frozen:
             raise ValueError(
                 f"activation quantizer {name!r} is not calibrated yet; save the model that "
-                "ptq / qat returned"
+                "penjing.quant.ptq / qat returned"
             )
-    from penjing.quant.config import resolve_filter
 
+
+def save_quantized(model: nn.Module, config: QuantConfig, path: str | os.PathLike) -> int:
+    """Write the quantized `model` (from `ptq` / `qat` with `config`) to `path`; return
+    the file size in bytes. Weights are stored as integers (packed two to a byte at 4
+    bits and below), the rest as float32."""
+    check_calibrated(model)
     state = integer_state(model)
     config = resolve_filter(config, model)
     metadata = {"format": FORMAT, "config": json.dumps(config_to_dict(config))}
@@ -266,9 +269,9 @@ def _fitting(
 def _rebuild(
     model: nn.Module, config: QuantConfig, tensors: dict, path: str | os.PathLike
 ) -> nn.Module:
-    from penjing.quant.ptq import prepare
-
-    q = prepare(model, replace(config, learnable=False))  # learned scales are stored baked
+    # the quantize step's replay: prepare with learned scales off (they are stored baked)
+    q = steps.get("quantize").replay(model, {"op": "quantize", "config": config_to_dict(
+        config)}, tensors)
     load_state(q, restore_state(q, tensors, path), path)
     return q.eval()
 

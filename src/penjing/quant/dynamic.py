@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from penjing import history
+from penjing.core import history
+from penjing.quant.eager import conv1d_to_linear_
 
 _ONNX_FLOAT, _ONNX_INT8 = 1, 3  # TensorProto data types
 
@@ -110,7 +111,6 @@ def dynamic(
     `penjing.export.cpu_saturates_int8()`). `filter_fn(module, name)` picks layers (all
     Linear layers by default). A model without a Linear layer is an error.
     """
-    from penjing.quant.eager import conv1d_to_linear_
 
     quantized = copy.deepcopy(model).eval()
     history.carry(model, quantized)

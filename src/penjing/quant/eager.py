@@ -25,8 +25,11 @@ import copy
 import torch
 from torch import nn
 
-from penjing import history
+from penjing.core import history
+from penjing.quant.checkpoint import config_to_dict
+from penjing.quant.config import resolve_filter, select
 from penjing.quant.fakequant import ActQuant
+from penjing.quant.weights import quantize_weights_
 
 INPUT_QUANT = "input_quant"  # name of the ActQuant child a Linear's pre-hook applies
 
@@ -63,16 +66,12 @@ def conv1d_to_linear_(model: nn.Module) -> list[str]:
 def prepare(model: nn.Module, config, *, qat: bool = False) -> nn.Module:
     """A copy of `model` with fake-quantized weights and an observing input quantizer on
     every chosen Linear (pj.quant.prepare for models that are not traced)."""
-    from penjing.quant.checkpoint import config_to_dict
-    from penjing.quant.config import resolve_filter, select
-    from penjing.quant.ptq import _quantize_weights
-
     quantized = copy.deepcopy(model).eval()
     history.carry(model, quantized)
     conv1d_to_linear_(quantized)
     config = resolve_filter(config, quantized)  # stored in the history, so no function in it
     chosen = select(quantized, config, None)
-    _quantize_weights(quantized, chosen, config, qat)
+    quantize_weights_(quantized, chosen, config, qat)
     if config.activation is not None:
         modules = dict(quantized.named_modules())
         for name in chosen:

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from penjing import tracing
 from penjing.errors import PenjingWarning
 from penjing.quant.fold import fold_bn_
+from penjing.quant.graph import activation
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -219,7 +220,6 @@ def _walk(gm: fx.GraphModule, node: fx.Node) -> _Candidate | None:
             pads |= user.op == "call_module" and isinstance(
                 gm.get_submodule(user.target), nn.ZeroPad1d | nn.ZeroPad2d | nn.ZeroPad3d)
         else:
-            from penjing.quant.graph import activation
 
             if activation(gm, user) is None or not _reaches_layer(gm, user):
                 return None

@@ -166,6 +166,8 @@ class WeightQuant(_LearnableScale):
     learns the scale instead (LSQ, see _LearnableScale).
     """
 
+    history_op = "quantize"  # a model file keeps it through that step, not "parametrize"
+
     def __init__(
         self,
         weight: torch.Tensor,

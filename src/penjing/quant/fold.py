@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from penjing.core.parametrize import Mask
 from penjing.errors import PenjingWarning
-from penjing.prune.masks import Mask
 from penjing.tracing import Tracer
 
 _FOLDABLE = {

@@ -29,6 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from penjing.train import fit
+
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BINARY_METHODS = ("binaryconnect", "bwn", "xnor")
 INQ_SCHEDULE = (0.5, 0.75, 0.875, 1.0)
@@ -362,7 +364,6 @@ def inq(
 
     >>> pj.quant.inq(model, train, bits=5, epochs=1)   # then finalize_ and save
     """
-    from penjing.train import fit
 
     steps = list(schedule)
     if not steps or any(not a < b for a, b in zip([0.0, *steps], steps, strict=False)) \

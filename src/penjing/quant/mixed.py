@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from penjing import inputs
 from penjing.quant.config import QuantConfig
 from penjing.quant.fakequant import weight_qparams
-from penjing.quant.linear import PerChannel, QuantSpec, fake_quantize
+from penjing.quant.linear import PerChannel, QuantSpec, fake_quantize, sqnr
 
 MIXED_BITS = (2, 4, 8, 16)
 METRICS = ("sqnr", "loss")
@@ -115,7 +115,6 @@ def sensitivity(
 
     def score(outs: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
         if metric == "sqnr":
-            from penjing.quant.linear import sqnr
 
             return sqnr(torch.cat(ref), torch.cat(outs))
         losses = [F.cross_entropy(o, b[1]) for o, b in zip(outs, data, strict=True)]

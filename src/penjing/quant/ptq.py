@@ -12,22 +12,30 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing import distributed, history, inputs
+from penjing import distributed, inputs
+from penjing.core import history
+from penjing.core.steps import Step
 from penjing.hf import is_hf
-from penjing.prune.masks import own_class_
 from penjing.quant import eager
-from penjing.quant.checkpoint import config_to_dict
+from penjing.quant.checkpoint import (
+    check_calibrated,
+    config_from_dict,
+    config_to_dict,
+    integer_state,
+    restore_state,
+)
 from penjing.quant.config import QuantConfig, resolve_filter, select
-from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_tensors
+from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant
 from penjing.quant.fold import fold_bn_
 from penjing.quant.graph import insert_quantizers, layer_order, trace
-from penjing.quant.linear import QuantSpec
-from penjing.quant.shared import get_shared
+from penjing.quant.weights import quantize_weights_
+from penjing.train import fit
 
 
 def _check_config(config: QuantConfig) -> None:
@@ -48,35 +56,8 @@ def quantize_(
     """
     _check_config(config)
     config = resolve_filter(config, model)
-    added = _quantize_weights(model, select(model, config, order), config, qat)
+    added = quantize_weights_(model, select(model, config, order), config, qat)
     history.record(model, {"op": "quantize", "config": config_to_dict(config), "in_place": True})
-    return added
-
-
-def _quantize_weights(
-    model: nn.Module, chosen: dict[str, QuantSpec | None], config: QuantConfig, qat: bool
-) -> dict[str, WeightQuant]:
-    """`quantize_` on the layers `select` chose."""
-    modules = dict(model.named_modules())
-    added = {}
-    for name, spec in chosen.items():
-        if spec is None:
-            continue
-        for path, tensor in weight_tensors(modules[name]):
-            owner = modules[name].get_submodule(path)
-            key = ".".join(p for p in (name, path) if p)
-            key += "" if tensor == "weight" else f".{tensor}"
-            if get_weight_quant(owner, tensor) is not None or get_shared(owner) is not None:
-                raise ValueError(
-                    f"layer {key!r} already has quantized or shared weights; finalize_ it first"
-                )
-            try:
-                quant = WeightQuant(getattr(owner, tensor), spec, config.weight_range,
-                                    config.learnable, qat)
-            except ValueError as err:
-                raise ValueError(f"layer {key!r}: {err}") from err
-            parametrize.register_parametrization(own_class_(owner), tensor, quant)
-            added[key] = quant
     return added
 
 
@@ -94,7 +75,7 @@ def prepare(model: nn.Module, config: QuantConfig, *, qat: bool = False) -> nn.M
     fold_bn_(model)
     order = layer_order(model, config) if config.activation is not None else None
     chosen = select(model, config, order)
-    _quantize_weights(model, chosen, config, qat)
+    quantize_weights_(model, chosen, config, qat)
     step = {"op": "quantize", "config": config_to_dict(config)}
     if config.activation is None:
         history.record(model, step)
@@ -212,7 +193,6 @@ def qat(
     Activation ranges come from `calib_batches` batches of `train_loader` and then stay
     fixed, or are learned (LSQ) with `config.learnable`. Weight ranges follow the weights.
     """
-    from penjing.train import fit
 
     config = config or QuantConfig()
     q = prepare(model, config, qat=True)
@@ -224,3 +204,21 @@ def qat(
     freeze_(q)
     q.eval()
     return q
+
+
+def _replay(model: nn.Module, record: dict, tensors) -> nn.Module:
+    config = replace(config_from_dict(record["config"]), learnable=False)
+    if record.get("in_place"):
+        quantize_(model, config)
+        return model
+    return prepare(model, config)
+
+
+def _stored(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a model file keeps of a quantized model: integer weights and their scales."""
+    check_calibrated(model)
+    return integer_state(model)
+
+
+STEP = Step("quantize", _replay, save_state=_stored, load_state=restore_state,
+            help="fake-quantized weights and activations (penjing.quant.ptq, qat, weight_only)")

@@ -16,21 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing.prune.masks import get_mask, own_class_, select_layers
+from penjing.core.parametrize import SharedWeights, get_mask, own_class_, select_layers
 from penjing.quant.kmeans import check_bits, kmeans_1d
-
-
-class SharedWeights(nn.Module):
-    """Parametrization `weight -> [0, *centroids][codes]`; the original weight is not used."""
-
-    def __init__(self, centroids: torch.Tensor, codes: torch.Tensor) -> None:
-        super().__init__()
-        self.centroids = nn.Parameter(centroids)
-        self.register_buffer("codes", codes)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        table = torch.cat([self.centroids.new_zeros(1), self.centroids])
-        return table[self.codes].to(weight.dtype)
 
 
 @dataclass(frozen=True)

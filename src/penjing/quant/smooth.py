@@ -39,7 +39,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from penjing import history, inputs
+from penjing import inputs
+from penjing.core import history
+from penjing.core.steps import Step
 
 _EPS = 1e-5  # floor for ranges and scales: a dead channel must not give s = 0 or inf
 _SAME = 1e-4  # fold check: largest output change allowed, relative to the output's range
@@ -246,3 +248,9 @@ def _fold(model: nn.Module, norm: nn.LayerNorm, scale: torch.Tensor, first, refe
                       strict=True):
         p.copy_(old)
     return False
+
+
+STEP = Step(
+    "smooth", history.replaying(lambda m, step: replay_smooth_(m, step["layers"])),
+    structural=True, help="Linear inputs scaled before quantization (penjing.quant.smooth_)",
+)

@@ -15,7 +15,17 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from penjing.recipes.schema import CHOOSER, PRUNE, QUANTIZE, STAGES, TAGS, Recipe, RecipeError
+from penjing.recipes.schema import (
+    CHOOSER,
+    PRUNE,
+    QUANTIZE,
+    TAGS,
+    Recipe,
+    RecipeError,
+    stage_names,
+    stage_tag,
+)
+from penjing.spec import import_plugins, on_path
 
 
 def _where(path: str | os.PathLike | None) -> str:
@@ -97,8 +107,6 @@ def _label(data: Any, path: list) -> str:
 def _model_at(data: Any, path: list) -> type[BaseModel]:
     """The schema class of the mapping at `path` (the recipe, or one of its stages)."""
     if len(path) >= 2 and path[0] == "stages" and isinstance(path[1], int):
-        from penjing.recipes.schema import stage_tag
-
         stages = data.get("stages") if isinstance(data, dict) else None
         if isinstance(stages, list) and path[1] < len(stages):
             tag = stage_tag(stages[path[1]])
@@ -116,16 +124,17 @@ def _stage_problem(data: Any, root: yaml.Node | None, path: list, where: str) ->
     """The message for a stage whose kind (or granularity / method) is missing or unknown."""
     stage = data["stages"][path[1]]
     label = _label(data, path)
+    names = stage_names()
     if not isinstance(stage, dict):
         return (f"{where} line {_line(root, path)}: {label}: a stage must be a mapping with "
-                f"a 'stage' key, got {stage!r}; stages: {', '.join(STAGES)}")
+                f"a 'stage' key, got {stage!r}; stages: {', '.join(names)}")
     kind = stage.get("stage")
     if kind is None:
         return (f"{where} line {_line(root, path)}: {label}: missing key 'stage'; "
-                f"give one of {', '.join(STAGES)}")
-    if kind not in STAGES:
+                f"give one of {', '.join(names)}")
+    if kind not in names:
         return (f"{where} line {_line(root, [*path, 'stage'])}: {label}.stage: unknown stage "
-                f"{kind!r}{_near(kind, list(STAGES))}; allowed: {', '.join(STAGES)}")
+                f"{kind!r}{_near(kind, names)}; allowed: {', '.join(names)}")
     key, _ = CHOOSER[kind]
     allowed = list(PRUNE if kind == "prune" else QUANTIZE)
     if key not in stage:
@@ -181,8 +190,27 @@ def _messages(error: ValidationError, data: Any, root: yaml.Node | None, where: 
     return lines
 
 
-def parse(text: str, where: str = "recipe") -> Recipe:
-    """A `Recipe` from YAML `text`; `where` names it in errors (a file name)."""
+def _import_plugins(data: dict, root: yaml.Node | None, where: str, base: Path | None) -> None:
+    """Import the modules the recipe's `plugins` names, so their steps can be stages."""
+    names = data.get("plugins")
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RecipeError(f"{where} line {_line(root, ['plugins'])}: plugins: must be a list "
+                          f"of module names, got {names!r}")
+    try:
+        if base is None:
+            import_plugins(names)
+        else:
+            with on_path(base):
+                import_plugins(names)
+    except ValueError as err:
+        raise RecipeError(f"{where} line {_line(root, ['plugins'])}: plugins: {err}") from None
+
+
+def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
+    """A `Recipe` from YAML `text`; `where` names it in errors (a file name), and `base`
+    is the folder its plugins are imported from (with the current directory)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -196,6 +224,7 @@ def parse(text: str, where: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a mapping with at least 'model' and "
                           f"'stages', got {type(data).__name__}; see examples/recipes/")
+    _import_plugins(data, root, where, base)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -223,4 +252,4 @@ def load(path: str | os.PathLike) -> Recipe:
     except UnicodeDecodeError as err:
         raise RecipeError(f"{path.name}: not a text file ({err.reason} at byte {err.start}); "
                           "a recipe is YAML, see examples/recipes/") from err
-    return parse(text, _where(path))
+    return parse(text, _where(path), path.resolve().parent)

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from penjing.io import atomic_write_bytes
+
 if TYPE_CHECKING:
     from penjing.recipes.run import CompressResult, StageResult
 
@@ -234,7 +236,6 @@ def markdown(result: CompressResult) -> str:
 def write_report(result: CompressResult, plots: bool = True) -> dict[str, Path]:
     """Write metrics.json, and unless `plots` is False report.md and its plots, into
     `result.out_dir`; return the paths."""
-    from penjing.io import atomic_write_bytes
 
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)

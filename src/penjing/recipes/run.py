@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from penjing import data, distributed, load, models, save
+from penjing.core.counting import count_macs, count_params, latency
+from penjing.core.modes import eval_mode
+from penjing.core.parametrize import PRUNABLE
+from penjing.errors import PenjingError
+from penjing.io import atomic_write_bytes, check_writable, parse_json
 from penjing.recipes import stages as stage_fns
 from penjing.recipes.load import load as load_recipe
+from penjing.recipes.report import format_table, write_report
 from penjing.recipes.schema import Recipe, RecipeError
+from penjing.spec import import_object, on_path
+from penjing.train import evaluate, seed_everything
 
 EPOCHS_ENV = "PENJING_EPOCHS"  # caps every stage's epochs (CI, smoke runs): PENJING_EPOCHS=1
 STATE_FORMAT = "penjing.compress/1"
@@ -76,7 +83,6 @@ class CompressResult:
     messages: list[str] = field(default_factory=list)  # resume decisions, notes
 
     def format(self) -> str:
-        from penjing.recipes.report import format_table
 
         return format_table(self)
 
@@ -115,26 +121,10 @@ def capped(recipe: Recipe, cap: int | None) -> Recipe:
     return recipe.model_copy(update={"stages": stages})
 
 
-@contextmanager
-def on_path(folder: Path) -> Iterator[None]:
-    """`folder` first on sys.path for the block: a recipe's 'module:function' may live
-    beside the recipe file."""
-    entry = str(folder.resolve())
-    added = entry not in sys.path
-    if added:
-        sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        if added and entry in sys.path:
-            sys.path.remove(entry)
-
-
 def is_main() -> bool:
     """Whether this process writes files: rank 0 under torchrun, or a lone process. Under
     torchrun the process group is joined first, so that every rank knows its rank before
     the first stage."""
-    from penjing import distributed
 
     distributed.init()
     return distributed.is_main()
@@ -171,14 +161,12 @@ def _resolve(recipe_or_path: Recipe | str | os.PathLike) -> tuple[Recipe, Path, 
 
 
 def _metric_fn(spec: str) -> Callable[[nn.Module, Any], float]:
-    from penjing.train import evaluate
 
     if spec == "accuracy":
         return evaluate
     if ":" not in spec:
         raise RecipeError(f"metric: unknown metric {spec!r}; give 'accuracy' or "
                           "'package.module:function' taking (model, test_loader) -> float")
-    from penjing.spec import import_object
 
     fn = import_object(spec, "metric")
     if not callable(fn):
@@ -199,8 +187,6 @@ def _build(recipe: Recipe, base: Path, num_classes: int) -> tuple[Callable[[], n
                                                                      nn.Module]:
     """(a factory of fresh models, the input model with its weights): every error here
     names the recipe key it comes from."""
-    from penjing import load, models
-    from penjing.errors import PenjingError
 
     def factory() -> nn.Module:
         with on_path(base):
@@ -224,7 +210,6 @@ def _build(recipe: Recipe, base: Path, num_classes: int) -> tuple[Callable[[], n
 def _check_fit(model: nn.Module, x: torch.Tensor, num_classes: int, recipe: Recipe) -> None:
     """Run one batch: a model and data that do not go together fail now, not after the
     first stage trained for minutes."""
-    from penjing.train import eval_mode
 
     shape = tuple(x.shape)
     try:
@@ -244,7 +229,6 @@ def _check_fit(model: nn.Module, x: torch.Tensor, num_classes: int, recipe: Reci
 def histograms(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per layer (the HIST_LAYERS largest Linear / Conv layers): a histogram of the
     non-zero weights and the fraction kept."""
-    from penjing.prune.masks import PRUNABLE
 
     layers = [(n, m.weight.detach().float().flatten()) for n, m in model.named_modules()
               if isinstance(m, PRUNABLE) and hasattr(m, "weight")]
@@ -265,7 +249,6 @@ def histograms(model: nn.Module) -> dict[str, dict[str, Any]]:
 def measure(model: nn.Module, ctx: stage_fns.Context, metric: Callable, *, index: int | None,
             stage: str, detail: str, seconds: float, file: Path | None,
             outcome: stage_fns.Outcome | None = None) -> StageResult:
-    from penjing.analysis.stats import count_macs, count_params, latency
 
     notes = dict(outcome.notes) if outcome else {}
     size_of = outcome.artefact if outcome and outcome.artefact else file
@@ -286,7 +269,6 @@ def measure(model: nn.Module, ctx: stage_fns.Context, metric: Callable, *, index
 
 
 def _read_state(path: Path) -> dict:
-    from penjing.io import parse_json
 
     try:
         state = parse_json(path.read_bytes(), "state.json")
@@ -298,7 +280,6 @@ def _read_state(path: Path) -> dict:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from penjing.io import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
@@ -359,8 +340,6 @@ def run(
     again. Ctrl-C raises KeyboardInterrupt with a one-line message saying what is kept.
     `report=False` leaves out report.md and its plots (metrics.json is always written).
     """
-    from penjing import data, save
-    from penjing.train import seed_everything
 
     started = time.perf_counter()
     say = log or (lambda _msg: None)
@@ -372,7 +351,6 @@ def run(
     if not writes:  # under torchrun rank 0 alone prints and writes
         say = lambda _msg: None  # noqa: E731
     if writes:
-        from penjing.io import check_writable
 
         check_writable(out / "state.json", "output folder")
 
@@ -413,7 +391,6 @@ def run(
         path = model_file_after(i)
         if path is None:
             return _build(recipe, base, split.num_classes)[1]
-        from penjing import load
 
         return load(out / path, factory)
 
@@ -443,7 +420,7 @@ def run(
         t0 = time.perf_counter()
         try:
             if writes or cfg.stage not in stage_fns.KEEPS_MODEL:
-                outcome = stage_fns.RUNNERS[cfg.stage](ctx, model, cfg)
+                outcome = stage_fns.runner(cfg.stage)(ctx, model, cfg)
             else:  # only the main process writes the .pjz / .onnx files
                 outcome = stage_fns.Outcome(model, "written by rank 0")
         except KeyboardInterrupt:
@@ -477,7 +454,6 @@ def run(
                             seconds=time.perf_counter() - started, epochs_cap=cap,
                             messages=messages)
     if writes:
-        from penjing.recipes.report import write_report
 
         write_report(result, plots=report)
     return result

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from penjing.core import steps
 from penjing.distill.losses import SOFT_LOSSES
 from penjing.errors import PenjingError
 from penjing.prune.criteria import CRITERIA
@@ -268,6 +269,28 @@ class Export(_Config):
     check: bool = True  # measure accuracy and latency in ONNX Runtime
 
 
+class StepStage(_Config):
+    """A registered step of one's own (`penjing.core.steps.register`): `stage` is its op,
+    every other key a field of its config, checked as `steps.make_config` checks them."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    stage: str
+
+    @model_validator(mode="after")
+    def _config_fits(self):
+        self.config()
+        return self
+
+    def config(self) -> Any:
+        """The step's config dataclass from this stage's keys."""
+        return steps.make_config(steps.get(self.stage).config, self.model_extra or {})
+
+
+def stage_names() -> list[str]:
+    """Every `stage:` a recipe may give: the built-in kinds, then registered steps."""
+    return [*STAGES, *(op for op in steps.runnable() if op not in STAGES)]
+
+
 PRUNE = {"weight": PruneWeights, "nm": PruneNM, "head": PruneHeads}
 PRUNE |= dict.fromkeys(("shape", "kernel", "stripe", "vector", "block"), PrunePattern)
 PRUNE |= dict.fromkeys(("group", "filter", "channel", "neuron"), PruneChannels)
@@ -286,6 +309,9 @@ def stage_tag(value: Any) -> str | None:
     or None when its kind or chooser is missing or unknown."""
     if isinstance(value, BaseModel):
         value = value.model_dump()
+    if isinstance(value, dict) and value.get("stage") not in STAGES and isinstance(
+            value.get("stage"), str) and value["stage"] in steps.runnable():
+        return "step"
     if not isinstance(value, dict) or value.get("stage") not in STAGES:
         return None
     kind = value["stage"]
@@ -302,6 +328,7 @@ def stage_tag(value: Any) -> str | None:
 TAGS: dict[str, type[_Config]] = {name: cls for name, cls in STAGES.items() if cls}
 TAGS |= {f"prune:{cls.__name__}": cls for cls in PRUNE.values()}
 TAGS |= {f"quantize:{cls.__name__}": cls for cls in QUANTIZE.values()}
+TAGS["step"] = StepStage
 
 Stage = Annotated[
     Annotated[Train, Tag("train")] | Annotated[Finetune, Tag("finetune")]
@@ -315,7 +342,8 @@ Stage = Annotated[
     | Annotated[QuantKMeans, Tag("quantize:QuantKMeans")]
     | Annotated[QuantPTQ, Tag("quantize:QuantPTQ")]
     | Annotated[QuantQAT, Tag("quantize:QuantQAT")]
-    | Annotated[QuantWeightOnly, Tag("quantize:QuantWeightOnly")],
+    | Annotated[QuantWeightOnly, Tag("quantize:QuantWeightOnly")]
+    | Annotated[StepStage, Tag("step")],
     Discriminator(stage_tag),
 ]
 
@@ -324,6 +352,8 @@ class Recipe(_Config):
     """A whole `penjing compress` run: where the model and data come from, and the stages."""
 
     model: str  # a penjing model ('lenet300', 'vgg') or 'package.module:function'
+    # modules imported first: they register steps of their own, which stages then name
+    plugins: list[str] = []
     weights: str | None = None  # safetensors, or .pt read with weights_only=True
     data: str = "mnist"  # 'mnist', 'digits' or 'package.module:function' -> DataSplit
     # 'accuracy' (top-1), or 'package.module:function' (model, test_loader) -> float,

@@ -12,8 +12,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from penjing import codec, load, models, quant
+from penjing import prune as pruning
+from penjing.core import steps
+from penjing.core.parametrize import PRUNABLE
+from penjing.distill import distill as distill_
+from penjing.export import onnx, ort_accuracy, ort_latency
+from penjing.prune import agp, iterative, slimming_loss
+from penjing.quant import ActQuant, WeightQuant
 from penjing.recipes import schema
 from penjing.recipes.schema import RecipeError
+from penjing.spec import on_path
+from penjing.train import cross_entropy, fit, recalibrate_bn_
 
 
 @dataclass
@@ -56,8 +66,6 @@ class Outcome:
 
 
 def _fit(ctx: Context, model: nn.Module, cfg: schema._Fit, epochs: int, what: str) -> None:
-    from penjing.prune import slimming_loss
-    from penjing.train import cross_entropy, fit
 
     loss = slimming_loss(cfg.bn_l1) if cfg.bn_l1 else cross_entropy
     fit(model, ctx.train, epochs=epochs, lr=cfg.lr, optimizer=cfg.optimizer,
@@ -75,7 +83,6 @@ def train(ctx: Context, model: nn.Module, cfg: schema.Train | schema.Finetune) -
 
 def _targets(cfg: schema._Prune, final: float) -> list[float]:
     """The cumulative amount to reach after each cut."""
-    from penjing.prune import agp, iterative
 
     if cfg.schedule == "iterative":
         return iterative(final, cfg.rounds)
@@ -96,37 +103,36 @@ def _relative(targets: list[float]) -> list[float]:
 
 def _cuts(ctx: Context, model: nn.Module, cfg) -> list[Callable[[nn.Module], None]]:
     """One function per round that makes that round's cut on a model."""
-    import penjing.prune as prune
 
     g = cfg.granularity
     if isinstance(cfg, schema.PruneWeights):
         if cfg.quality is not None:
-            return [lambda m: prune.magnitude_(m, quality=cfg.quality, layers=cfg.layers)]
+            return [lambda m: pruning.magnitude_(m, quality=cfg.quality, layers=cfg.layers)]
         if isinstance(cfg.sparsity, dict):
             per_layer = {name: _targets(cfg, s) for name, s in cfg.sparsity.items()}
             return [
-                lambda m, r=r: prune.magnitude_(m, {n: t[r] for n, t in per_layer.items()},
+                lambda m, r=r: pruning.magnitude_(m, {n: t[r] for n, t in per_layer.items()},
                                                 scope=cfg.scope)
                 for r in range(cfg.rounds)
             ]
-        return [lambda m, s=s: prune.magnitude_(m, s, scope=cfg.scope, layers=cfg.layers)
+        return [lambda m, s=s: pruning.magnitude_(m, s, scope=cfg.scope, layers=cfg.layers)
                 for s in _targets(cfg, cfg.sparsity)]
     if isinstance(cfg, schema.PruneNM):
-        return [lambda m: prune.nm_(m, cfg.n, cfg.m, cfg.layers)]
+        return [lambda m: pruning.nm_(m, cfg.n, cfg.m, cfg.layers)]
     if isinstance(cfg, schema.PrunePattern):
-        return [lambda m, s=s: prune.pattern_(m, g, s, cfg.layers)
+        return [lambda m, s=s: pruning.pattern_(m, g, s, cfg.layers)
                 for s in _targets(cfg, cfg.sparsity)]
     if isinstance(cfg, schema.PruneHeads):
-        return [lambda m, r=r: prune.heads_(m, r, criterion=cfg.criterion, layers=cfg.layers)
+        return [lambda m, r=r: pruning.heads_(m, r, criterion=cfg.criterion, layers=cfg.layers)
                 for r in _relative(_targets(cfg, cfg.ratio))]
     criterion: Any = cfg.criterion
     if criterion == "taylor":
         batches = [batch for batch, _ in zip(ctx.train, range(cfg.taylor_batches), strict=False)]
-        criterion = prune.taylor(batches)
+        criterion = pruning.taylor(batches)
     per_layer = {n: _relative(_targets(cfg, r)) for n, r in (cfg.ratios or {}).items()}
 
     def cut(m: nn.Module, r: int, ratio: float) -> None:
-        prune.channels_(
+        pruning.channels_(
             m, ctx.example[:1], ratio=ratio, criterion=criterion, granularity=g,
             global_ranking=cfg.global_ranking, round_to=cfg.round_to,
             ignored_layers=cfg.ignored_layers, max_ratio=cfg.max_ratio,
@@ -144,7 +150,6 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 def zero_fraction(model: nn.Module) -> float:
     """Fraction of zeros over the weights of every Linear and Conv layer."""
-    from penjing.prune.masks import PRUNABLE
 
     total = zeros = 0
     for m in model.modules():
@@ -156,7 +161,6 @@ def zero_fraction(model: nn.Module) -> float:
 
 
 def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
-    from penjing.train import fit, recalibrate_bn_
 
     cuts = _cuts(ctx, model, cfg)
     for r, cut in enumerate(cuts):
@@ -184,7 +188,6 @@ def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
 
 
 def _teacher(ctx: Context, cfg: schema.Distill) -> tuple[nn.Module, str]:
-    from penjing import load, models
 
     if isinstance(cfg.teacher, int):
         if not 0 <= cfg.teacher < ctx.index:
@@ -196,8 +199,6 @@ def _teacher(ctx: Context, cfg: schema.Distill) -> tuple[nn.Module, str]:
         kinds = [s.stage for s in ctx.recipe.stages[: ctx.index]]
         first = next((i for i, k in enumerate(kinds) if k in ("prune", "quantize")), len(kinds))
         return ctx.model_after(first - 1), "the dense model"
-    from penjing.recipes.run import on_path
-
     with on_path(ctx.base):
         teacher = models.build(cfg.teacher, ctx.num_classes, role="teacher")
     if cfg.teacher_weights is not None:
@@ -206,7 +207,6 @@ def _teacher(ctx: Context, cfg: schema.Distill) -> tuple[nn.Module, str]:
 
 
 def distill(ctx: Context, model: nn.Module, cfg: schema.Distill) -> Outcome:
-    from penjing.distill import distill as distill_
 
     teacher, name = _teacher(ctx, cfg)
     distill_(teacher, model, ctx.train, epochs=cfg.epochs, lr=cfg.lr,
@@ -221,7 +221,6 @@ def distill(ctx: Context, model: nn.Module, cfg: schema.Distill) -> Outcome:
 
 
 def _linear_config(cfg):
-    from penjing import quant
 
     options = {"layers": dict(cfg.layers), "first": cfg.first, "last": cfg.last,
                "weight_range": cfg.weight_range}
@@ -232,8 +231,6 @@ def _linear_config(cfg):
 
 
 def quantize(ctx: Context, model: nn.Module, cfg) -> Outcome:
-    from penjing import quant
-    from penjing.train import fit
 
     if isinstance(cfg, schema.QuantKMeans):
         quant.kmeans_(model, cfg.bits, init=cfg.init, layers=cfg.layers, seed=ctx.seed)
@@ -258,7 +255,6 @@ def quantize(ctx: Context, model: nn.Module, cfg) -> Outcome:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    from penjing.quant import ActQuant, WeightQuant
 
     return any(isinstance(m, ActQuant | WeightQuant) for m in model.modules())
 
@@ -266,7 +262,6 @@ def is_quantized(model: nn.Module) -> bool:
 def encode(ctx: Context, model: nn.Module, cfg: schema.Encode) -> Outcome:
     """Write the .pjz and measure what comes back out of it: the accuracy of the stage is
     the accuracy of the file."""
-    from penjing import codec, load
 
     path = ctx.out / cfg.file
     report = codec.save(model, path, index_bits=cfg.index_bits)
@@ -283,7 +278,6 @@ def encode(ctx: Context, model: nn.Module, cfg: schema.Encode) -> Outcome:
 
 def export(ctx: Context, model: nn.Module, cfg: schema.Export) -> Outcome:
     """Write the ONNX file; with `check`, accuracy and latency are ONNX Runtime's."""
-    from penjing.export import onnx, ort_accuracy, ort_latency
 
     path = ctx.out / cfg.file
     onnx(model, path, ctx.example[:1], opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
@@ -294,6 +288,20 @@ def export(ctx: Context, model: nn.Module, cfg: schema.Export) -> Outcome:
         example = ctx.example if cfg.dynamic_batch else ctx.example[:1]
         notes["ort_latency_ms"] = 1e3 * ort_latency(path, example.numpy())
     return Outcome(model, f"ONNX {kind}, opset {cfg.opset}", path, notes)
+
+
+def step(ctx: Context, model: nn.Module, cfg: schema.StepStage) -> Outcome:
+    """A registered step of one's own, run with the config its keys make."""
+
+    config = cfg.config()
+    model = steps.run(cfg.stage, model, config)
+    fields = ", ".join(f"{k} {v}" for k, v in (cfg.model_extra or {}).items())
+    return Outcome(model, fields or steps.get(cfg.stage).help)
+
+
+def runner(kind: str) -> Callable[[Context, nn.Module, Any], Outcome]:
+    """What runs a stage of `kind`: a built-in stage, else a registered step."""
+    return RUNNERS.get(kind, step)
 
 
 RUNNERS: dict[str, Callable[[Context, nn.Module, Any], Outcome]] = {

@@ -18,18 +18,20 @@ Steps (every key JSON):
     {"op": "smooth", "layers": [Linear layers wrapped in quant.smooth.ScaledInput]}
     {"op": "parametrize", "layers": {layer: {tensor: ["mask" | "shared", ...]}}}
     {"op": "quantize", "config": QuantConfig as penjing.quant.checkpoint.config_to_dict}
+
+Which ops exist, and how each is replayed, is the registry's (`penjing.core.steps`).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 from torch import nn
 
+from penjing.core import steps as registry
+
 _ATTR = "_penjing_history"
-OPS = ("channels", "heads", "hf_heads", "hf_ffn", "compact", "smooth", "parametrize",
-       "quantize")
-STRUCTURAL = ("channels", "heads", "hf_heads", "hf_ffn", "compact", "smooth")  # a .pjz keeps
 
 
 def steps(model: nn.Module) -> list[dict]:
@@ -38,9 +40,10 @@ def steps(model: nn.Module) -> list[dict]:
 
 
 def record(model: nn.Module, step: dict) -> None:
-    """Append `step` (a dict with an "op" from OPS) to `model`'s history."""
-    if step.get("op") not in OPS:
-        raise ValueError(f"unknown history op {step.get('op')!r}; one of {OPS}")
+    """Append `step` (a dict whose "op" names a registered step) to `model`'s history."""
+    if not isinstance(step, dict) or step.get("op") not in registry.ops():
+        op = step.get("op") if isinstance(step, dict) else step
+        raise ValueError(f"unknown history op {op!r}; one of {registry.ops()}")
     model.__dict__.setdefault(_ATTR, []).append(copy.deepcopy(step))
 
 
@@ -48,3 +51,15 @@ def carry(source: nn.Module, target: nn.Module) -> nn.Module:
     """Give `target` (a module built from `source`) the history of `source`; returns it."""
     target.__dict__[_ATTR] = steps(source)
     return target
+
+
+def replaying(rebuild: Callable[[nn.Module, dict], object]) -> Callable:
+    """A step's replay (see penjing.core.steps) from a function that rebuilds one record's
+    structure on a model in place: it rebuilds, records the step again, returns the model."""
+
+    def replay(model: nn.Module, step: dict, tensors: object) -> nn.Module:
+        rebuild(model, step)
+        record(model, step)
+        return model
+
+    return replay

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from penjing.train import eval_mode
+from penjing.core.modes import eval_mode
 
 
 def _as_tuple(example_inputs: Any) -> tuple:

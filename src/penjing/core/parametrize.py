@@ -1,6 +1,8 @@
-"""Binary weight masks held as parametrizations, so a masked model is still a plain nn.Module.
+"""The parametrizations every method shares, so a masked or shared model is still a plain
+nn.Module: binary weight masks (pruning), shared-weight tables (k-means sharing), how
+layers are chosen for them, and `finalize_`, which bakes them in.
 
-The mask multiplies the weight in forward; autograd then gives every pruned weight a zero
+A mask multiplies the weight in forward; autograd then gives every pruned weight a zero
 gradient, so fine-tuning with any optimizer keeps pruned weights exactly zero. The stored
 weight is zeroed as well, which keeps `parametrizations.weight.original` honest.
 """
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from penjing.core.steps import Step
 from penjing.errors import UnsupportedLayerError
 
 # Layers whose `weight` element pruning and weight sharing handle.
@@ -31,6 +34,19 @@ class Mask(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask
+
+
+class SharedWeights(nn.Module):
+    """Parametrization `weight -> [0, *centroids][codes]`; the original weight is not used."""
+
+    def __init__(self, centroids: torch.Tensor, codes: torch.Tensor) -> None:
+        super().__init__()
+        self.centroids = nn.Parameter(centroids)
+        self.register_buffer("codes", codes)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        table = torch.cat([self.centroids.new_zeros(1), self.centroids])
+        return table[self.codes].to(weight.dtype)
 
 
 def select_layers(
@@ -146,3 +162,84 @@ def finalize_(model: nn.Module) -> list[str]:
                                                     leave_parametrized=True)
             changed.append(name)
     return changed
+
+
+# --- in a model file: the "parametrize" step ------------------------------------------
+
+KINDS = {Mask: "mask", SharedWeights: "shared"}  # live parametrizations a model file keeps
+
+
+def live(model: nn.Module) -> dict[str, dict[str, list[str]]]:
+    """{layer: {tensor: kinds}} of the masks and shared weights on `model`, in the order
+    they sit on each tensor: the "parametrize" record a model file keeps. A parametrization
+    that names the step keeping it (`history_op`, as quantizers do) is left to that step;
+    any other is an error that says how to save the model."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor, chain in module.parametrizations.items():
+            kinds = []
+            for p in chain:
+                kind = KINDS.get(type(p))
+                if kind is None and getattr(p, "history_op", None) is None:
+                    raise UnsupportedLayerError(
+                        f"{name or type(model).__name__}.{tensor} carries a "
+                        f"{type(p).__name__} parametrization, which a model file cannot "
+                        "rebuild; save a copy with it baked in (penjing.finalize_) or remove it"
+                    )
+                if kind is not None:
+                    kinds.append(kind)
+            if kinds:
+                found.setdefault(name, {})[tensor] = kinds
+    return found
+
+
+def pack_(state: dict[str, torch.Tensor], layers: dict) -> None:
+    """Store masks as booleans and shared-weight codes in the smallest integer that holds
+    them (int64 codes of 2^bits centroids would waste 7 bytes each), in place."""
+    for layer, tensors in layers.items():
+        for tensor, kinds in tensors.items():
+            for i, kind in enumerate(kinds):
+                prefix = f"{layer}.parametrizations.{tensor}.{i}".lstrip(".")
+                if kind == "mask":
+                    state[f"{prefix}.mask"] = state[f"{prefix}.mask"] != 0
+                elif kind == "shared":
+                    codes = state[f"{prefix}.codes"]
+                    small = codes.numel() == 0 or int(codes.max()) < 256
+                    state[f"{prefix}.codes"] = codes.to(torch.uint8 if small else torch.int32)
+
+
+def unpack_(state: dict[str, torch.Tensor]) -> None:
+    """The inverse of `pack_`: float masks and int64 codes again, in place."""
+    for key, value in state.items():
+        if key.endswith(".mask") and value.dtype == torch.bool:
+            state[key] = value.float()
+        elif key.endswith(".codes") and value.dtype in (torch.uint8, torch.int32):
+            state[key] = value.long()
+
+
+def _replay(model: nn.Module, record: dict, tensors) -> nn.Module:
+    """Put empty masks and shared-weight tables where the file has them; loading the
+    state fills them in."""
+    for layer, per_tensor in record["layers"].items():
+        module = model.get_submodule(layer)
+        for tensor, kinds in per_tensor.items():
+            for i, kind in enumerate(kinds):
+                shape = getattr(module, tensor).shape
+                if kind == "mask":
+                    p = Mask(torch.ones(shape))
+                elif kind == "shared":
+                    key = f"{layer}.parametrizations.{tensor}.{i}.centroids".lstrip(".")
+                    if key not in tensors or tensors[key].dim() != 1:
+                        raise ValueError(f"no centroids {key!r} for the shared weights")
+                    p = SharedWeights(torch.zeros(tensors[key].shape),
+                                      torch.zeros(shape, dtype=torch.long))
+                else:
+                    raise ValueError(f"unknown parametrization {kind!r} on {layer}.{tensor}")
+                parametrize.register_parametrization(module, tensor, p, unsafe=True)
+    return model
+
+
+STEP = Step("parametrize", _replay,
+            help="live pruning masks and shared weights, kept live in a model file")

@@ -1,0 +1,136 @@
+"""Checkpoint files: a state_dict as safetensors with a SHA-256 over its tensors and
+metadata, written atomically and read without unpickling anything. Every penjing file
+that holds tensors (model files, quantized checkpoints, pruned models) is one of these."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from penjing.errors import FormatError
+from penjing.io import atomic_write_bytes
+
+INTEGRITY_KEY = "penjing.sha256"  # metadata entry: SHA-256 of every tensor and metadata entry
+
+
+def checkpoint_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and every metadata entry but
+    the digest itself: what `save_checkpoint` stores under INTEGRITY_KEY."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous()
+        h.update(json.dumps([key, str(t.dtype), list(t.shape)]).encode() + b"\n")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    rest = sorted((k, v) for k, v in metadata.items() if k != INTEGRITY_KEY)
+    h.update(json.dumps(rest).encode())
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    model: nn.Module | dict[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Save a model's state_dict (and string `metadata`) as safetensors, atomically, with
+    a SHA-256 of the tensors and metadata; return the bytes written."""
+    from safetensors.torch import save
+
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    metadata = dict(metadata or {})
+    metadata[INTEGRITY_KEY] = checkpoint_digest(tensors, metadata)
+    data = save(tensors, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def read_checkpoint(
+    path: str | os.PathLike, what: str = "checkpoint",
+    writer: str = "penjing.train.save_checkpoint",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata of the safetensors file at `path`, read once and
+    never unpickled. A missing file is FileNotFoundError, a folder IsADirectoryError, and
+    an unreadable or damaged one FormatError, naming `what` the file should be and the
+    `writer` that makes one. The SHA-256 penjing stores is checked when present (files
+    written before it existed, or by other tools, have none)."""
+    import errno
+
+    from safetensors import SafetensorError, safe_open
+
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"{what} {str(path)!r} is a folder; give the "
+                                "safetensors file inside it")
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, f"{what} {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError,
+            MemoryError) as err:
+        raise FormatError(
+            f"cannot read {what} {str(path)!r} as safetensors ({err}); penjing writes one "
+            f"with {writer}"
+        ) from err
+    stored = metadata.get(INTEGRITY_KEY)
+    if stored is not None and stored != checkpoint_digest(tensors, metadata):
+        raise FormatError(
+            f"{what} {str(path)!r} is corrupt: its tensors or metadata do not match their "
+            f"SHA-256; write it again with {writer}"
+        )
+    return tensors, metadata
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None):
+    """Load a safetensors checkpoint (never pickle); fill `model` if given, else return the dict."""
+    state, _ = read_checkpoint(path)
+    return load_state(model, state, path) if model is not None else state
+
+
+def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """What keeps `state` from loading into `model`, in one line ('' if it fits)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} is {'x'.join(map(str, state[k].shape)) or '()'} in the file but "
+        f"{'x'.join(map(str, own[k].shape)) or '()'} here"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+    parts = [
+        f"{len(v)} {label} ({few(v)})"
+        for label, v in (("missing", missing), ("unexpected", unexpected),
+                         ("of another shape", shapes))
+        if v
+    ]
+    return "; ".join(parts)
+
+
+def load_state(
+    model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
+) -> nn.Module:
+    """`model` with `state` (read from `path`) loaded, or a FormatError naming in one line
+    what does not fit; the model is checked first and left unchanged on failure."""
+
+    problem = _mismatch(model, state)
+    if not problem:
+        try:
+            model.load_state_dict(state)
+            return model
+        except RuntimeError as err:  # a dtype copy can still fail (complex into float)
+            problem = str(err).strip().splitlines()[-1][:300]
+    raise FormatError(
+        f"the weights in {str(path)!r} do not fit {type(model).__name__}: tensors {problem}; "
+        "give the checkpoint of this architecture (a pruned model: finalize_ it first)"
+    )
