@@ -193,8 +193,8 @@ def test_pruned_model_is_rebuilt_from_changes_and_weights(tmp_path):
 def test_loading_what_save_pruned_did_not_write_is_an_error(tmp_path):
     from safetensors.torch import save_file
 
+    from penjing.core.model_file import PRUNED_KEY
     from penjing.errors import FormatError
-    from penjing.prune.surgery import METADATA_KEY
 
     model = pj.models.create("lenet5")
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -206,7 +206,7 @@ def test_loading_what_save_pruned_did_not_write_is_an_error(tmp_path):
     with pytest.raises(FormatError, match="has no 'penjing.prune.changes' metadata"):
         pj.prune.load_pruned(model, tmp_path / "plain.safetensors")
     for meta in ("[[", '[["conv1", "weight"]]', '{"conv1": 0}'):
-        save_file(model.state_dict(), tmp_path / "odd.safetensors", {METADATA_KEY: meta})
+        save_file(model.state_dict(), tmp_path / "odd.safetensors", {PRUNED_KEY: meta})
         with pytest.raises(FormatError, match="metadata of .* is not a list of"):
             pj.prune.load_pruned(model, tmp_path / "odd.safetensors")
 
