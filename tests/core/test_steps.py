@@ -178,6 +178,14 @@ def test_bad_config_is_one_error_in_the_same_words_everywhere(toy, tmp_path, cap
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_apply_without_a_registered_step_says_how_to_add_one(capsys):
+    assert main(["apply", "toy_scale", "lenet300"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "penjing apply: error: no step named 'toy_scale': no registered step has a config; "
+        "register one with penjing.core.steps.register in a module named in "
+        "PENJING_PLUGINS (comma-separated)")
+
+
 def test_unknown_stage_lists_registered_steps(toy):
     with pytest.raises(recipes.RecipeError, match="allowed: train, prune, .*, toy_scale"):
         recipes.parse("model: lenet300\nstages:\n  - stage: toy_scal\n", "recipe.yaml")

@@ -14,7 +14,7 @@ import typing
 
 from penjing.cli import common
 from penjing.core import steps
-from penjing.spec import import_plugins
+from penjing.spec import PLUGINS_ENV, import_plugins
 
 
 def _flag(name: str) -> str:
@@ -66,8 +66,14 @@ def add_parser(commands) -> None:
         "write the model file --out, which records the step so that penjing.load rebuilds "
         "it. Steps of one's own come from the modules in PENJING_PLUGINS (comma-separated).",
     )
+    runnable = steps.runnable()
+    if not runnable:  # argparse would say "invalid choice (choose from )"
+        parser.add_argument("step", metavar="STEP", help="a registered step with a config")
+        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        parser.set_defaults(run=_none_registered)
+        return
     verbs = parser.add_subparsers(dest="step", required=True, metavar="STEP")
-    for op, step in steps.runnable().items():
+    for op, step in runnable.items():
         sub = verbs.add_parser(op, help=step.help, formatter_class=common.HelpFormatter,
                                description=step.help)
         common.add_model(sub)
@@ -76,6 +82,12 @@ def add_parser(commands) -> None:
         common.add_out(sub, required=True)
         _add_fields(sub, step.config)
         sub.set_defaults(run=run, data="none", fields=[])
+
+
+def _none_registered(args: argparse.Namespace) -> None:
+    raise ValueError(f"no step named {args.step!r}: no registered step has a config; register "
+                     "one with penjing.core.steps.register in a module named in "
+                     f"{PLUGINS_ENV} (comma-separated)")
 
 
 def run(args: argparse.Namespace) -> None:
