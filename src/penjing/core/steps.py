@@ -122,7 +122,7 @@ def ops() -> tuple[str, ...]:
 
 def get(op: str) -> Step:
     """The step recorded as `op`; a ValueError naming the known ops when there is none."""
-    if op in _REGISTERED:
+    if isinstance(op, str) and op in _REGISTERED:
         return _REGISTERED[op]
     if isinstance(op, str) and op in BUILTIN:
         module, attr = BUILTIN[op].split(":")
