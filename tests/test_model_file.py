@@ -6,40 +6,14 @@ import json
 
 import pytest
 import torch
+from fixtures.legacy import TinyRes, trained  # TinyRes: a user's CNN, nothing of ours
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import penjing as pj
 from penjing.errors import FormatError, UnsupportedLayerError
 
-
-class TinyRes(nn.Module):
-    """A user's residual CNN: nothing penjing wrote."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.Conv2d(32, 16, 3, padding=1), nn.BatchNorm2d(16))
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = torch.relu(x + self.body(x))
-        return self.head(x.mean((2, 3)))
-
-
 X = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(0))
-
-
-def trained(model: nn.Module, shape: tuple[int, ...] = X.shape[1:]) -> nn.Module:
-    """BatchNorm statistics that are not the defaults."""
-    torch.manual_seed(1)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(8, *shape))
-    return model.eval()
 
 
 MNIST = (1, 28, 28)
