@@ -29,20 +29,14 @@ def import_object(spec: str, what: str) -> Any:
 
 def import_module(name: str, what: str) -> Any:
     """The module `name`, searched in the current directory first (see import_object)."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
     try:
-        return importlib.import_module(name)
+        with on_path(Path.cwd()):
+            return importlib.import_module(name)
     except ImportError as err:
         raise ValueError(
             f"cannot import module {name!r} for {what} ({err}); it must be importable from "
             "the current directory or the Python path"
         ) from err
-    finally:
-        if added:
-            sys.path.remove(cwd)
 
 
 PLUGINS_ENV = "PENJING_PLUGINS"  # comma-separated modules the `penjing` command imports first

@@ -213,7 +213,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, shard: bool = True) -> float
     counts are summed, so all ranks get the accuracy over the whole loader. `shard=False`
     evaluates the whole loader on this rank alone, for ranks holding different models.
     """
-
     spread = shard and distributed.init()
     if spread:
         loader = distributed.shard(loader, even=False)

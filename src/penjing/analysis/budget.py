@@ -128,7 +128,6 @@ class Plan:
     def iterative(self, rounds: int) -> list[dict[str, float]]:
         """Per-layer sparsities for `rounds` prune → fine-tune rounds ending at the plan
         (each round removes the same share of each layer's surviving weights)."""
-
         steps = {name: iterative(c.sparsity, rounds) for name, c in self.layers.items()}
         return [{name: s[i] for name, s in steps.items()} for i in range(rounds)]
 
@@ -136,14 +135,12 @@ class Plan:
         """Per-layer sparsities at training step `step` of Zhu & Gupta's gradual schedule
         reaching the plan after `steps` steps from `start`: call magnitude_ with them every
         few steps from the training loop."""
-
         return {name: min(c.sparsity, agp(step, c.sparsity, steps, start=start))
                 for name, c in self.layers.items()}
 
     def apply_(self, model: nn.Module, *, init: str = "linear") -> dict[str, float]:
         """Prune the model in place to the planned ratios (magnitude, per layer), then share
         weights at the planned bits if any; returns the sparsities reached."""
-
         reached = magnitude_(model, self.sparsities)
         if self.bits:
             kmeans_(model, self.bits, init=init)

@@ -150,7 +150,6 @@ def prune_weight(weight: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def nm_weight(weight: torch.Tensor, ratio: float) -> torch.Tensor:
-
     n = round((1.0 - ratio) * NM_GROUP)
     if not 0 < n < NM_GROUP:
         return weight.clone() if n >= NM_GROUP else torch.zeros_like(weight)
@@ -160,7 +159,6 @@ def nm_weight(weight: torch.Tensor, ratio: float) -> torch.Tensor:
 def kmeans_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """The weight with its non-zeros replaced by 2^bits − 1 k-means centroids (zeros kept,
     as Deep Compression stores them)."""
-
     alive = weight != 0
     out = weight.clone()
     if alive.any():
@@ -245,7 +243,6 @@ def _layer_units(model, layers, axis, granularity, quantizer) -> list[_Unit]:
 
 
 def _channel_units(model, layers, example_inputs, criterion) -> list[_Unit]:
-
     if example_inputs is None:
         raise ValueError("granularity='channel' needs example_inputs= to trace the model")
     scored = score_groups(model, dependency_graph(model, example_inputs), criterion)

@@ -26,8 +26,12 @@ def _add_fields(parser: argparse.ArgumentParser, config: type) -> None:
     for f in dataclasses.fields(config):
         if not f.init:
             continue
-        default = "required" if f.default is dataclasses.MISSING and \
-            f.default_factory is dataclasses.MISSING else f"default {f.default!r}"
+        if f.default is not dataclasses.MISSING:
+            default = f"default {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"default {f.default_factory()!r}"
+        else:
+            default = "required"
         text = f.metadata.get("help", "")
         kind = hints.get(f.name)
         help_ = f"{text}{'; ' if text else ''}{getattr(kind, '__name__', kind)}, {default}"

@@ -73,7 +73,6 @@ def _state_dict(obj: object) -> dict:
         if any(parametrize.is_parametrized(m) for m in obj.modules()):
             # live masks or shared weights: store what the layers compute, not the raw
             # originals and int64 codes, which no fresh model could load
-
             obj = copy.deepcopy(obj)
             finalize_(obj)
         return obj.state_dict()

@@ -44,7 +44,6 @@ class Blocks(NamedTuple):
 def group_quantizers(model: nn.Module) -> dict[int, Blocks]:
     """{id of a group-wise WeightQuant: its Blocks} for every weight of `model` quantized
     in groups; the value quantized is what reaches the quantizer (after any mask)."""
-
     found = {}
     for module_name, module in model.named_modules():
         if not parametrize.is_parametrized(module):
@@ -248,7 +247,6 @@ def finish_blocked(model: onnx.ModelProto, quantizers: dict, opset: int,
                    contrib_ops: bool = True) -> onnx.ModelProto:
     """Integers for every marked weight, GatherBlockQuantized for embedding lookups when
     `contrib_ops`, the opset that blocked DequantizeLinear needs, no dead constants."""
-
     store_blocked(model, quantizers)
     if contrib_ops:
         gather_block_quantized(model)

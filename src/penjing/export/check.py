@@ -34,7 +34,6 @@ class Agreement:
 
 def output_step(model: nn.Module) -> float | None:
     """The scale of the activation quantizer whose value the model returns, if one does."""
-
     if not isinstance(model, fx.GraphModule):
         return None
     (out,) = (n for n in model.graph.nodes if n.op == "output")

@@ -44,7 +44,6 @@ class _Keywords(nn.Module):
 def _as_args(model: nn.Module, example_inputs) -> tuple[nn.Module, tuple, list[str]]:
     """The module to trace, its positional `args` for a tensor, a tuple of tensors or a
     dict of keyword tensors, and the default input names (the dict's keys)."""
-
     args, kwargs = split(example_inputs, "example_inputs")
     if kwargs:
         import inspect
@@ -89,7 +88,6 @@ def _unsupported(err: Exception, model: nn.Module, args: tuple) -> UnsupportedLa
 def _check_quantizers(model: nn.Module) -> None:
     """QDQ in ONNX opset 17 holds at most 8 bits: name the first activation quantizer
     that needs more, or that was never calibrated."""
-
     for name, module in model.named_modules():
         if not isinstance(module, ActQuant):
             continue
@@ -132,7 +130,6 @@ def _check_integer_layers(model: nn.Module, proto) -> None:
     """Warn when the file has fewer integer-ready layers or joins than the model quantized:
     an op between a quantizer and its layer (inside a layer subclass's forward, say), or
     between a join and its quantizers, leaves it to a float kernel in ONNX Runtime."""
-
     expected = _quantized_layers(model)
     fused, left = float_layers(proto)
     if fused < len(expected):
@@ -161,7 +158,6 @@ def _axes(model, example_inputs, outputs, input_names, output_names, dynamic_bat
           dynamic_axes):
     """{name: {axis: label}}: the batch axis of every input and output, the sequence axis
     of a Hugging Face model's 2-D inputs, and what `dynamic_axes` adds."""
-
     names = [*input_names, *output_names]
     axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names} if dynamic_batch else {}
     if is_hf(model) and isinstance(example_inputs, Mapping):

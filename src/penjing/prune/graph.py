@@ -46,7 +46,6 @@ class DependencyGraph:
 
     def groups(self):
         """The prunable groups of coupled channels (see `penjing.prune.groups.Group`)."""
-
         self.sets.freeze()
         return build_groups(self)
 

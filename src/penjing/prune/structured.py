@@ -227,7 +227,6 @@ def channels_(
 def _warn_nothing_removed(graph: DependencyGraph, scored: int) -> None:
     """Say why a call that was asked to prune removes nothing: which layers' channels stay,
     and the op that keeps each."""
-
     stay = pinned(graph)
     found = len(graph.groups())
     if scored:

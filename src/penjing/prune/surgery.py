@@ -160,7 +160,6 @@ _MAX_DIM = 8  # tensors of more dimensions than this are not sliced by structure
 def _changes_from_json(meta: object) -> list[Change]:
     """The change list in a file's metadata, each row checked for types and order (a row
     may only keep strictly increasing indices, so replaying it can only shrink a model)."""
-
     return changes_from_rows(parse_json(meta, "the change list"))
 
 

@@ -111,7 +111,6 @@ def dynamic(
     `penjing.export.cpu_saturates_int8()`). `filter_fn(module, name)` picks layers (all
     Linear layers by default). A model without a Linear layer is an error.
     """
-
     quantized = copy.deepcopy(model).eval()
     history.carry(model, quantized)
     conv1d_to_linear_(quantized)

@@ -364,7 +364,6 @@ def inq(
 
     >>> pj.quant.inq(model, train, bits=5, epochs=1)   # then finalize_ and save
     """
-
     steps = list(schedule)
     if not steps or any(not a < b for a, b in zip([0.0, *steps], steps, strict=False)) \
             or steps[-1] != 1.0:

@@ -193,7 +193,6 @@ def qat(
     Activation ranges come from `calib_batches` batches of `train_loader` and then stay
     fixed, or are learned (LSQ) with `config.learnable`. Weight ranges follow the weights.
     """
-
     config = config or QuantConfig()
     q = prepare(model, config, qat=True)
     if config.activation is not None:

@@ -236,7 +236,6 @@ def markdown(result: CompressResult) -> str:
 def write_report(result: CompressResult, plots: bool = True) -> dict[str, Path]:
     """Write metrics.json, and unless `plots` is False report.md and its plots, into
     `result.out_dir`; return the paths."""
-
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json"}

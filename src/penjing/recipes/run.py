@@ -83,7 +83,6 @@ class CompressResult:
     messages: list[str] = field(default_factory=list)  # resume decisions, notes
 
     def format(self) -> str:
-
         return format_table(self)
 
     def to_json(self) -> dict[str, Any]:
@@ -125,7 +124,6 @@ def is_main() -> bool:
     """Whether this process writes files: rank 0 under torchrun, or a lone process. Under
     torchrun the process group is joined first, so that every rank knows its rank before
     the first stage."""
-
     distributed.init()
     return distributed.is_main()
 
@@ -161,7 +159,6 @@ def _resolve(recipe_or_path: Recipe | str | os.PathLike) -> tuple[Recipe, Path, 
 
 
 def _metric_fn(spec: str) -> Callable[[nn.Module, Any], float]:
-
     if spec == "accuracy":
         return evaluate
     if ":" not in spec:
@@ -187,7 +184,6 @@ def _build(recipe: Recipe, base: Path, num_classes: int) -> tuple[Callable[[], n
                                                                      nn.Module]:
     """(a factory of fresh models, the input model with its weights): every error here
     names the recipe key it comes from."""
-
     def factory() -> nn.Module:
         with on_path(base):
             try:
@@ -210,7 +206,6 @@ def _build(recipe: Recipe, base: Path, num_classes: int) -> tuple[Callable[[], n
 def _check_fit(model: nn.Module, x: torch.Tensor, num_classes: int, recipe: Recipe) -> None:
     """Run one batch: a model and data that do not go together fail now, not after the
     first stage trained for minutes."""
-
     shape = tuple(x.shape)
     try:
         with eval_mode(model), torch.no_grad():
@@ -229,7 +224,6 @@ def _check_fit(model: nn.Module, x: torch.Tensor, num_classes: int, recipe: Reci
 def histograms(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Per layer (the HIST_LAYERS largest Linear / Conv layers): a histogram of the
     non-zero weights and the fraction kept."""
-
     layers = [(n, m.weight.detach().float().flatten()) for n, m in model.named_modules()
               if isinstance(m, PRUNABLE) and hasattr(m, "weight")]
     layers = sorted(layers, key=lambda t: -t[1].numel())[:HIST_LAYERS]
@@ -269,7 +263,6 @@ def measure(model: nn.Module, ctx: stage_fns.Context, metric: Callable, *, index
 
 
 def _read_state(path: Path) -> dict:
-
     try:
         state = parse_json(path.read_bytes(), "state.json")
     except (OSError, ValueError):
@@ -280,7 +273,6 @@ def _read_state(path: Path) -> dict:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
@@ -340,7 +332,6 @@ def run(
     again. Ctrl-C raises KeyboardInterrupt with a one-line message saying what is kept.
     `report=False` leaves out report.md and its plots (metrics.json is always written).
     """
-
     started = time.perf_counter()
     say = log or (lambda _msg: None)
     recipe, base, name = _resolve(recipe_or_path)

@@ -66,7 +66,6 @@ class Outcome:
 
 
 def _fit(ctx: Context, model: nn.Module, cfg: schema._Fit, epochs: int, what: str) -> None:
-
     loss = slimming_loss(cfg.bn_l1) if cfg.bn_l1 else cross_entropy
     fit(model, ctx.train, epochs=epochs, lr=cfg.lr, optimizer=cfg.optimizer,
         schedule=cfg.lr_schedule, loss_fn=loss, desc=ctx.desc(what), **ctx.fit_options())
@@ -83,7 +82,6 @@ def train(ctx: Context, model: nn.Module, cfg: schema.Train | schema.Finetune) -
 
 def _targets(cfg: schema._Prune, final: float) -> list[float]:
     """The cumulative amount to reach after each cut."""
-
     if cfg.schedule == "iterative":
         return iterative(final, cfg.rounds)
     if cfg.schedule == "agp":
@@ -103,7 +101,6 @@ def _relative(targets: list[float]) -> list[float]:
 
 def _cuts(ctx: Context, model: nn.Module, cfg) -> list[Callable[[nn.Module], None]]:
     """One function per round that makes that round's cut on a model."""
-
     g = cfg.granularity
     if isinstance(cfg, schema.PruneWeights):
         if cfg.quality is not None:
@@ -150,7 +147,6 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 def zero_fraction(model: nn.Module) -> float:
     """Fraction of zeros over the weights of every Linear and Conv layer."""
-
     total = zeros = 0
     for m in model.modules():
         if isinstance(m, PRUNABLE):
@@ -161,7 +157,6 @@ def zero_fraction(model: nn.Module) -> float:
 
 
 def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
-
     cuts = _cuts(ctx, model, cfg)
     for r, cut in enumerate(cuts):
         cut(model)
@@ -188,7 +183,6 @@ def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
 
 
 def _teacher(ctx: Context, cfg: schema.Distill) -> tuple[nn.Module, str]:
-
     if isinstance(cfg.teacher, int):
         if not 0 <= cfg.teacher < ctx.index:
             raise RecipeError(f"stages[{ctx.index}] (distill).teacher: stage {cfg.teacher} "
@@ -207,7 +201,6 @@ def _teacher(ctx: Context, cfg: schema.Distill) -> tuple[nn.Module, str]:
 
 
 def distill(ctx: Context, model: nn.Module, cfg: schema.Distill) -> Outcome:
-
     teacher, name = _teacher(ctx, cfg)
     distill_(teacher, model, ctx.train, epochs=cfg.epochs, lr=cfg.lr,
              temperature=cfg.temperature, alpha=cfg.alpha, soft=cfg.soft,
@@ -221,7 +214,6 @@ def distill(ctx: Context, model: nn.Module, cfg: schema.Distill) -> Outcome:
 
 
 def _linear_config(cfg):
-
     options = {"layers": dict(cfg.layers), "first": cfg.first, "last": cfg.last,
                "weight_range": cfg.weight_range}
     if isinstance(cfg, schema.QuantWeightOnly):
@@ -231,7 +223,6 @@ def _linear_config(cfg):
 
 
 def quantize(ctx: Context, model: nn.Module, cfg) -> Outcome:
-
     if isinstance(cfg, schema.QuantKMeans):
         quant.kmeans_(model, cfg.bits, init=cfg.init, layers=cfg.layers, seed=ctx.seed)
         fit(model, ctx.train, epochs=cfg.epochs, lr=cfg.lr, desc=ctx.desc("train centroids"),
@@ -255,14 +246,12 @@ def quantize(ctx: Context, model: nn.Module, cfg) -> Outcome:
 
 
 def is_quantized(model: nn.Module) -> bool:
-
     return any(isinstance(m, ActQuant | WeightQuant) for m in model.modules())
 
 
 def encode(ctx: Context, model: nn.Module, cfg: schema.Encode) -> Outcome:
     """Write the .pjz and measure what comes back out of it: the accuracy of the stage is
     the accuracy of the file."""
-
     path = ctx.out / cfg.file
     report = codec.save(model, path, index_bits=cfg.index_bits)
     notes = {"ratio": report.ratio, "coding_saving": report.coding_saving,
@@ -278,7 +267,6 @@ def encode(ctx: Context, model: nn.Module, cfg: schema.Encode) -> Outcome:
 
 def export(ctx: Context, model: nn.Module, cfg: schema.Export) -> Outcome:
     """Write the ONNX file; with `check`, accuracy and latency are ONNX Runtime's."""
-
     path = ctx.out / cfg.file
     onnx(model, path, ctx.example[:1], opset=cfg.opset, dynamic_batch=cfg.dynamic_batch)
     kind = "QDQ INT8" if is_quantized(model) else "FP32"
@@ -292,9 +280,7 @@ def export(ctx: Context, model: nn.Module, cfg: schema.Export) -> Outcome:
 
 def step(ctx: Context, model: nn.Module, cfg: schema.StepStage) -> Outcome:
     """A registered step of one's own, run with the config its keys make."""
-
-    config = cfg.config()
-    model = steps.run(cfg.stage, model, config)
+    model = steps.run(cfg.stage, model, cfg.model_extra or {})  # checked as validation did
     fields = ", ".join(f"{k} {v}" for k, v in (cfg.model_extra or {}).items())
     return Outcome(model, fields or steps.get(cfg.stage).help)
 
