@@ -186,6 +186,20 @@ def test_apply_without_a_registered_step_says_how_to_add_one(capsys):
         "PENJING_PLUGINS (comma-separated)")
 
 
+def test_stray_arguments_and_a_plugins_key_that_is_no_list_are_named(toy, tmp_path, capsys):
+    pj.save(mlp(), tmp_path / "in.safetensors")
+    code = main(["apply", "toy_scale", "tests.core.test_steps:mlp", "--weights",
+                 str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "out.safetensors"),
+                 "--factor", "2", "stray"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "penjing apply: error: unexpected argument 'stray'; give fields as --name value")
+    with pytest.raises(recipes.RecipeError, match="recipe.yaml line 2: plugins: must be a list "
+                       "of module names, got 3"):
+        recipes.parse("model: lenet300\nplugins: 3\nstages:\n  - stage: train\n",
+                      "recipe.yaml")
+
+
 def test_unknown_stage_lists_registered_steps(toy):
     with pytest.raises(recipes.RecipeError, match="allowed: train, prune, .*, toy_scale"):
         recipes.parse("model: lenet300\nstages:\n  - stage: toy_scal\n", "recipe.yaml")
