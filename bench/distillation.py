@@ -32,8 +32,8 @@ from penjing.distill import (
     CachedTeacher,
     Ensemble,
     build_regressor,
-    data_distill,
-    distill,
+    data_distill_,
+    distill_,
     mutual_,
     pseudo_label,
     train_hints_,
@@ -159,7 +159,7 @@ def kd_section(split, test, budget: Budget, teacher: nn.Module, mlp_teacher: nn.
     def kd(name, teacher_model, **kwargs):
         def arm(seed):
             model = fresh(name, seed)
-            distill(teacher_model, model, loader(split.train, seed), epochs=budget.epochs,
+            distill_(teacher_model, model, loader(split.train, seed), epochs=budget.epochs,
                     seed=seed, progress=False, **kwargs)
             return evaluate(model, test)
         return arm
@@ -171,7 +171,7 @@ def kd_section(split, test, budget: Budget, teacher: nn.Module, mlp_teacher: nn.
             if kd_teacher is None:
                 fit(model, train, epochs=budget.epochs, seed=seed, progress=False)
             else:
-                distill(kd_teacher, model, train, epochs=budget.epochs, seed=seed,
+                distill_(kd_teacher, model, train, epochs=budget.epochs, seed=seed,
                         progress=False, **kwargs)
             return evaluate(model, test)
         return arm
@@ -183,7 +183,7 @@ def kd_section(split, test, budget: Budget, teacher: nn.Module, mlp_teacher: nn.
         reg = build_regressor(teacher, model, example, "conv2", "conv2")
         train_hints_(teacher, model, train, "conv2", "conv2", reg=reg,
                      epochs=budget.hint_epochs, seed=seed, progress=False)
-        distill(cached, model, train, epochs=budget.epochs - budget.hint_epochs, seed=seed,
+        distill_(cached, model, train, epochs=budget.epochs - budget.hint_epochs, seed=seed,
                 progress=False)
         return evaluate(model, test)
 
@@ -284,22 +284,22 @@ def few_labels_section(split, test, budget: Budget, log, claims: list[str]) -> l
             fit(model, few, epochs=budget.few_epochs, seed=seed, progress=False)
             rows.setdefault((name, "labels only"), []).append(evaluate(model, test))
             model = fresh(name, seed)
-            distill(CachedTeacher(teacher), model, few, epochs=budget.few_epochs, seed=seed,
+            distill_(CachedTeacher(teacher), model, few, epochs=budget.few_epochs, seed=seed,
                     progress=False)
             rows.setdefault((name, "KD on the 400 labelled images"), []).append(
                 evaluate(model, test))
             model = fresh(name, seed)
-            data_distill(teacher, model, labeled, unlabeled, epochs=budget.few_dd_epochs,
+            data_distill_(teacher, model, labeled, unlabeled, epochs=budget.few_dd_epochs,
                          seed=seed, progress=False)
             rows.setdefault((name, "data distillation: + 3,600 pseudo-labelled"), []).append(
                 evaluate(model, test))
             model = fresh(name, seed)
-            distill(CachedTeacher(teacher), model, loader(transfer, seed),
+            distill_(CachedTeacher(teacher), model, loader(transfer, seed),
                     epochs=budget.few_dd_epochs, seed=seed, progress=False)
             rows.setdefault((name, "KD on all 4,000: soft targets, labels on the 400"),
                             []).append(evaluate(model, test))
         model = fresh("lenet5", seed)
-        data_distill(teacher, model, labeled, unlabeled, augment=True,
+        data_distill_(teacher, model, labeled, unlabeled, augment=True,
                      epochs=budget.few_dd_epochs, seed=seed, progress=False)
         rows.setdefault(("lenet5 (itself)", "data distillation, augmented"), []).append(
             evaluate(model, test))
@@ -370,7 +370,7 @@ def pruned_section(split, test, budget: Budget, teacher: nn.Module, log,
                 fit(model, train, epochs=budget.finetune_epochs, lr=5e-4, seed=seed,
                     progress=False)
             else:
-                distill(kd_teacher, model, train, epochs=budget.finetune_epochs, lr=5e-4,
+                distill_(kd_teacher, model, train, epochs=budget.finetune_epochs, lr=5e-4,
                         seed=seed, progress=False)
             masked = masks(model)
             layers = [module for name, module in model.named_modules() if name in masked]

@@ -220,7 +220,7 @@ def lenet_section(train, test, epochs: int, low_epochs: int, workdir: Path
     verdicts = []
     methods = [
         ("INQ 5-bit (powers of two)", "all", 5,
-         lambda m: pj.quant.inq(m, train, bits=5, epochs=1, lr=1e-4, progress=False)),
+         lambda m: pj.quant.inq_(m, train, bits=5, epochs=1, lr=1e-4, progress=False)),
         ("BWN (α·sign, α = mean|W| per channel)", "all", 1,
          lambda m: pj.quant.binarize_(m, "bwn", first=True, last=True)),
         ("BinaryConnect (sign)", "all", 1,

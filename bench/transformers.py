@@ -229,7 +229,7 @@ def main() -> None:
         builds["penjing dynamic INT8"] = time.perf_counter() - t
         t = time.perf_counter()  # the FFN's second Linear reads GELU outputs with outliers
         key = "penjing dynamic INT8, FFN output Linear float"
-        d = dynamic(model, reduce_range=saturates, filter_fn=lambda m, n: not ffn_output(m, n))
+        d = dynamic(model, reduce_range=saturates, layers=lambda m, n: not ffn_output(m, n))
         paths[key] = Path(export_onnx(d, work / "dynamic-ffn.onnx", example))
         builds[key] = time.perf_counter() - t
         t = time.perf_counter()

@@ -88,7 +88,7 @@ batches = [(x, y) for x, y in test]
 local_acc = pj.train.evaluate(model, batches, shard=False)
 
 student = pj.models.create("lenet300", in_features=64)  # differs by rank, as above
-kd = pj.distill.distill(model, student, train, epochs=2, progress=False)
+kd = pj.distill.distill_(model, student, train, epochs=2, progress=False)
 
 q = pj.quant.qat(model, train, pj.quant.int8(observer="percentile"), epochs=2, lr=1e-4,
                  calib_batches=4, progress=False)

@@ -87,14 +87,14 @@ def test_unknown_stage_names_line_and_allowed_stages():
 
 
 def test_unknown_key_names_line_and_allowed_keys():
-    msg = problem("model: lenet300\nstages:\n  - stage: prune\n    granularity: group\n"
+    msg = problem("model: lenet300\nstages:\n  - stage: prune\n    structure: group\n"
                   "    ratoi: 0.5\n")
     assert "line 5: stages[0] (prune): unknown key 'ratoi' (did you mean 'ratio'?)" in msg
     assert "allowed:" in msg and "ratio" in msg and "criterion" in msg and "round_to" in msg
 
 
-def test_key_of_another_granularity_is_unknown():
-    msg = problem("model: lenet300\nstages:\n  - stage: prune\n    granularity: weight\n"
+def test_key_of_another_structure_is_unknown():
+    msg = problem("model: lenet300\nstages:\n  - stage: prune\n    structure: weight\n"
                   "    sparsity: 0.5\n    ratio: 0.5\n")
     assert "line 6" in msg and "unknown key 'ratio'" in msg and "sparsity" in msg
 
@@ -105,7 +105,8 @@ def test_wrong_type_and_range_name_line_and_value():
                   "    observer: maximum\n")
     assert msg.startswith("recipe.yaml: 3 problems")
     assert "line 2: seed: must be a valid integer" in msg and "got 'abc'" in msg
-    assert "line 6: stages[1] (prune).ratio: must be in [0, 1), got 1.5" in msg
+    assert ("line 6: stages[1] (prune).ratio: must be a fraction of channels to remove in "
+            "[0, 1), got 1.5") in msg
     assert "line 9: stages[2] (quantize).observer: must be 'minmax'" in msg
     assert "'entropy'" in msg and "got 'maximum'" in msg
 
@@ -118,7 +119,7 @@ def test_unknown_method_and_missing_keys():
 
 
 def test_per_layer_values_are_checked_by_layer():
-    msg = problem("model: lenet300\nstages:\n  - stage: prune\n    granularity: weight\n"
+    msg = problem("model: lenet300\nstages:\n  - stage: prune\n    structure: weight\n"
                   "    sparsity:\n      fc1: 0.9\n      fc2: 1.2\n")
     assert msg.startswith("recipe.yaml line 7: stages[0] (prune).sparsity.fc2: must be in")
 
@@ -198,14 +199,14 @@ stages:
     epochs: 2
     lr: 3.0e-3
   - stage: prune
-    granularity: group
+    structure: group
     ratio: 0.5
     epochs: 1
   - stage: distill
     epochs: 1
   - stage: quantize
     method: ptq
-    calib_batches: 2
+    calib_images: 256
   - stage: encode
   - stage: export
 """
@@ -267,7 +268,7 @@ stages:
   - stage: train
     epochs: 1
   - stage: prune
-    granularity: weight
+    structure: weight
     sparsity: 0.5
   - stage: finetune
     epochs: 1

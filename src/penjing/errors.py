@@ -22,3 +22,19 @@ class MissingDependencyError(PenjingError, ImportError):
 class PenjingWarning(UserWarning):
     """A call that did less than asked (a BatchNorm left unfolded, a group left whole),
     with the reason."""
+
+
+def renamed(module: str, names: dict[str, str]):
+    """A module `__getattr__` that still answers to old names: each gives the object under
+    its new name, with a DeprecationWarning saying what to write instead."""
+    import sys
+    import warnings
+
+    def __getattr__(name: str):  # noqa: N807 - the module hook's own name
+        if name in names:
+            warnings.warn(f"{module}.{name} is now {module}.{names[name]}; the old name will "
+                          "go in a later release", DeprecationWarning, stacklevel=2)
+            return getattr(sys.modules[module], names[name])
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

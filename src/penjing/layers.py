@@ -66,3 +66,49 @@ def types(*classes: type[nn.Module]) -> Filter:
 def matching(model: nn.Module, fn: Callable[[nn.Module, str], bool]) -> list[str]:
     """The names of `model`'s submodules (the model itself excluded) that `fn` accepts."""
     return [n for n, m in model.named_modules() if n and fn(m, n)]
+
+
+def chosen_layers(layers: list[str] | None = None,
+                  skip: list[str] | tuple[str, ...] = ()) -> list[str] | Filter | None:
+    """One choice of layers from the two ways recipes and the command line say it: module
+    names to act on (`layers`, default all) and regexes of names to leave alone (`skip`,
+    the CLI's --skip). None when neither narrows anything."""
+    if not skip:
+        return None if layers is None else list(layers)
+    keep = ~regex(*skip)
+    return keep if layers is None else names(*layers) & keep
+
+
+def check_skip(model: nn.Module, skip: list[str] | tuple[str, ...],
+               what: str = "skip") -> list[str]:
+    """The module names the `skip` regexes match; a pattern that matches no module is an
+    error listing some names it could have matched (a typo would otherwise skip nothing)."""
+    names_ = [n for n, _ in model.named_modules() if n]
+    found: list[str] = []
+    for pattern in skip:
+        try:
+            hits = matching(model, regex(pattern))
+        except ValueError as err:
+            raise ValueError(f"{what} {pattern!r} is not a regular expression "
+                             f"({err.__cause__})") from None
+        if not hits:
+            raise ValueError(f"{what} {pattern!r} matches no layer; layers include {names_[:8]}")
+        found += [n for n in hits if n not in found]
+    return found
+
+
+def as_filter(model: nn.Module, layers: list[str] | Callable[[nn.Module, str], bool] | None
+              ) -> Callable[[nn.Module, str], bool] | None:
+    """`layers` (module names, a filter, or None for all) as a filter; a name that is not a
+    module of `model` is an error naming some that are."""
+    if layers is None or callable(layers):
+        return layers
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a list of module names or a penjing.layers filter, "
+                        f"got the string {layers!r}; write [{layers!r}]")
+    known = [n for n, _ in model.named_modules() if n]
+    missing = [n for n in layers if n not in set(known)]
+    if missing:
+        raise ValueError(f"no layer named {missing[0]!r} in {type(model).__name__}; layers "
+                         f"include {known[:8]}")
+    return names(*layers)

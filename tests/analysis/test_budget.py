@@ -15,7 +15,7 @@ POINTS = [0.5, 0.8, 0.9, 0.95, 0.98]
 def _table(**extra) -> SensitivityTable:
     # "robust" barely notices pruning; "fragile" collapses early: the planner must see it.
     return SensitivityTable(
-        "accuracy", "sparsity", "element", 0.97, POINTS,
+        "accuracy", "sparsity", "weight", 0.97, POINTS,
         {"fragile": [0.96, 0.90, 0.70, 0.40, 0.20],
          "middle": [0.97, 0.965, 0.96, 0.93, 0.75],
          "robust": [0.97, 0.97, 0.969, 0.966, 0.95]},
@@ -97,7 +97,7 @@ def test_apply_prunes_the_planned_counts():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 50), nn.ReLU(), nn.Linear(50, 100), nn.ReLU(),
                           nn.Linear(100, 80))
-    table = SensitivityTable("accuracy", "sparsity", "element", 1.0, POINTS,
+    table = SensitivityTable("accuracy", "sparsity", "weight", 1.0, POINTS,
                              {"0": [1, 1, .9, .8, .5], "2": [1, .9, .6, .3, .1],
                               "4": [1, 1, 1, .99, .98]},
                              {"0": 5000, "2": 5000, "4": 8000})

@@ -39,8 +39,8 @@ def _bits(model: nn.Module) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("kwargs", [
     {"ratios": [0.3, 0.6, 0.9]},
-    {"ratios": [0.5, 0.75], "granularity": "nm", "layers": ["2", "5"]},
-    {"ratios": [0.25, 0.5], "granularity": "channel", "example_inputs": X[:1]},
+    {"ratios": [0.5, 0.75], "structure": "nm", "layers": ["2", "5"]},
+    {"ratios": [0.25, 0.5], "structure": "channel", "example_inputs": X[:1]},
     {"bits": [6, 3, 1], "quantizer": "kmeans"},
     {"bits": [8, 4, 2], "quantizer": "linear"},
 ])
@@ -144,20 +144,20 @@ def test_unknown_layers_and_options_are_refused():
     model = _model()
     with pytest.raises(ValueError, match="no layer named 'fc9'"):
         sensitivity(model, lambda m: 1.0, ratios=[0.5], layers=["fc9"])
-    with pytest.raises(ValueError, match="granularity must be one of"):
-        sensitivity(model, lambda m: 1.0, ratios=[0.5], granularity="row")
+    with pytest.raises(ValueError, match="structure must be one of"):
+        sensitivity(model, lambda m: 1.0, ratios=[0.5], structure="row")
     with pytest.raises(ValueError, match="exactly one of ratios"):
         sensitivity(model, lambda m: 1.0, ratios=[0.5], bits=[4])
     with pytest.raises(ValueError, match="bit width must be an int in 1..16"):
         sensitivity(model, lambda m: 1.0, bits=[0])
     with pytest.raises(ValueError, match="needs example_inputs"):
-        sensitivity(model, lambda m: 1.0, ratios=[0.5], granularity="channel")
+        sensitivity(model, lambda m: 1.0, ratios=[0.5], structure="channel")
     with pytest.raises(TypeError, match="must return a number"):
         sensitivity(model, lambda m: "good", ratios=[0.5])
 
 
 def test_table_drop_follows_the_metric_direction():
-    t = SensitivityTable("loss", "sparsity", "element", 1.0, [0.5], {"a": [1.5]}, {"a": 10},
+    t = SensitivityTable("loss", "sparsity", "weight", 1.0, [0.5], {"a": [1.5]}, {"a": 10},
                          higher_is_better=False)
     assert t.drop("a") == [0.5]
 

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import penjing as pj
-from penjing.distill import LABEL_PRESERVING, TRANSFORMS, Augmented, data_distill, pseudo_label
+from penjing.distill import LABEL_PRESERVING, TRANSFORMS, Augmented, data_distill_, pseudo_label
 from penjing.distill.transforms import resolve_transforms
 
 
@@ -147,7 +147,7 @@ def test_pseudo_labels_teach_a_student_beyond_its_few_labels(mnist, few_labels, 
     pj.train.fit(alone, loader, epochs=30, progress=False)
     few = pj.train.evaluate(alone, test_loader)
     torch.manual_seed(7)
-    result = data_distill(view_teacher, pj.models.create("mlp30"), few_labels, unlabeled,
+    result = data_distill_(view_teacher, pj.models.create("mlp30"), few_labels, unlabeled,
                           epochs=3, batch_size=50, test_loader=test_loader, progress=False)
     truth = mnist.train.tensors[1][UNLABELED]
     assert len(result.pseudo.labels) == 1800
@@ -158,16 +158,16 @@ def test_pseudo_labels_teach_a_student_beyond_its_few_labels(mnist, few_labels, 
 def test_data_distill_refuses_bad_input(mnist, few_labels, view_teacher):
     unlabeled = mnist.train.tensors[0][UNLABELED]
     with pytest.raises(ValueError, match="teacher gives 10 logits, the student 4"):
-        data_distill(view_teacher, pj.models.create("mlp30", num_classes=4), few_labels,
+        data_distill_(view_teacher, pj.models.create("mlp30", num_classes=4), few_labels,
                      unlabeled, progress=False)
     with pytest.raises(ValueError, match="no unlabelled images"):
-        data_distill(view_teacher, pj.models.create("mlp30"), few_labels, unlabeled[:0],
+        data_distill_(view_teacher, pj.models.create("mlp30"), few_labels, unlabeled[:0],
                      progress=False)
     with pytest.raises(ValueError, match="unknown transform 'flip'"):
-        data_distill(view_teacher, pj.models.create("mlp30"), few_labels, unlabeled,
+        data_distill_(view_teacher, pj.models.create("mlp30"), few_labels, unlabeled,
                      transforms=("flip",), progress=False)
     with pytest.raises(ValueError, match="labelled data set is empty"):
-        data_distill(view_teacher, pj.models.create("mlp30"), Subset(few_labels, []), unlabeled,
+        data_distill_(view_teacher, pj.models.create("mlp30"), Subset(few_labels, []), unlabeled,
                      progress=False)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         pseudo_label(view_teacher, unlabeled, batch_size=0)

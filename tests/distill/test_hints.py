@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import penjing as pj
-from penjing.distill import build_regressor, capture, distill, hint_loss, regressor, train_hints_
+from penjing.distill import build_regressor, capture, distill_, hint_loss, regressor, train_hints_
 
 
 @pytest.mark.parametrize(
@@ -40,13 +40,13 @@ def test_capture_sees_the_layer_and_removes_its_hook():
 def test_unknown_hint_layer_is_refused(teacher, small_train):
     student = pj.models.create("lenet5_thin")
     with pytest.raises(ValueError, match=r"no layer named 'conv9' in the teacher .*'conv2'"):
-        distill(teacher, student, small_train, hints=("conv9", "conv2"))
+        distill_(teacher, student, small_train, hints=("conv9", "conv2"))
     with pytest.raises(ValueError, match=r"no layer named 'fc7' in the student"):
-        distill(teacher, student, small_train, hints=("conv2", "fc7"))
+        distill_(teacher, student, small_train, hints=("conv2", "fc7"))
     with pytest.raises(ValueError, match="pair"):
-        distill(teacher, student, small_train, hints="conv2")
+        distill_(teacher, student, small_train, hints="conv2")
     with pytest.raises(ValueError, match="pass the teacher itself"):
-        distill(pj.distill.CachedTeacher(teacher), student, small_train, hints=("conv2", "conv2"))
+        distill_(pj.distill.CachedTeacher(teacher), student, small_train, hints=("conv2", "conv2"))
 
 
 def test_hint_training_moves_only_layers_up_to_the_hint(teacher, small_train):
@@ -73,7 +73,7 @@ def test_hint_training_moves_only_layers_up_to_the_hint(teacher, small_train):
 def test_fitnets_two_stages_end_to_end(teacher, small_train, test_loader):
     torch.manual_seed(5)
     student = pj.models.create("lenet5_thin")
-    history = distill(teacher, student, small_train, hints=("conv2", "conv2"), hint_epochs=1,
+    history = distill_(teacher, student, small_train, hints=("conv2", "conv2"), hint_epochs=1,
                       epochs=2, progress=False)
     assert len(history.loss) == 2  # the distillation stage
     assert pj.train.evaluate(student, test_loader) > 0.5  # chance is 0.1

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import penjing as pj
-from penjing.distill import DistillLoss, distill
+from penjing.distill import DistillLoss, distill_
 from penjing.prune import magnitude_, masks
 
 from .conftest import train_loader
@@ -24,7 +24,7 @@ def test_soft_targets_alone_teach_the_student(mnist, teacher, test_loader):
     before = state(teacher)
     torch.manual_seed(1)
     student = pj.models.create("mlp30")
-    history = distill(teacher, student, loader, epochs=3, alpha=1.0, progress=False)
+    history = distill_(teacher, student, loader, epochs=3, alpha=1.0, progress=False)
     assert history.loss[-1] < history.loss[0]
     teacher_acc = pj.train.evaluate(teacher, test_loader)
     assert pj.train.evaluate(student, test_loader) > 0.8 * teacher_acc
@@ -40,7 +40,7 @@ def test_pruned_student_stays_pruned(teacher, small_train, test_loader):
     magnitude_(student, sparsity=0.9)
     pruned_acc = pj.train.evaluate(student, test_loader)
     kept = {name: mask.clone() for name, mask in masks(student).items()}
-    distill(teacher, student, small_train, epochs=1, progress=False)
+    distill_(teacher, student, small_train, epochs=1, progress=False)
     for name, module in student.named_modules():
         if name in kept:
             assert torch.equal(masks(student)[name], kept[name]), name
@@ -54,7 +54,7 @@ def test_ensemble_of_teachers_and_mse_on_logits(teacher, small_train):
     other = pj.models.create("lenet300")
     for soft in ("kl", "mse"):
         student = pj.models.create("mlp30")
-        history = distill([teacher, other], student, small_train, epochs=1, soft=soft,
+        history = distill_([teacher, other], student, small_train, epochs=1, soft=soft,
                           progress=False)
         assert len(history.loss) == 1
         assert history.loss[0] > 0
@@ -64,19 +64,19 @@ def test_class_mismatch_is_refused_before_training(teacher, small_train):
     student = pj.models.create("mlp30", num_classes=5)
     before = state(student)
     with pytest.raises(ValueError, match="teacher gives 10 logits, the student 5"):
-        distill(teacher, student, small_train, epochs=1, progress=False)
+        distill_(teacher, student, small_train, epochs=1, progress=False)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
 @pytest.mark.parametrize("temperature", [0.0, -2.0])
 def test_non_positive_temperature_is_refused(teacher, small_train, temperature):
     with pytest.raises(ValueError, match=f"temperature must be > 0, got {temperature}"):
-        distill(teacher, pj.models.create("mlp30"), small_train, temperature=temperature)
+        distill_(teacher, pj.models.create("mlp30"), small_train, temperature=temperature)
 
 
 def test_teacher_cannot_be_the_student(teacher, small_train):
     with pytest.raises(ValueError, match="same module"):
-        distill(teacher, teacher, small_train)
+        distill_(teacher, teacher, small_train)
 
 
 def noisy_label_loader(mnist, n: int = 1000) -> DataLoader:
@@ -95,7 +95,7 @@ def test_weight_fake_quant_student_distils_on_the_grid(mnist, teacher, test_load
     originals = {n: m.parametrizations.weight.original.detach().clone()
                  for n, m in student.named_modules() if pj.quant.get_weight_quant(m) is not None}
     assert set(originals) == {"fc1", "fc2"}
-    distill(teacher, student, noisy_label_loader(mnist), epochs=3, alpha=1.0, progress=False)
+    distill_(teacher, student, noisy_label_loader(mnist), epochs=3, alpha=1.0, progress=False)
     pj.quant.freeze_(student)
     for name, module in student.named_modules():
         if name in originals:
@@ -124,7 +124,7 @@ def test_pruned_and_fake_quantized_student_keeps_its_zeros(teacher, small_train)
     magnitude_(student, sparsity=0.8)
     kept = {name: mask.clone() for name, mask in masks(student).items()}
     pj.quant.quantize_(student, pj.quant.weight_only(bits=8), qat=True)  # stacked after the mask
-    distill(teacher, student, small_train, epochs=1, progress=False)
+    distill_(teacher, student, small_train, epochs=1, progress=False)
     for name, module in student.named_modules():
         if name in kept:
             assert torch.equal(module.weight != 0, kept[name].bool()), name
@@ -151,11 +151,11 @@ def test_distill_loss_refuses_bad_settings(teacher):
 def test_bad_epochs_and_hints_are_refused(teacher, small_train):
     student = pj.models.create("mlp30")
     with pytest.raises(ValueError, match="epochs must be >= 0, got -1"):
-        distill(teacher, student, small_train, epochs=-1)
+        distill_(teacher, student, small_train, epochs=-1)
     with pytest.raises(ValueError, match="hint_epochs must be >= 0, got -2"):
-        distill(teacher, student, small_train, hint_epochs=-2)
+        distill_(teacher, student, small_train, hint_epochs=-2)
     with pytest.raises(TypeError, match="student must be an nn.Module, got str"):
-        distill(teacher, "mlp30", small_train)
+        distill_(teacher, "mlp30", small_train)
 
 
 def test_cached_teacher_runs_once_per_image_and_answers_the_same(mnist, teacher, small_train):
@@ -169,8 +169,8 @@ def test_cached_teacher_runs_once_per_image_and_answers_the_same(mnist, teacher,
     second = pj.models.create("mlp30")
     second.load_state_dict(first.state_dict())
     # two loaders with the same seed: the same batches in the same order
-    plain = distill(teacher, first, train_loader(mnist), epochs=2, progress=False)
-    fast = distill(cached, second, train_loader(mnist), epochs=2, progress=False)
+    plain = distill_(teacher, first, train_loader(mnist), epochs=2, progress=False)
+    fast = distill_(cached, second, train_loader(mnist), epochs=2, progress=False)
     assert cached.computed == 40 + len(small_train.dataset) - 40  # 40 were already known
     assert fast.loss == pytest.approx(plain.loss, rel=1e-4)
     cached.train()

@@ -26,19 +26,19 @@ def test_channel_pruning_quarters_the_vgg_and_saves_a_loadable_file(tmp_path):
 
 
 def test_stripe_masks_are_compacted_and_nm_masks_only_count_as_non_zero():
-    stripe = prune_command("vgg", granularity="stripe", ratio=0.5, dataset=None,
+    stripe = prune_command("vgg", structure="stripe", sparsity=0.5, dataset=None,
                            input_shape=(2, 1, 28, 28), **FAST)
     # half the stripes; the 1×1 conv of the stripe form runs over the padded input
     assert stripe.after.macs < 0.75 * stripe.before.macs
     assert "re-expressed" in stripe.format()
-    nm = prune_command("lenet300", granularity="nm", dataset=None,
+    nm = prune_command("lenet300", structure="nm", dataset=None,
                        input_shape=(2, 1, 28, 28), **FAST)
     assert nm.after.macs == nm.before.macs
     assert nm.after.nonzero_macs == nm.before.macs - (784 * 300 + 300 * 100 + 100 * 10) // 2
 
 
 def test_accuracy_is_measured_on_the_bundled_test_split():
-    summary = prune_command("lenet300", granularity="neuron", ratio=0.5,
+    summary = prune_command("lenet300", structure="neuron", ratio=0.5,
                             criterion="taylor", **FAST)
     assert 0.0 <= summary.after.accuracy <= 1.0 and summary.before.accuracy is not None
     assert summary.after.params < 0.6 * summary.before.params
@@ -71,13 +71,14 @@ def test_head_pruning_of_a_users_transformer(tmp_path, monkeypatch):
         "    return Net()\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    summary = prune_command("my_attention:net", granularity="head", ratio=0.5, dataset=None,
+    summary = prune_command("my_attention:net", structure="head", ratio=0.5, dataset=None,
                             input_shape=(2, 5, 16), **FAST)
     # q, k, v lose 8 rows each (with biases), the output projection 8 columns
     assert summary.before.params - summary.after.params == 3 * (8 * 16 + 8) + 16 * 8
     assert "of the heads of 1 attention layers" in summary.format()
-    with pytest.raises(ValueError, match="criterion 'taylor' cannot score attention heads"):
-        prune_command("my_attention:net", granularity="head", criterion="taylor",
+    with pytest.raises(ValueError, match=r"criterion must be one of \['l1', 'l2', 'random'\], "
+                       "got 'taylor'"):
+        prune_command("my_attention:net", structure="head", criterion="taylor",
                       dataset=None, input_shape=(2, 5, 16))
 
 
@@ -89,24 +90,31 @@ def test_cli_prints_the_table(capsys):
 
 
 def test_bad_options_are_errors(capsys):
-    with pytest.raises(ValueError, match="unknown granularity 'diagonal'"):
-        prune_command("vgg", granularity="diagonal", dataset=None, input_shape=(1, 1, 28, 28))
-    with pytest.raises(ValueError, match="criterion 'bn' applies to channel granularities"):
-        prune_command("vgg", granularity="block", criterion="bn", dataset=None,
+    with pytest.raises(ValueError, match="structure must be one of .*, got 'diagonal'"):
+        prune_command("vgg", structure="diagonal", dataset=None, input_shape=(1, 1, 28, 28))
+    with pytest.raises(ValueError, match="criterion does not apply to block pruning; its "
+                       "options: pattern, sparsity, layers"):
+        prune_command("vgg", structure="block", criterion="bn", dataset=None,
                       input_shape=(1, 1, 28, 28))
-    with pytest.raises(ValueError, match="give --nm N:M instead of --ratio"):
-        prune_command("vgg", granularity="nm", ratio=0.5, dataset=None,
+    with pytest.raises(ValueError, match="ratio does not apply to nm pruning"):
+        prune_command("vgg", structure="nm", ratio=0.5, dataset=None,
                       input_shape=(1, 1, 28, 28))
     with pytest.raises(ValueError, match="--nm must look like 2:4, got '2-4'"):
-        prune_command("vgg", granularity="nm", nm="2-4", dataset=None,
+        prune_command("vgg", structure="nm", nm="2-4", dataset=None,
                       input_shape=(1, 1, 28, 28))
     # option values are checked before the model is built (and perhaps trained)
     with pytest.raises(ValueError, match=r"0 < n < m \(2:4 by default\), got 4:2"):
-        prune_command("alexnet", granularity="nm", nm="4:2", dataset=None,
+        prune_command("alexnet", structure="nm", nm="4:2", dataset=None,
                       input_shape=(1, 1, 28, 28))
-    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\), got 1.5"):
-        prune_command("alexnet", granularity="block", ratio=1.5, dataset=None,
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\), got 1.5"):
+        prune_command("alexnet", structure="block", sparsity=1.5, dataset=None,
                       input_shape=(1, 1, 28, 28))
+    with pytest.raises(ValueError, match="block pruning zeroes a fraction of weights: give "
+                       "--sparsity"):
+        prune_command("alexnet", structure="block", ratio=0.5, dataset=None,
+                      input_shape=(1, 1, 28, 28))
+    with pytest.raises(ValueError, match="sparsity does not apply to group pruning"):
+        prune_command("alexnet", sparsity=0.5, dataset=None, input_shape=(1, 1, 28, 28))
     with pytest.raises(ValueError, match=r"ratio must be a fraction of channels .* got 1.5"):
         prune_command("alexnet", ratio=1.5, dataset=None, input_shape=(1, 1, 28, 28))
     with pytest.raises(ValueError, match="without --data give --input-shape"):

@@ -252,15 +252,15 @@ def test_filter_and_channel_granularity_read_different_sides():
         model[0].weight[1] = 0.01  # channel 1: weakest filter
         model[2].weight[:, 3] = 0.01  # channel 3: weakest input column
     x = torch.randn(1, 1, 8, 8)
-    by_filter = channels_(copy.deepcopy(model), x, ratio=0.25, granularity="filter")
-    by_channel = channels_(copy.deepcopy(model), x, ratio=0.25, granularity="channel")
+    by_filter = channels_(copy.deepcopy(model), x, ratio=0.25, structure="filter")
+    by_channel = channels_(copy.deepcopy(model), x, ratio=0.25, structure="channel")
     assert [c.kept for c in by_filter if c.fqn == "0" and c.name == "weight"] == [(0, 2, 3)]
     assert [c.kept for c in by_channel if c.fqn == "0" and c.name == "weight"] == [(0, 1, 2)]
 
 
 def test_neuron_granularity_prunes_linear_rows_only():
     model = pj.models.create("lenet5")
-    small = channels(model, torch.randn(1, 1, 28, 28), ratio=0.5, granularity="neuron")
+    small = channels(model, torch.randn(1, 1, 28, 28), ratio=0.5, structure="neuron")
     assert (small.conv1.out_channels, small.conv2.out_channels) == (20, 50)
     assert small.fc1.out_features == 250 and small.fc2.in_features == 250
 
@@ -317,8 +317,8 @@ def test_ignoring_a_batchnorm_keeps_the_channels_it_normalizes():
 def test_bad_granularity_ratios_and_scores_are_errors():
     model = pj.models.create("vgg", width=0.25)
     x = torch.randn(1, 1, 28, 28)
-    with pytest.raises(ValueError, match="unknown granularity 'stripe' for channel pruning"):
-        channels(model, x, granularity="stripe")
+    with pytest.raises(ValueError, match="structure must be one of .* got .stripe."):
+        channels(model, x, structure="stripe")
     with pytest.raises(ValueError, match="global ranking does not use"):
         channels(model, x, global_ranking=True, ratios={"features.0": 0.5})
     with pytest.raises(ValueError, match=r"ratio for \['features.0'\] must be .* got 1.5"):

@@ -129,15 +129,15 @@ def test_bits_outside_the_supported_set_are_errors():
     with pytest.raises(ValueError, match="threshold"):
         pj.quant.ternarize_(model, threshold=3.0, first=True)
     with pytest.raises(ValueError, match="schedule"):
-        pj.quant.inq(model, [], schedule=(0.5, 0.4, 1.0))
+        pj.quant.inq_(model, [], schedule=(0.5, 0.4, 1.0))
     with pytest.raises(ValueError, match="schedule"):
-        pj.quant.inq(model, [], schedule=(0.5, 0.9))
+        pj.quant.inq_(model, [], schedule=(0.5, 0.9))
 
 
 def test_inq_runs_its_default_schedule_to_all_powers_of_two():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     batch = [(torch.randn(16, 8), torch.randint(0, 3, (16,)))]
-    added = pj.quant.inq(model, batch, bits=4, epochs=1, progress=False)
+    added = pj.quant.inq_(model, batch, bits=4, epochs=1, progress=False)
     assert all(bool(p.frozen.all()) for p in added.values())
 
 

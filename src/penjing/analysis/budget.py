@@ -188,7 +188,7 @@ def plan_budget(
 ) -> Plan:
     """Choose per-layer ratios (and bits, for a bytes budget) that meet `budget`.
 
-    `table` is a pruning sweep (axis "sparsity", element or N:M granularity); `bits` a
+    `table` is a pruning sweep (axis "sparsity", structure "weight" or "nm"); `bits` a
     quantization sweep of the same layers, needed for `Budget(bytes=...)`. No layer is
     planned beyond `max_sparsity` (default: the table's largest ratio), so the plan never
     leaves the measured part of a curve. A budget that cannot be met within that is a
@@ -198,8 +198,8 @@ def plan_budget(
         raise TypeError("table must be a pruning SensitivityTable (sensitivity(..., ratios=))")
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a Budget, got {type(budget).__name__}")
-    if table.granularity == "channel":
-        raise ValueError("plan_budget plans element or N:M pruning; a channel table's rows "
+    if table.structure == "channel":
+        raise ValueError("plan_budget plans weight or N:M pruning; a channel table's rows "
                          "are groups, which penjing.prune.channels prunes by one ratio")
     cap = max(table.points) if max_sparsity is None else float(max_sparsity)
     if not 0.0 <= cap < 1.0:

@@ -39,7 +39,7 @@ from penjing.prune.nm import nm_mask
 from penjing.prune.structured import score_groups
 from penjing.quant.kmeans import kmeans_1d
 
-GRANULARITIES = ("element", "channel", "nm")
+STRUCTURES = ("weight", "channel", "nm")  # what a sparsity sweep removes
 QUANTIZERS = ("kmeans", "linear")
 NM_GROUP = 4  # N:M points prune to n = round((1 - ratio) * NM_GROUP) of every 4
 
@@ -59,7 +59,7 @@ class SensitivityTable:
 
     metric: str
     axis: str
-    granularity: str
+    structure: str  # of a sparsity sweep: 'weight', 'nm' or 'channel'; 'weight' for bits
     baseline: float
     points: list[float]
     values: dict[str, list[float]]
@@ -68,6 +68,7 @@ class SensitivityTable:
     higher_is_better: bool = True
     seconds: float = 0.0
     world_size: int = 1
+    quantizer: str | None = None  # of a bits sweep: 'kmeans' or 'linear'
 
     @property
     def layers(self) -> list[str]:
@@ -82,7 +83,7 @@ class SensitivityTable:
         head = f"{'layer':<28} {'weights':>9} " + " ".join(
             f"{self._label(p):>8}" for p in self.points
         )
-        rows = [f"{self.metric} by {self.axis} ({self.granularity}); baseline "
+        rows = [f"{self.metric} by {self.axis} ({self.quantizer or self.structure}); baseline "
                 f"{self.baseline:.4f}", head, "-" * len(head)]
         for layer, vals in self.values.items():
             rows.append(f"{layer[-28:]:<28} {self.sizes[layer]:>9,} " + " ".join(
@@ -119,11 +120,11 @@ class SensitivityTable:
         for layer, vals in self.values.items():
             ax.plot(self.points, vals, marker="o", ms=3, label=layer)
         ax.axhline(self.baseline, color="gray", ls="--", lw=0.8, label="baseline")
-        ax.set_xlabel("bits" if self.axis == "bits" else f"{self.granularity} sparsity")
+        ax.set_xlabel("bits" if self.axis == "bits" else f"{self.structure} sparsity")
         ax.set_ylabel(self.metric)
         if self.axis == "bits":
             ax.invert_xaxis()
-        ax.set_title(f"sensitivity: one layer at a time ({self.granularity})")
+        ax.set_title(f"sensitivity: one layer at a time ({self.quantizer or self.structure})")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -220,8 +221,8 @@ class _Unit:
     macs: int = 0
 
 
-def _layer_units(model, layers, axis, granularity, quantizer) -> list[_Unit]:
-    edits = {"element": prune_weight, "nm": nm_weight}
+def _layer_units(model, layers, axis, structure, quantizer) -> list[_Unit]:
+    edits = {"weight": prune_weight, "nm": nm_weight}
     quants = {"kmeans": kmeans_weight, "linear": linear_weight}
     units = []
     for name, module in select_layers(model, layers).items():
@@ -232,8 +233,8 @@ def _layer_units(model, layers, axis, granularity, quantizer) -> list[_Unit]:
             def edit(b, t=t, fn=fn, module=module):
                 return [fn(module.weight.detach(), int(b))]
         else:
-            fn = edits[granularity]
-            if granularity == "nm":
+            fn = edits[structure]
+            if structure == "nm":
                 nm_weight(t.detach(), 0.5)  # a layer whose input size 4 does not divide fails now
 
             def edit(r, t=t, fn=fn, module=module):
@@ -244,7 +245,7 @@ def _layer_units(model, layers, axis, granularity, quantizer) -> list[_Unit]:
 
 def _channel_units(model, layers, example_inputs, criterion) -> list[_Unit]:
     if example_inputs is None:
-        raise ValueError("granularity='channel' needs example_inputs= to trace the model")
+        raise ValueError("structure='channel' needs example_inputs= to trace the model")
     scored = score_groups(model, dependency_graph(model, example_inputs), criterion)
     units = []
     for group, score in scored:
@@ -292,7 +293,7 @@ def sensitivity(
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
     ratios: Sequence[float] | None = None,
-    granularity: str = "element",
+    structure: str = "weight",
     *,
     bits: Sequence[int] | None = None,
     quantizer: str = "kmeans",
@@ -311,26 +312,26 @@ def sensitivity(
     point the layer's tensors are copied back, so the model ends bit-for-bit as it began,
     also when `evaluate` raises (an EvaluateError naming the layer and point).
 
-    granularity: "element" (smallest magnitudes of the layer), "nm" (N:4 patterns, n =
+    structure: "weight" (smallest magnitudes of the layer), "nm" (N:4 patterns, n =
     round((1 - ratio) * 4)) or "channel" (one coupled channel group per row, the lowest
     `criterion` scores first; needs `example_inputs`). With `bits`, `quantizer` is
     "kmeans" (2^bits − 1 shared values plus zero, as Deep Compression) or "linear"
     (symmetric per-channel). `layers` restricts the rows (names must exist).
     """
     axis, points = _check_points(ratios, bits)
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {list(STRUCTURES)}, got {structure!r}")
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-    if axis == "bits" and granularity != "element":
-        raise ValueError("a bits sweep quantizes whole layers: leave granularity='element'")
+    if axis == "bits" and structure != "weight":
+        raise ValueError("a bits sweep quantizes whole layers: leave structure='weight'")
     if not callable(evaluate):
         raise TypeError(f"evaluate must be a callable model -> float, got {evaluate!r}")
     say = progress or (lambda _m: None)
-    if granularity == "channel":
+    if structure == "channel":
         units = _channel_units(model, layers, example_inputs, criterion)
     else:
-        units = _layer_units(model, layers, axis, granularity, quantizer)
+        units = _layer_units(model, layers, axis, structure, quantizer)
     if macs:
         for u in units:
             u.macs = int(macs.get(u.name, 0))
@@ -360,7 +361,8 @@ def sensitivity(
     return SensitivityTable(
         metric=metric,
         axis=axis,
-        granularity=granularity if axis == "sparsity" else quantizer,
+        structure=structure,
+        quantizer=quantizer if axis == "bits" else None,
         baseline=baseline,
         points=points,
         values=values,

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from penjing import data, models
+from penjing import data, layers, models
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -131,19 +130,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, spec: str) -> int:
 def skipped(model: nn.Module, patterns: list[str]) -> list[str]:
     """The module names that the --skip regexes match; a pattern that matches none is an
     error listing some names it could have matched."""
-    names = [n for n, _ in model.named_modules() if n]
-    found: list[str] = []
-    for pattern in patterns:
-        try:
-            regex = re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"--skip {pattern!r} is not a regular expression ({err})") from err
-        hits = [n for n in names if regex.fullmatch(n)]
-        if not hits:
-            raise ValueError(f"--skip {pattern!r} matches no layer; layers include "
-                             f"{names[:8]}")
-        found += [n for n in hits if n not in found]
-    return found
+    return layers.check_skip(model, patterns, "--skip")
 
 
 def example_input(split, input_shape: tuple[int, ...] | None, batch: int) -> torch.Tensor:

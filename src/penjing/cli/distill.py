@@ -22,7 +22,7 @@ from penjing.cli import common
 from penjing.core.parametrize import PRUNABLE, set_mask_
 from penjing.distill.cache import CachedTeacher
 from penjing.distill.ensemble import Ensemble
-from penjing.distill.kd import check_hints, check_pair, distill, example_batch
+from penjing.distill.kd import check_hints, check_pair, distill_, example_batch
 from penjing.distill.losses import check_temperature, check_weight, resolve_soft_loss
 from penjing.train import evaluate, fit, seed_everything
 
@@ -150,7 +150,7 @@ def distill_named(
     baseline_model = copy.deepcopy(student_model) if baseline else None
     if hints is None:  # the same images every epoch: ask the teacher once per image
         teacher_model = CachedTeacher(teacher_model)
-    distill(teacher_model, student_model, train, epochs=epochs, lr=lr, temperature=temperature,
+    distill_(teacher_model, student_model, train, epochs=epochs, lr=lr, temperature=temperature,
             alpha=alpha, soft=soft, hints=hints, hint_epochs=hint_epochs, seed=seed,
             progress=progress)
     baseline_accuracy = None

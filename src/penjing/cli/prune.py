@@ -13,23 +13,28 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from penjing import layers
 from penjing.cli import common
 from penjing.core.counting import count_macs, count_params, latency
 from penjing.core.parametrize import finalize_
 from penjing.prune.compact import compact_
-from penjing.prune.heads import HEAD_CRITERIA, heads_
-from penjing.prune.magnitude import check_sparsity
-from penjing.prune.nm import check_nm, nm_
-from penjing.prune.patterns import PATTERNS, pattern_
-from penjing.prune.structured import GRANULARITIES, channels_, check_ratio
+from penjing.prune.configs import (
+    STRUCTURES,
+    ChannelConfig,
+    HeadConfig,
+    MagnitudeConfig,
+    NMConfig,
+    PatternConfig,
+    config_for,
+    prune_,
+)
+from penjing.prune.criteria import taylor
 from penjing.train import evaluate, fit, recalibrate_bn_, seed_everything
-
-MASK_GRANULARITIES = ("nm", *PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class PruneSummary:
     """What `prune_command` did and measured."""
 
     model: str
-    granularity: str
+    structure: str
     detail: str
     before: Measure
     after: Measure
@@ -73,7 +78,7 @@ class PruneSummary:
         if b.accuracy is not None and a.accuracy is not None:
             rows.append(("test accuracy", f"{b.accuracy:.2%}", f"{a.accuracy:.2%}",
                          f"{100 * (a.accuracy - b.accuracy):+.2f} pts"))
-        lines = [f"{self.model}: {self.granularity} pruning, {self.detail}",
+        lines = [f"{self.model}: {self.structure} pruning, {self.detail}",
                  f"{'':<22} {'before':>14} {'after':>14} {'change':>13}"]
         lines += [f"{name:<22} {x:>14} {y:>14} {r:>13}" for name, x, y, r in rows]
         lines += self.notes
@@ -92,38 +97,35 @@ def _measure(model: nn.Module, x: torch.Tensor, test, repeats: int) -> Measure:
     )
 
 
-def _check_options(granularity: str, ratio: float | None, criterion: str | None,
-                   nm: str) -> tuple[int, int]:
-    known = [*sorted(GRANULARITIES), "head", *MASK_GRANULARITIES]
-    if granularity not in known:
-        raise ValueError(f"unknown granularity {granularity!r}; choose one of {known}")
-    if granularity == "head" and criterion not in (None, *HEAD_CRITERIA):
-        raise ValueError(f"criterion {criterion!r} cannot score attention heads; choose one "
-                         f"of {list(HEAD_CRITERIA)}")
-    if granularity in MASK_GRANULARITIES and criterion not in (None, "l2"):
-        raise ValueError(f"criterion {criterion!r} applies to channel granularities "
-                         f"{sorted(GRANULARITIES)}; {granularity} masks go by group norm")
-    if granularity == "nm" and ratio is not None:
-        raise ValueError("nm keeps n of every m weights; give --nm N:M instead of --ratio")
-    try:
-        n, m = (int(v) for v in nm.split(":"))
-    except ValueError as err:
-        raise ValueError(f"--nm must look like 2:4, got {nm!r}") from err
-    # checked here, not minutes later when training is done and the pruning starts
-    if granularity == "nm":
-        check_nm(n, m)
-    elif granularity in MASK_GRANULARITIES and ratio is not None:
-        check_sparsity(ratio, "ratio")
-    elif granularity in GRANULARITIES and ratio is not None:
-        check_ratio(ratio)
-    return n, m
+def _config(structure: str, ratio: float | None, sparsity: float | None,
+            criterion: str | None, nm: str, global_ranking: bool, round_to: int):
+    """The prune config the flags describe, checked as a recipe's prune stage is (the
+    same words for the same mistake)."""
+    fields: dict = {"ratio": ratio, "sparsity": sparsity, "criterion": criterion}
+    if structure == "nm":
+        try:
+            fields["n"], fields["m"] = (int(v) for v in nm.split(":"))
+        except ValueError as err:
+            raise ValueError(f"--nm must look like 2:4, got {nm!r}") from err
+    cls = STRUCTURES.get(structure)
+    if cls is ChannelConfig:
+        fields |= {"global_ranking": global_ranking, "round_to": round_to}
+    elif sparsity is None and ratio is not None and cls in (MagnitudeConfig, PatternConfig):
+        raise ValueError(f"{structure} pruning zeroes a fraction of weights: give --sparsity "
+                         "(--ratio is the fraction of channels or heads to remove)")
+    elif cls in (MagnitudeConfig, PatternConfig) and sparsity is None:
+        fields["sparsity"] = 0.5
+    if cls in (ChannelConfig, HeadConfig) and ratio is None:
+        fields["ratio"] = 0.5
+    return config_for(structure, **{k: v for k, v in fields.items() if v is not None})
 
 
 def prune_command(
     model: str,
     *,
-    granularity: str = "group",
+    structure: str = "group",
     ratio: float | None = None,
+    sparsity: float | None = None,
     criterion: str | None = None,
     weights: str | os.PathLike | None = None,
     input_shape: tuple[int, ...] | None = None,
@@ -143,21 +145,23 @@ def prune_command(
 ) -> PruneSummary:
     """Prune `model` and measure params, MACs, eager latency (and accuracy) before and after.
 
-    `ratio` is the fraction of channels to remove (channel granularities) or of weight
-    groups to zero (mask granularities), 0.5 by default. With `dataset` (a bundled data
-    set or "package.module:function" returning a DataSplit) the model can be scored by
-    "taylor", fine-tuned for `epochs` after pruning and report test accuracy, and every
-    BatchNorm re-measures its statistics on `bn_batches` training batches after pruning
-    (0: keep the old ones); `dataset=None` measures size and speed only, on inputs of
-    `input_shape` (default: the data set's image shape, batch `batch_size`). Layers whose
-    names fully match a `skip` regex keep their channels (or weights). The pruned model is
-    written to `out` as a penjing model file (`penjing.load` rebuilds it; masks stay live).
+    `structure` is what goes (penjing.prune.STRUCTURES): single weights, N:M, a pattern, a
+    channel structure or heads. `ratio` is the fraction of channels or heads to remove,
+    `sparsity` the fraction of weights (or weight groups) to zero, 0.5 by default. With
+    `dataset` (a bundled data set or "package.module:function" returning a DataSplit) the
+    model can be scored by "taylor", fine-tuned for `epochs` after pruning and report test
+    accuracy, and every BatchNorm re-measures its statistics on `bn_batches` training
+    batches after pruning (0: keep the old ones); `dataset=None` measures size and speed
+    only, on inputs of `input_shape` (default: the data set's image shape, batch
+    `batch_size`). Layers whose names fully match a `skip` regex keep their channels (or
+    weights). The pruned model is written to `out` as a penjing model file
+    (`penjing.load` rebuilds it; masks stay live).
     """
-    n, m = _check_options(granularity, ratio, criterion, nm)
+    # checked here, not minutes later when training is done and the pruning starts
+    config = _config(structure, ratio, sparsity, criterion, nm, global_ranking, round_to)
     if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
         raise ValueError(f"bn_batches must be an int >= 0 (0 keeps the BatchNorm statistics), "
                          f"got {bn_batches!r}")
-    ratio = 0.5 if ratio is None else ratio
     seed_everything(seed)
     split, train, test = common.load_data(dataset, 64, seed)
     net = common.load_model(model, weights, split.num_classes if split else None)
@@ -166,29 +170,15 @@ def prune_command(
     before = _measure(net, x, test, repeats)
     notes: list[str] = []
     ignored = common.skipped(net, list(skip))
-    if granularity in GRANULARITIES:
-        score = criterion or "l1"
-        if score == "taylor":
-            if train is None:
-                raise ValueError("criterion 'taylor' needs a dataset for its gradients")
-            from penjing.prune.criteria import taylor
-
-            batches = [batch for batch, _ in zip(train, range(4), strict=False)]
-            score = taylor(batches)
-        channels_(net, x[:1], ratio=ratio, criterion=score, granularity=granularity,
-                  global_ranking=global_ranking, round_to=round_to, ignored_layers=ignored)
-        detail = f"ratio {ratio}, criterion {criterion or 'l1'}"
-    elif granularity == "head":
-        kept = heads_(net, ratio, criterion=criterion or "l1",
-                      layers=_attention(net, ignored) if ignored else None)
-        detail = (f"ratio {ratio} of the heads of {len(kept)} attention layers, criterion "
-                  f"{criterion or 'l1'}")
-    elif granularity == "nm":
-        done = nm_(net, n, m, layers=_unskipped(net, ignored))
-        detail = f"{n}:{m} on {len(done)} layers"
-    else:
-        done = pattern_(net, granularity, sparsity=ratio, layers=_unskipped(net, ignored))
-        detail = f"sparsity {ratio} of {granularity} groups on {len(done)} layers"
+    if ignored:
+        config = replace(config, layers=~layers.names(*ignored))
+    if getattr(config, "criterion", None) == "taylor":
+        if train is None:
+            raise ValueError("criterion 'taylor' needs a dataset for its gradients")
+        batches = [batch for batch, _ in zip(train, range(4), strict=False)]
+        config = replace(config, criterion=taylor(batches))
+    done = prune_(net, config, x[:1])
+    detail = _detail(structure, config, done, criterion)
     if train is not None and bn_batches and recalibrate_bn_(net, train, bn_batches):
         notes.append(f"BatchNorm statistics re-measured on {bn_batches} training batches "
                      "after pruning (--bn-batches 0 keeps the old ones)")
@@ -201,12 +191,12 @@ def prune_command(
         fit(net, train, epochs=epochs, lr=lr, progress=progress, desc="fine-tune",
             schedule="cosine")
         notes.append(f"fine-tuned {epochs} epochs (Adam from lr {lr}, cosine to 0)")
-    if granularity in ("stripe", "shape"):
+    if structure in ("stripe", "shape"):
         finalize_(net)
         compacted = compact_(net)
         notes.append(f"{len(compacted)} convs re-expressed without their pruned "
-                     f"{granularity}s (penjing.prune.compact_)")
-    elif granularity in MASK_GRANULARITIES:
+                     f"{structure}s (penjing.prune.compact_)")
+    elif isinstance(config, MagnitudeConfig | NMConfig | PatternConfig):
         notes.append("masks zero weights but a dense runtime still multiplies them: see "
                      "the non-zero rows")
     saved_to = None
@@ -216,25 +206,20 @@ def prune_command(
     measured = copy.deepcopy(net)
     finalize_(measured)  # what a runtime executes: no parametrization in the way
     after = _measure(measured.eval(), x, test, repeats)
-    return PruneSummary(model, granularity, detail, before, after, saved_to, notes,
+    return PruneSummary(model, structure, detail, before, after, saved_to, notes,
                         batch=x.shape[0])
 
 
-def _unskipped(model: nn.Module, ignored: list[str]) -> list[str] | None:
-    """Prunable layers other than the skipped ones (None: all of them)."""
-    if not ignored:
-        return None
-    from penjing.core.parametrize import PRUNABLE
-
-    return [n for n, m in model.named_modules()
-            if n and isinstance(m, PRUNABLE) and n not in ignored]
-
-
-def _attention(model: nn.Module, ignored: list[str]) -> list[str]:
-    from penjing.prune.heads import HeadAttention
-
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.MultiheadAttention | HeadAttention) and n not in ignored]
+def _detail(structure: str, config, done, criterion: str | None) -> str:
+    """One line on what was pruned, for the summary's title."""
+    if isinstance(config, ChannelConfig):
+        return f"ratio {config.ratio}, criterion {criterion or 'l1'}"
+    if isinstance(config, HeadConfig):
+        return (f"ratio {config.ratio} of the heads of {len(done)} attention layers, "
+                f"criterion {config.criterion}")
+    if isinstance(config, NMConfig):
+        return f"{config.n}:{config.m} on {len(done)} layers"
+    return f"sparsity {config.sparsity} of {structure} groups on {len(done)} layers"
 
 
 def add_parser(commands) -> None:
@@ -251,12 +236,15 @@ def add_parser(commands) -> None:
     common.add_model(parser)
     common.add_weights(parser)
     parser.add_argument(
-        "--granularity", default="group",
-        choices=["group", "filter", "channel", "neuron", "head", "nm", "shape", "kernel",
-                 "stripe", "vector", "block"],
+        "--structure", "--granularity", default="group", choices=list(STRUCTURES),
+        help="what goes: single weights, N:M, a pattern (shape, kernel, stripe, vector, "
+        "block), channels scored by group/filter/channel/neuron, or attention heads",
     )
     parser.add_argument("--ratio", type=float,
-                        help="fraction of channels (or weight groups) to remove (default 0.5)")
+                        help="fraction of channels or heads to remove (default 0.5)")
+    parser.add_argument("--sparsity", type=float,
+                        help="fraction of weights (weight) or weight groups (patterns) to "
+                        "zero (default 0.5)")
     parser.add_argument("--criterion", choices=["l1", "l2", "bn", "taylor", "random"],
                         help="channel importance (default l1)")
     parser.add_argument("--global-ranking", action="store_true",
@@ -264,7 +252,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--round-to", type=int, default=1,
                         help="keep channel counts multiples of this (8, 16, 64)")
     common.add_skip(parser, "whose output channels (or weights) stay")
-    parser.add_argument("--nm", default="2:4", help="N:M for --granularity nm")
+    parser.add_argument("--nm", default="2:4", help="N:M for --structure nm")
     common.add_data(parser, allow_none=True)
     parser.add_argument("--input-shape", type=common.shape,
                         help="e.g. 32,3,224,224 (default: --batch-size images of --data)")
@@ -283,7 +271,8 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> None:
     summary = prune_command(
-        args.model, granularity=args.granularity, ratio=args.ratio, criterion=args.criterion,
+        args.model, structure=args.structure, ratio=args.ratio, sparsity=args.sparsity,
+        criterion=args.criterion,
         weights=args.weights, input_shape=args.input_shape, dataset=args.data,
         epochs=args.epochs, lr=args.lr, bn_batches=args.bn_batches,
         global_ranking=args.global_ranking, round_to=args.round_to, skip=tuple(args.skip),

@@ -44,8 +44,9 @@ def add_parser(commands) -> None:
     common.add_model(parser)
     common.add_weights(parser, required=True)
     common.add_data(parser)
-    parser.add_argument("--granularity", choices=["element", "nm", "channel"],
-                        default="element")
+    parser.add_argument("--structure", choices=["weight", "nm", "channel"], default="weight",
+                        help="what a sparsity sweep removes: single weights, N:4 patterns, "
+                        "or channel groups")
     parser.add_argument("--ratios", type=_floats, default=[0.5, 0.7, 0.8, 0.9, 0.95],
                         help="fractions to prune, comma-separated")
     parser.add_argument("--bits", type=lambda t: [int(v) for v in _floats(t)],
@@ -82,9 +83,9 @@ def run(args: argparse.Namespace) -> None:
               if n and isinstance(m, PRUNABLE) and n not in skipped]
     table = sensitivity(
         model, lambda m: evaluate(m, subset, shard=False),
-        None if args.bits else args.ratios, args.granularity, bits=args.bits,
+        None if args.bits else args.ratios, args.structure, bits=args.bits,
         quantizer=args.quantizer, layers=layers,
-        example_inputs=torch.zeros(1, *split.image_shape) if args.granularity == "channel"
+        example_inputs=torch.zeros(1, *split.image_shape) if args.structure == "channel"
         else None,
     )
     if not distributed.is_main():

@@ -7,7 +7,7 @@ from penjing.distill.cache import CachedTeacher
 from penjing.distill.data_distillation import (
     DataDistillation,
     PseudoLabels,
-    data_distill,
+    data_distill_,
     pseudo_label,
 )
 from penjing.distill.ensemble import Ensemble
@@ -19,7 +19,7 @@ from penjing.distill.hidden import (
     mean_pool,
 )
 from penjing.distill.hints import build_regressor, capture, hint_loss, regressor, train_hints_
-from penjing.distill.kd import DistillLoss, distill
+from penjing.distill.kd import DistillLoss, distill_
 from penjing.distill.losses import SOFT_LOSSES, UNLABELED, kd_loss, logit_mse, soft_target
 from penjing.distill.mutual import mutual_, mutual_losses
 from penjing.distill.transforms import (
@@ -30,6 +30,7 @@ from penjing.distill.transforms import (
     scale,
     shift,
 )
+from penjing.errors import renamed
 
 __all__ = [
     "HIDDEN_LOSSES",
@@ -46,8 +47,8 @@ __all__ = [
     "PseudoLabels",
     "build_regressor",
     "capture",
-    "data_distill",
-    "distill",
+    "data_distill_",
+    "distill_",
     "distill_hidden_",
     "hidden_loss",
     "hint_loss",
@@ -64,3 +65,6 @@ __all__ = [
     "soft_target",
     "train_hints_",
 ]
+
+# names of earlier releases, answered with a DeprecationWarning
+__getattr__ = renamed(__name__, {"distill": "distill_", "data_distill": "data_distill_"})

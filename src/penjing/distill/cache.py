@@ -20,7 +20,7 @@ class CachedTeacher(nn.Module):
     Memory grows by one output row (and a 16-byte key) per distinct input.
     The teacher must not change while cached; `clear()` forgets everything.
 
-    >>> distill(CachedTeacher(teacher), student, train_loader, epochs=20)
+    >>> distill_(CachedTeacher(teacher), student, train_loader, epochs=20)
     """
 
     def __init__(self, teacher: nn.Module) -> None:

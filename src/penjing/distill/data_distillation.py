@@ -94,7 +94,7 @@ class DataDistillation:
     history: History
 
 
-def data_distill(
+def data_distill_(
     teacher: nn.Module,
     student: nn.Module,
     labeled: Dataset,
@@ -118,7 +118,7 @@ def data_distill(
     The teacher should have been trained on the same transforms (`Augmented`): the
     ensemble only improves on one view when the model is accurate on every view.
 
-    >>> result = data_distill(teacher, pj.models.create("lenet5"), labeled, unlabeled_images)
+    >>> result = data_distill_(teacher, pj.models.create("lenet5"), labeled, unlabeled_images)
     """
     if len(labeled) == 0:
         raise ValueError("the labelled data set is empty; give at least one labelled image")

@@ -118,7 +118,7 @@ class DistillLoss:
                        alpha=self.alpha, soft=self.soft)
 
 
-def distill(
+def distill_(
     teacher: nn.Module | Sequence[nn.Module],
     student: nn.Module,
     loader: Iterable,
@@ -148,9 +148,9 @@ def distill(
       quantization-aware. For INT8 weights and activations, hand `DistillLoss(teacher)`
       to `pj.quant.qat` as its loss_fn.
 
-    >>> distill(teacher, student, train_loader, epochs=10, temperature=4.0, alpha=0.9)
-    >>> distill([t1, t2, t3], student, train_loader)                 # teacher ensemble
-    >>> distill(teacher, student, train_loader, hints=("conv2", "conv2"))   # FitNets
+    >>> distill_(teacher, student, train_loader, epochs=10, temperature=4.0, alpha=0.9)
+    >>> distill_([t1, t2, t3], student, train_loader)                 # teacher ensemble
+    >>> distill_(teacher, student, train_loader, hints=("conv2", "conv2"))   # FitNets
     """
     if not isinstance(student, nn.Module):
         raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")

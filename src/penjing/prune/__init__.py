@@ -13,7 +13,17 @@ from penjing.core.parametrize import (
     select_layers,
     set_mask_,
 )
+from penjing.errors import renamed
 from penjing.prune.compact import ShapeConv2d, StripeConv2d, compact_
+from penjing.prune.configs import (
+    STRUCTURES,
+    ChannelConfig,
+    HeadConfig,
+    MagnitudeConfig,
+    NMConfig,
+    PatternConfig,
+    prune_,
+)
 from penjing.prune.criteria import CRITERIA, taylor
 from penjing.prune.explain import explain
 from penjing.prune.graph import DependencyGraph, dependency_graph
@@ -37,14 +47,21 @@ from penjing.prune.patterns import (
 )
 from penjing.prune.schedule import agp, iterative
 from penjing.prune.slimming import bn_l1, slim, slimming_loss
-from penjing.prune.structured import GRANULARITIES, channels, channels_, groups, ratio_for_macs
+from penjing.prune.structured import CHANNEL_STRUCTURES, channels, channels_, groups, ratio_for_macs
 from penjing.prune.surgery import Change, apply_, load_pruned, save_pruned
 from penjing.prune.swp import FilterSkeleton, skeleton_, skeleton_l1, skeleton_loss, stripes_
 
 __all__ = [
+    "STRUCTURES",
+    "ChannelConfig",
+    "HeadConfig",
+    "MagnitudeConfig",
+    "NMConfig",
+    "PatternConfig",
+    "prune_",
     "CRITERIA",
     "KINDS",
-    "GRANULARITIES",
+    "CHANNEL_STRUCTURES",
     "PATTERNS",
     "PRUNABLE",
     "Block",
@@ -102,3 +119,6 @@ __all__ = [
     "stripes_",
     "taylor",
 ]
+
+# names of earlier releases, answered with a DeprecationWarning
+__getattr__ = renamed(__name__, {"GRANULARITIES": "CHANNEL_STRUCTURES"})

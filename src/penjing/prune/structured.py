@@ -26,9 +26,9 @@ from penjing.prune.graph import DependencyGraph, dependency_graph
 from penjing.prune.groups import Group
 from penjing.prune.surgery import Change, apply_, plan
 
-# Which slices of a group a criterion reads. Every granularity removes the same thing (a
-# channel and everything coupled to it); they differ in what decides which channels go.
-GRANULARITIES: dict[str, tuple[str, ...] | None] = {
+# The channel structures: which slices of a group a criterion reads. Each removes the same
+# thing (a channel and everything coupled to it); they differ in what decides which go.
+CHANNEL_STRUCTURES: dict[str, tuple[str, ...] | None] = {
     "group": None,  # every coupled slice: filters, BN entries and all consumers' inputs
     "filter": ("out", "dw", "norm"),  # the producing layers' filters (Li et al., ICLR'17)
     "channel": ("in", "dw", "norm"),  # the input channels of the layers that read them
@@ -142,7 +142,7 @@ def score_groups(
     graph: DependencyGraph,
     criterion: str | Criterion = "l1",
     *,
-    granularity: str = "group",
+    structure: str = "group",
     ignored_layers: Iterable[str | nn.Module] = (),
 ) -> list[tuple[Group, torch.Tensor]]:
     """Each prunable group with one score per channel; ignored and unscorable groups left out.
@@ -150,21 +150,21 @@ def score_groups(
     A group is left out when a layer in `ignored_layers` makes its channels or normalizes
     them (its inputs may still shrink), or when the criterion returns None for it.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r} for channel pruning; choose one "
-                         f"of {sorted(GRANULARITIES)}")
+    if structure not in CHANNEL_STRUCTURES:
+        raise ValueError(f"structure must be one of {list(CHANNEL_STRUCTURES)} for channel "
+                         f"pruning, got {structure!r}")
     score = resolve(criterion)
     ignored = _ignored_names(model, ignored_layers)
     prepare = getattr(score, "prepare", None)
     if callable(prepare):
         prepare(model)
-    roles = GRANULARITIES[granularity]
+    roles = CHANNEL_STRUCTURES[structure]
     scored = []
     for group in graph.groups():
         owners = [s.fqn for s in group.slices if s.role in ("out", "dw", "norm")]
         if any(_is_ignored(f, ignored) for f in owners):
             continue
-        if granularity == "neuron" and not all(
+        if structure == "neuron" and not all(
             isinstance(model.get_submodule(f), nn.Linear) for f in group.producers
         ):
             continue
@@ -191,7 +191,7 @@ def channels_(
     *,
     ratio: float = 0.5,
     criterion: str | Criterion = "l1",
-    granularity: str = "group",
+    structure: str = "group",
     global_ranking: bool = False,
     round_to: int = 1,
     ignored_layers: Iterable[str | nn.Module] = (),
@@ -202,8 +202,8 @@ def channels_(
     """Remove `ratio` of the channels of every prunable group of `model`, in place.
 
     `criterion`: "l1", "l2", "bn", "random", `penjing.prune.taylor(batches)` or any
-    `(model, group) -> scores` callable. `granularity` says what the criterion reads (see
-    GRANULARITIES): "group" (default) every coupled slice, "filter" the producers' filters,
+    `(model, group) -> scores` callable. `structure` says what the criterion reads (see
+    CHANNEL_STRUCTURES): "group" (default) every coupled slice, "filter" the producers' filters,
     "channel" the consumers' input channels, "neuron" Linear rows only. `ignored_layers`
     (module names or modules) keep their output channels. `global_ranking` ranks all
     channels together instead of `ratio` per group (`ratios` maps producer layer names to
@@ -213,7 +213,7 @@ def channels_(
     check_ratio(ratio)
     _check_options(round_to, max_ratio)
     graph = dependency_graph(model, example_inputs)
-    scored = score_groups(model, graph, criterion, granularity=granularity,
+    scored = score_groups(model, graph, criterion, structure=structure,
                           ignored_layers=ignored_layers)
     removed = select(scored, ratio, global_ranking=global_ranking, round_to=round_to,
                      ratios=ratios, max_ratio=max_ratio, normalize=normalize)
@@ -273,7 +273,7 @@ def ratio_for_macs(model: nn.Module, example_inputs: Any, macs: float, **kwargs)
         raise ValueError(f"macs must be the fraction of MACs to keep in (0, 1], got {macs!r}")
     kwargs = _for_copy(model, kwargs)
     _check_options(kwargs.get("round_to", 1), kwargs.get("max_ratio", 0.9))
-    score_options = {k: kwargs.pop(k) for k in ("criterion", "granularity", "ignored_layers")
+    score_options = {k: kwargs.pop(k) for k in ("criterion", "structure", "ignored_layers")
                      if k in kwargs}
     graph = dependency_graph(model, example_inputs)
     scored = score_groups(model, graph, **score_options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from penjing.errors import renamed
 from penjing.quant.cast import Cast, CastReport, cast, cast_report
 from penjing.quant.checkpoint import load_quantized, save_quantized
 from penjing.quant.config import QUANTIZABLE, QuantConfig, int8, select, weight_only
@@ -29,13 +30,16 @@ from penjing.quant.linear import (
     sqnr,
 )
 from penjing.quant.lowbit import (
+    BinaryConfig,
     BinaryWeight,
+    Log2Config,
     Log2Weight,
+    TernaryConfig,
     TernaryWeight,
     XnorInput,
     binarize,
     binarize_,
-    inq,
+    inq_,
     inq_step_,
     log2_,
     log2_quantize,
@@ -60,10 +64,14 @@ from penjing.quant.ptq import (
     quantize_,
 )
 from penjing.quant.report import LayerStats, format_layers, layer_report
-from penjing.quant.shared import SharedWeights, SharingInfo, get_shared, kmeans_
+from penjing.quant.shared import KMeansConfig, SharedWeights, SharingInfo, get_shared, kmeans_
 from penjing.quant.smooth import ScaledInput, Smoothing, smooth_
 
 __all__ = [
+    "BinaryConfig",
+    "KMeansConfig",
+    "Log2Config",
+    "TernaryConfig",
     "DynamicLinear",
     "dynamic",
     "MIXED_BITS",
@@ -81,7 +89,7 @@ __all__ = [
     "XnorInput",
     "binarize",
     "binarize_",
-    "inq",
+    "inq_",
     "inq_step_",
     "log2_",
     "log2_quantize",
@@ -142,3 +150,6 @@ __all__ = [
     "Smoothing",
     "smooth_",
 ]
+
+# names of earlier releases, answered with a DeprecationWarning
+__getattr__ = renamed(__name__, {"inq": "inq_"})

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from penjing.core import history
+from penjing.layers import as_filter
 from penjing.quant.eager import conv1d_to_linear_
 
 _ONNX_FLOAT, _ONNX_INT8 = 1, 3  # TensorProto data types
@@ -102,22 +103,23 @@ def dynamic(
     model: nn.Module,
     *,
     reduce_range: bool = False,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    layers: list[str] | Callable[[nn.Module, str], bool] | None = None,
 ) -> nn.Module:
     """A copy of `model` whose Linear layers (and transformers' GPT-2 Conv1D) run dynamic
     INT8: int8 weights per output channel, uint8 activations quantized per batch.
 
     `reduce_range=True` keeps weights in 7 bits, exact on x86 CPUs without VNNI (see
-    `penjing.export.cpu_saturates_int8()`). `filter_fn(module, name)` picks layers (all
-    Linear layers by default). A model without a Linear layer is an error.
+    `penjing.export.cpu_saturates_int8()`). `layers` (names or a penjing.layers filter)
+    picks them (all Linear layers by default). A model without a Linear layer is an error.
     """
+    chosen_fn = as_filter(model, layers)
     quantized = copy.deepcopy(model).eval()
     history.carry(model, quantized)
     conv1d_to_linear_(quantized)
     chosen = [n for n, m in quantized.named_modules()
-              if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, n))]
+              if isinstance(m, nn.Linear) and (chosen_fn is None or chosen_fn(m, n))]
     if not chosen:
-        which = " that filter_fn accepts" if filter_fn else ""
+        which = " that layers accepts" if layers is not None else ""
         raise ValueError(
             f"{type(model).__name__} has no nn.Linear layer{which}; dynamic INT8 quantizes "
             "Linear layers only"

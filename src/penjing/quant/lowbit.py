@@ -23,13 +23,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from penjing.layers import as_filter
 from penjing.train import fit
+
+# None: every Linear and Conv; module names; or a filter fn(module, name) -> bool
+Layers = Sequence[str] | Callable[[nn.Module, str], bool] | None
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BINARY_METHODS = ("binaryconnect", "bwn", "xnor")
@@ -188,13 +193,14 @@ class Log2Weight(nn.Module):
         return f"bits={self.bits}, exponents={self.exponents}"
 
 
-def _layers(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None,
-            first: bool, last: bool) -> list[tuple[str, nn.Module]]:
+def _layers(model: nn.Module, layers: Layers, first: bool, last: bool
+            ) -> list[tuple[str, nn.Module]]:
+    chosen = as_filter(model, layers)
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)
-             and (filter_fn is None or filter_fn(m, n))]
+             and (chosen is None or chosen(m, n))]
     if not found:
         raise ValueError(f"{type(model).__name__} has no Linear/Conv layer to quantize "
-                         "(or filter_fn chose none)")
+                         "(or layers chose none)")
     keep = [i for i in range(len(found))
             if (first or i != 0) and (last or i != len(found) - 1)]
     if not keep:
@@ -257,11 +263,63 @@ class XnorInput:
             handle.remove()
 
 
+@dataclass(frozen=True)
+class BinaryConfig:
+    """Binary weights (`pj.quant.quantize_`): 'binaryconnect' (sign), 'bwn' (α·sign) or
+    'xnor' (BWN weights and binary inputs). First and last layers stay float unless
+    `first` / `last`, as in the papers."""
+
+    method: str = "bwn"
+    layers: Layers = None
+    first: bool = False
+    last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in BINARY_METHODS:
+            raise ValueError(f"method must be one of {list(BINARY_METHODS)}, got "
+                             f"{self.method!r}")
+
+
+@dataclass(frozen=True)
+class TernaryConfig:
+    """TWN ternary weights {−α, 0, +α} (`pj.quant.quantize_`); weights below
+    `threshold`·mean|W| become 0."""
+
+    threshold: float = 0.7
+    layers: Layers = None
+    first: bool = False
+    last: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float) \
+                or not self.threshold > 0:
+            raise ValueError(f"threshold must be a number > 0 (0.7 is TWN's), got "
+                             f"{self.threshold!r}")
+
+
+@dataclass(frozen=True)
+class Log2Config:
+    """Power-of-two weights {0, ±2^k} (`pj.quant.quantize_`): the largest `fraction` of
+    each layer's weights now; `inq_step_` raises the share (INQ)."""
+
+    bits: int = 5
+    fraction: float = 1.0
+    layers: Layers = None
+    first: bool = True
+    last: bool = True
+
+    def __post_init__(self) -> None:
+        check_log2_bits(self.bits)
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float) \
+                or not 0 <= self.fraction <= 1:
+            raise ValueError(f"fraction must be in [0, 1], got {self.fraction!r}")
+
+
 def binarize_(
     model: nn.Module,
     method: str = "bwn",
     *,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    layers: Layers = None,
     first: bool = False,
     last: bool = False,
 ) -> dict[str, BinaryWeight]:
@@ -276,7 +334,7 @@ def binarize_(
     if method not in BINARY_METHODS:
         raise ValueError(f"unknown binary method {method!r}; choose one of {BINARY_METHODS}")
     added = {}
-    chosen = _layers(model, filter_fn, first, last)
+    chosen = _layers(model, layers, first, last)
     for name, module in chosen:  # all checked first: a refused layer changes nothing
         if method == "xnor":
             _check_xnor(module, name)
@@ -295,14 +353,14 @@ def ternarize_(
     model: nn.Module,
     threshold: float = 0.7,
     *,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    layers: Layers = None,
     first: bool = False,
     last: bool = False,
 ) -> dict[str, TernaryWeight]:
     """TWN ternary weights on the chosen layers, in place (train with the STE, then
     `finalize_`). First and last layers stay float unless `first` / `last`."""
     added = {}
-    for name, module in _layers(model, filter_fn, first, last):
+    for name, module in _layers(model, layers, first, last):
         quant = TernaryWeight(threshold)
         _register(module, name, quant)
         added[name] = quant
@@ -313,7 +371,7 @@ def log2_(
     model: nn.Module,
     bits: int = 5,
     *,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    layers: Layers = None,
     first: bool = True,
     last: bool = True,
     fraction: float = 1.0,
@@ -322,7 +380,7 @@ def log2_(
     layer's weights (by magnitude) to {0, ±2^k} now; `inq_step_` raises the share."""
     check_log2_bits(bits)
     added = {}
-    for name, module in _layers(model, filter_fn, first, last):
+    for name, module in _layers(model, layers, first, last):
         quant = Log2Weight(module.weight.detach(), bits)
         _register(module, name, quant)
         added[name] = quant
@@ -347,7 +405,7 @@ def inq_step_(model: nn.Module, fraction: float) -> dict[str, int]:
     return done
 
 
-def inq(
+def inq_(
     model: nn.Module,
     train_loader: Iterable,
     bits: int = 5,
@@ -355,21 +413,21 @@ def inq(
     schedule: Sequence[float] = INQ_SCHEDULE,
     epochs: int = 1,
     lr: float = 1e-4,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    layers: Layers = None,
     **fit_kwargs,
 ) -> dict[str, Log2Weight]:
     """Incremental network quantization, in place: for each share in `schedule`
     (increasing, ending at 1.0) quantize that share of every layer's weights to
     {0, ±2^k} and retrain the free ones for `epochs` epochs (none after the last step).
 
-    >>> pj.quant.inq(model, train, bits=5, epochs=1)   # then finalize_ and save
+    >>> pj.quant.inq_(model, train, bits=5, epochs=1)   # then finalize_ and save
     """
     steps = list(schedule)
     if not steps or any(not a < b for a, b in zip([0.0, *steps], steps, strict=False)) \
             or steps[-1] != 1.0:
         raise ValueError(f"schedule must increase strictly within (0, 1] and end at 1.0, "
                          f"got {schedule!r}")
-    added = log2_(model, bits, filter_fn=filter_fn, fraction=steps[0])
+    added = log2_(model, bits, layers=layers, fraction=steps[0])
     for i, share in enumerate(steps):
         inq_step_(model, share)
         if i < len(steps) - 1:

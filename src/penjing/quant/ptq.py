@@ -1,6 +1,7 @@
 """Post-training quantization and quantization-aware training: one config, three verbs.
 
-- `quantize_(model, config)`: weight fake quantization in place (weight-only INT8/INT4).
+- `quantize_(model, config)`: weights quantized in place (weight-only INT8/INT4, k-means
+  sharing, binary, ternary, power-of-two), the config's type choosing the method.
 - `ptq(model, calib_loader, config)`: fold BatchNorm, insert activation quantizers,
   calibrate, freeze. Returns a quantized copy; the input model is left as it was.
 - `qat(model, train_loader, config, epochs=...)`: the same copy, trained with fake
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +36,15 @@ from penjing.quant.config import QuantConfig, resolve_filter, select
 from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant
 from penjing.quant.fold import fold_bn_
 from penjing.quant.graph import insert_quantizers, layer_order, trace
+from penjing.quant.lowbit import (
+    BinaryConfig,
+    Log2Config,
+    TernaryConfig,
+    binarize_,
+    log2_,
+    ternarize_,
+)
+from penjing.quant.shared import KMeansConfig, kmeans_
 from penjing.quant.weights import quantize_weights_
 from penjing.train import fit
 
@@ -46,19 +57,57 @@ def _check_config(config: QuantConfig) -> None:
         )
 
 
-def quantize_(
-    model: nn.Module, config: QuantConfig, *, qat: bool = False, order: list[str] | None = None
-) -> dict[str, WeightQuant]:
-    """Fake-quantize the weights of the layers `config` picks, in place (a parametrization
-    after any pruning mask). Returns the quantizers by layer name.
+def quantize_(model: nn.Module, config: Any, *, qat: bool = False,
+              order: list[str] | None = None) -> dict[str, Any]:
+    """Quantize the weights of `model` in place, as `config` says; return, by layer name,
+    what was added (the weight quantizer, or k-means' SharingInfo).
+
+    - `QuantConfig` without activations (`weight_only(bits, group_size)`,
+      `MixedPrecision.config()`): linear INT8 / INT4, per channel or in groups;
+    - `KMeansConfig`: one of 2^bits shared centroids per layer;
+    - `BinaryConfig`, `TernaryConfig`, `Log2Config`: ±α, {−α, 0, α}, {0, ±2^k}.
+
+    Static activation quantization changes the graph and needs calibration, so it is
+    `ptq(model, calib, config)`, which returns a quantized copy; a QuantConfig with an
+    activation spec here is an error that says so. `qat=True` keeps linear weight ranges
+    following the weights while training.
 
     >>> pj.quant.quantize_(model, pj.quant.weight_only(bits=4, group_size=32))
+    >>> pj.quant.quantize_(model, pj.quant.KMeansConfig(bits=5))
     """
-    _check_config(config)
+    if isinstance(config, QuantConfig):
+        if config.activation is not None:
+            raise ValueError(
+                "quantize_ changes weights in place; this config also quantizes activations, "
+                "which needs calibration and a traced copy: use q = pj.quant.ptq(model, "
+                "calib_loader, config), or weight_only(...) here"
+            )
+        return _weights_in_place(model, config, qat, order)
+    run = _IN_PLACE.get(type(config))
+    if run is None:
+        kinds = ", ".join(["QuantConfig", *(c.__name__ for c in _IN_PLACE)])
+        raise TypeError(f"quantize_ takes one of {kinds}, got {type(config).__name__}")
+    return run(model, config)
+
+
+def _weights_in_place(model: nn.Module, config: QuantConfig, qat: bool,
+                      order: list[str] | None) -> dict[str, WeightQuant]:
     config = resolve_filter(config, model)
     added = quantize_weights_(model, select(model, config, order), config, qat)
     history.record(model, {"op": "quantize", "config": config_to_dict(config), "in_place": True})
     return added
+
+
+_IN_PLACE: dict[type, Callable[[nn.Module, Any], dict]] = {
+    KMeansConfig: lambda m, c: kmeans_(m, dict(c.bits) if isinstance(c.bits, Mapping)
+                                       else c.bits, init=c.init, layers=c.layers, seed=c.seed),
+    BinaryConfig: lambda m, c: binarize_(m, c.method, layers=c.layers, first=c.first,
+                                         last=c.last),
+    TernaryConfig: lambda m, c: ternarize_(m, c.threshold, layers=c.layers, first=c.first,
+                                           last=c.last),
+    Log2Config: lambda m, c: log2_(m, c.bits, layers=c.layers, first=c.first, last=c.last,
+                                   fraction=c.fraction),
+}
 
 
 def prepare(model: nn.Module, config: QuantConfig, *, qat: bool = False) -> nn.Module:
@@ -208,7 +257,7 @@ def qat(
 def _replay(model: nn.Module, record: dict, tensors) -> nn.Module:
     config = replace(config_from_dict(record["config"]), learnable=False)
     if record.get("in_place"):
-        quantize_(model, config)
+        _weights_in_place(model, config, False, None)
         return model
     return prepare(model, config)
 

@@ -10,6 +10,7 @@ centroid update.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from penjing.core.parametrize import SharedWeights, get_mask, own_class_, select_layers
-from penjing.quant.kmeans import check_bits, kmeans_1d
+from penjing.quant.kmeans import INITS, check_bits, kmeans_1d
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,30 @@ def get_shared(module: nn.Module) -> SharedWeights | None:
         if isinstance(p, SharedWeights):
             return p
     return None
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    """Weight sharing: each chosen layer's weights become one of its k-means centroids
+    (`pj.quant.quantize_(model, KMeansConfig(5))`; then train the centroids)."""
+
+    bits: int | Mapping[str, int] = 5  # for all layers, or {layer name: bits}
+    init: str = "linear"  # of the centroids: 'linear', 'density' or 'forgy'
+    # None: every Linear and Conv; module names; or a penjing.layers filter
+    layers: Sequence[str] | Callable[[nn.Module, str], bool] | None = None
+    seed: int = 0  # forgy's sample
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, Mapping):
+            for name, value in self.bits.items():
+                check_bits(value, f"bits of {name!r}")
+            if self.layers is not None:
+                raise ValueError("give layers either as the keys of bits or as layers, "
+                                 "not both")
+        else:
+            check_bits(self.bits)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
 
 
 def kmeans_(

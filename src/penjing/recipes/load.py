@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from penjing.errors import PenjingWarning
 from penjing.recipes.schema import (
     CHOOSER,
     PRUNE,
     QUANTIZE,
+    RENAMED,
     TAGS,
     Recipe,
     RecipeError,
@@ -162,6 +165,10 @@ def _message(err: dict, data: Any, root: yaml.Node | None, where: str) -> tuple[
         return path, (f"{where} line {_line(root, path[:-1])}: {owner}: missing key "
                       f"{path[-1]!r}")
     text = err["msg"]
+    for step in reversed(path):  # "ratio must be ..." after "stages[1] (prune).ratio: "
+        if isinstance(step, str) and text.startswith(f"Value error, {step} "):
+            text = "Value error, " + text[len(f"Value error, {step} "):]
+            break
     for old, new in (("Input should be", "must be"), ("Value error, ", ""),
                      ("List should have at least 1 item after validation, not 0",
                       "must list at least one")):
@@ -208,6 +215,29 @@ def _import_plugins(data: dict, root: yaml.Node | None, where: str, base: Path |
         raise RecipeError(f"{where} line {_line(root, ['plugins'])}: plugins: {err}") from None
 
 
+def _renamed(data: dict, root: yaml.Node | None, where: str) -> None:
+    """Read the keys earlier releases took under their new names, with a warning each
+    (a `granularity` is a `structure`, `first: false` is `skip_first: true`)."""
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        for old in [k for k in stage if k in RENAMED and RENAMED[k] not in stage]:
+            new = RENAMED[old]
+            value = stage.pop(old)
+            if old in ("first", "last") and isinstance(value, bool):
+                value = not value
+            elif old == "calib_batches" and isinstance(value, int):
+                value *= data.get("batch_size", 64) if isinstance(
+                    data.get("batch_size", 64), int) else 64
+            stage[new] = value
+            warnings.warn(f"{where} line {_line(root, ['stages', i, old], on_key=True)}: "
+                          f"{_label(data, ['stages', i])}.{old} is now {new}; read as "
+                          f"{new}: {value!r}", PenjingWarning, stacklevel=3)
+
+
 def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
     """A `Recipe` from YAML `text`; `where` names it in errors (a file name), and `base`
     is the folder its plugins are imported from (with the current directory)."""
@@ -225,6 +255,7 @@ def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
         raise RecipeError(f"{where}: a recipe is a mapping with at least 'model' and "
                           f"'stages', got {type(data).__name__}; see examples/recipes/")
     _import_plugins(data, root, where, base)
+    _renamed(data, root, where)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:

@@ -1,14 +1,17 @@
 """What a `penjing compress` recipe may say: one small frozen model per stage, each field
-named as the library function it feeds names it (`ratio`, `criterion` and `round_to` are
-`penjing.prune.channels_`'s), checked by pydantic before anything runs.
+named as the library config it feeds names it (`ratio`, `criterion` and `round_to` are
+`penjing.prune.ChannelConfig`'s) and as the command line's flag for it (`skip` is
+`--skip`), checked by pydantic and the config before anything runs.
 
-A stage is chosen by its `stage` key, and within prune and quantize by `granularity` and
+A stage is chosen by its `stage` key, and within prune and quantize by `structure` and
 `method`, so every stage accepts exactly the keys that apply to it and an unknown one is
 an error naming those that do.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,20 +27,31 @@ from pydantic import (
 from penjing.core import steps
 from penjing.distill.losses import SOFT_LOSSES
 from penjing.errors import PenjingError
+from penjing.layers import chosen_layers
+from penjing.prune.configs import STRUCTURES, config_for
 from penjing.prune.criteria import CRITERIA
 from penjing.prune.heads import HEAD_CRITERIA
+from penjing.prune.magnitude import check_sparsity
+from penjing.prune.patterns import PATTERNS
+from penjing.prune.structured import CHANNEL_STRUCTURES, check_ratio
 from penjing.quant.kmeans import INITS
 from penjing.quant.observers import OBSERVERS
 
 
-def _fraction(value: float) -> float:
-    if not 0 <= value < 1:
-        raise ValueError(f"must be in [0, 1), got {value}; 0.5 removes half")
-    return value
+def _checked(check: Callable[..., Any], what: str) -> AfterValidator:
+    """A pydantic check that is the library's own, so a recipe's error reads as the
+    config's does (the key path stands where the library names the field)."""
+    def run(value: float) -> float:
+        check(value, what)
+        return value
+
+    return AfterValidator(run)
 
 
-# A fraction of weights (sparsity) or channels (ratio) to remove: 1 would remove them all.
-Fraction = Annotated[float, AfterValidator(_fraction)]
+# fractions of weights (sparsity) or channels (ratio) to remove: 1 would remove them all
+Sparsity = Annotated[float, _checked(check_sparsity, "sparsity")]
+Ratio = Annotated[float, _checked(check_ratio, "ratio")]
+MaxRatio = Annotated[float, _checked(check_ratio, "max_ratio")]
 Epochs = Annotated[int, Field(ge=0)]
 Rate = Annotated[float, Field(gt=0)]
 Bits = Annotated[int, Field(ge=1, le=16)]
@@ -85,6 +99,9 @@ class Finetune(_Fit):
 
 
 class _Prune(_Config):
+    """What every prune stage shares: when it cuts, and the training after each cut. The
+    other keys are the fields of the stage's penjing.prune config, checked by it."""
+
     stage: Literal["prune"]
     # one-shot: cut once; iterative: `rounds` cuts of the same share of what is left
     # (Han et al.); agp: Zhu & Gupta's cubic ramp over `rounds` cuts
@@ -94,29 +111,35 @@ class _Prune(_Config):
     lr: Rate = 5e-4
     # BatchNorm statistics re-measured on this many batches after each cut (0: kept)
     bn_batches: Annotated[int, Field(ge=0)] = 20
+    layers: list[str] | None = None  # module names (default: every layer the method handles)
+    skip: list[str] = []  # regexes of module names left alone, as the CLI's --skip
 
     @model_validator(mode="after")
     def _rounds_need_a_schedule(self):
         if self.schedule == "one-shot" and self.rounds != 1:
             raise ValueError(f"rounds = {self.rounds} needs schedule 'iterative' or 'agp' "
                              "(one-shot cuts once)")
+        self.config()  # the config's own checks, in the words Python and the CLI give
         return self
+
+    def config(self, **override: Any) -> Any:
+        """The penjing.prune config this stage describes (`override` replaces fields)."""
+        names = {f.name for f in dataclasses.fields(STRUCTURES[self.structure])}
+        fields = {k: v for k, v in self if k in names and k not in ("layers", "structure")}
+        fields["layers"] = chosen_layers(self.layers, self.skip)
+        return config_for(self.structure, **(fields | override))
 
 
 class PruneWeights(_Prune):
-    """Single weights by magnitude (`penjing.prune.magnitude_`); masks keep them zero."""
+    """Single weights by magnitude (`penjing.prune.MagnitudeConfig`); masks keep them zero."""
 
-    granularity: Literal["weight"]
-    sparsity: Fraction | dict[str, Fraction] | None = None  # one for all, or per layer
+    structure: Literal["weight"]
+    sparsity: Sparsity | dict[str, Sparsity] | None = None  # one for all, or per layer
     quality: Annotated[float, Field(ge=0)] | None = None  # Han's |w| < quality · std(w)
     scope: Literal["layer", "global"] = "layer"
-    layers: list[str] | None = None  # default: every Linear and Conv
 
     @model_validator(mode="after")
     def _one_amount(self):
-        if (self.sparsity is None) == (self.quality is None):
-            raise ValueError("give exactly one of sparsity (fraction of weights to zero) or "
-                             "quality (Han's threshold in standard deviations)")
         if self.quality is not None and self.schedule != "one-shot":
             raise ValueError("quality is a one-shot threshold; give sparsity for an "
                              f"{self.schedule} schedule")
@@ -124,52 +147,46 @@ class PruneWeights(_Prune):
 
 
 class PruneNM(_Prune):
-    """N:M semi-structured sparsity (`penjing.prune.nm_`): n of every m inputs kept."""
+    """N:M semi-structured sparsity (`penjing.prune.NMConfig`): n of every m inputs kept."""
 
-    granularity: Literal["nm"]
+    structure: Literal["nm"]
     n: Annotated[int, Field(ge=1)] = 2
     m: Annotated[int, Field(ge=2)] = 4
-    layers: list[str] | None = None
 
     @model_validator(mode="after")
-    def _valid_pattern(self):
-        if self.n >= self.m:
-            raise ValueError(f"n must be smaller than m, got {self.n}:{self.m}")
+    def _cut_once(self):
         if self.schedule != "one-shot":
             raise ValueError("N:M sparsity is one pattern, cut once; use schedule 'one-shot'")
         return self
 
 
 class PrunePattern(_Prune):
-    """Groups of weights of one shape (`penjing.prune.pattern_`), zeroed by group norm."""
+    """Groups of weights of one shape (`penjing.prune.PatternConfig`), zeroed by group norm."""
 
-    granularity: Literal["shape", "kernel", "stripe", "vector", "block"]
-    sparsity: Fraction = 0.5
-    layers: list[str] | None = None
+    structure: Literal["shape", "kernel", "stripe", "vector", "block"]
+    sparsity: Sparsity = 0.5
 
 
 class PruneChannels(_Prune):
-    """Channels removed for real (`penjing.prune.channels_`): a smaller dense model."""
+    """Channels removed for real (`penjing.prune.ChannelConfig`): a smaller dense model."""
 
-    granularity: Literal["group", "filter", "channel", "neuron"] = "group"
-    ratio: Fraction = 0.5
+    structure: Literal["group", "filter", "channel", "neuron"] = "group"
+    ratio: Ratio = 0.5
     criterion: Criterion = "l1"
     taylor_batches: Annotated[int, Field(ge=1)] = 4  # batches the taylor criterion reads
     global_ranking: bool = False
     normalize: bool = True  # global ranking: scores over their group's mean
     round_to: Annotated[int, Field(ge=1)] = 1  # kept counts a multiple of this (8, 16, 64)
-    max_ratio: Fraction = 0.9  # global ranking: no group loses more
-    ratios: dict[str, Fraction] | None = None  # per producing layer, per-group mode
-    ignored_layers: list[str] = []
+    max_ratio: MaxRatio = 0.9  # global ranking: no group loses more
+    ratios: dict[str, Ratio] | None = None  # per producing layer, per-group mode
 
 
 class PruneHeads(_Prune):
-    """Attention heads removed for real (`penjing.prune.heads_`)."""
+    """Attention heads removed for real (`penjing.prune.HeadConfig`)."""
 
-    granularity: Literal["head"]
-    ratio: Fraction = 0.5
+    structure: Literal["head"]
+    ratio: Ratio = 0.5
     criterion: HeadCriterion = "l1"
-    layers: list[str] | None = None
 
 
 class Distill(_Config):
@@ -210,6 +227,7 @@ class QuantKMeans(_Quantize):
     bits: Bits | dict[str, Bits] = 5  # for all layers, or per layer
     init: Init = "linear"
     layers: list[str] | None = None
+    skip: list[str] = []  # regexes of module names left alone, as the CLI's --skip
     epochs: Epochs = 3  # centroid training
     lr: Rate = 1e-4
 
@@ -217,8 +235,9 @@ class QuantKMeans(_Quantize):
 class _Linear(_Quantize):
     # `penjing.quant.QuantConfig`: layers is an ordered {regex: quantize?} over module names
     layers: dict[str, bool] = {}
-    first: bool = True  # the first quantizable layer
-    last: bool = True  # the last quantizable layer
+    skip: list[str] = []  # regexes of module names left in float, as the CLI's --skip
+    skip_first: bool = False  # the first quantizable layer stays float
+    skip_last: bool = False  # the last quantizable layer stays float
     weight_range: Literal["minmax", "mse"] = "minmax"
 
 
@@ -229,14 +248,14 @@ class QuantPTQ(_Linear):
     per_channel: bool = True
     observer: ObserverName = "minmax"
     reduce_range: bool = False  # 7-bit weights for x86 CPUs without VNNI
-    calib_batches: Annotated[int, Field(ge=1)] = 16
+    calib_images: Annotated[int, Field(ge=1)] = 1024  # training images the observers see
 
 
 class QuantQAT(QuantPTQ):
     """INT8 with quantization-aware training (`penjing.quant.qat`)."""
 
     method: Literal["qat"]  # type: ignore[assignment]
-    calib_batches: Annotated[int, Field(ge=1)] = 8
+    calib_images: Annotated[int, Field(ge=1)] = 512
     learnable: bool = False  # LSQ: learn the scales
     epochs: Epochs = 2
     lr: Rate = 1e-4
@@ -292,8 +311,8 @@ def stage_names() -> list[str]:
 
 
 PRUNE = {"weight": PruneWeights, "nm": PruneNM, "head": PruneHeads}
-PRUNE |= dict.fromkeys(("shape", "kernel", "stripe", "vector", "block"), PrunePattern)
-PRUNE |= dict.fromkeys(("group", "filter", "channel", "neuron"), PruneChannels)
+PRUNE |= dict.fromkeys(PATTERNS, PrunePattern)
+PRUNE |= dict.fromkeys(CHANNEL_STRUCTURES, PruneChannels)
 QUANTIZE = {"kmeans": QuantKMeans, "ptq": QuantPTQ, "qat": QuantQAT,
             "weight_only": QuantWeightOnly}
 STAGES: dict[str, type[_Config] | None] = {  # None: chosen by granularity / method
@@ -301,7 +320,10 @@ STAGES: dict[str, type[_Config] | None] = {  # None: chosen by granularity / met
     "quantize": None, "encode": Encode, "export": Export,
 }
 # the key that picks the model within a stage kind, and its value when absent
-CHOOSER = {"prune": ("granularity", "group"), "quantize": ("method", None)}
+CHOOSER = {"prune": ("structure", "group"), "quantize": ("method", None)}
+# keys a recipe used to take: read with a warning, under their new name
+RENAMED = {"granularity": "structure", "ignored_layers": "skip", "first": "skip_first",
+           "last": "skip_last", "calib_batches": "calib_images"}
 
 
 def stage_tag(value: Any) -> str | None:

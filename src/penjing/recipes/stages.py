@@ -16,8 +16,9 @@ from penjing import codec, load, models, quant
 from penjing import prune as pruning
 from penjing.core import steps
 from penjing.core.parametrize import PRUNABLE
-from penjing.distill import distill as distill_
+from penjing.distill import distill_
 from penjing.export import onnx, ort_accuracy, ort_latency
+from penjing.layers import check_skip, chosen_layers
 from penjing.prune import agp, iterative, slimming_loss
 from penjing.quant import ActQuant, WeightQuant
 from penjing.recipes import schema
@@ -100,45 +101,31 @@ def _relative(targets: list[float]) -> list[float]:
 
 
 def _cuts(ctx: Context, model: nn.Module, cfg) -> list[Callable[[nn.Module], None]]:
-    """One function per round that makes that round's cut on a model."""
-    g = cfg.granularity
-    if isinstance(cfg, schema.PruneWeights):
-        if cfg.quality is not None:
-            return [lambda m: pruning.magnitude_(m, quality=cfg.quality, layers=cfg.layers)]
-        if isinstance(cfg.sparsity, dict):
-            per_layer = {name: _targets(cfg, s) for name, s in cfg.sparsity.items()}
-            return [
-                lambda m, r=r: pruning.magnitude_(m, {n: t[r] for n, t in per_layer.items()},
-                                                scope=cfg.scope)
-                for r in range(cfg.rounds)
-            ]
-        return [lambda m, s=s: pruning.magnitude_(m, s, scope=cfg.scope, layers=cfg.layers)
-                for s in _targets(cfg, cfg.sparsity)]
-    if isinstance(cfg, schema.PruneNM):
-        return [lambda m: pruning.nm_(m, cfg.n, cfg.m, cfg.layers)]
-    if isinstance(cfg, schema.PrunePattern):
-        return [lambda m, s=s: pruning.pattern_(m, g, s, cfg.layers)
-                for s in _targets(cfg, cfg.sparsity)]
-    if isinstance(cfg, schema.PruneHeads):
-        return [lambda m, r=r: pruning.heads_(m, r, criterion=cfg.criterion, layers=cfg.layers)
-                for r in _relative(_targets(cfg, cfg.ratio))]
-    criterion: Any = cfg.criterion
-    if criterion == "taylor":
-        batches = [batch for batch, _ in zip(ctx.train, range(cfg.taylor_batches), strict=False)]
-        criterion = pruning.taylor(batches)
-    per_layer = {n: _relative(_targets(cfg, r)) for n, r in (cfg.ratios or {}).items()}
-
-    def cut(m: nn.Module, r: int, ratio: float) -> None:
-        pruning.channels_(
-            m, ctx.example[:1], ratio=ratio, criterion=criterion, granularity=g,
-            global_ranking=cfg.global_ranking, round_to=cfg.round_to,
-            ignored_layers=cfg.ignored_layers, max_ratio=cfg.max_ratio,
-            normalize=cfg.normalize,
-            ratios={n: t[r] for n, t in per_layer.items()} or None,
-        )
-
-    return [lambda m, r=r, ratio=ratio: cut(m, r, ratio)
-            for r, ratio in enumerate(_relative(_targets(cfg, cfg.ratio)))]
+    """One function per round that makes that round's cut on a model: the stage's
+    penjing.prune config, with the round's amount, run by `penjing.prune.prune_`."""
+    check_skip(model, cfg.skip, f"stages[{ctx.index}] (prune).skip")
+    if isinstance(cfg, schema.PruneWeights) and isinstance(cfg.sparsity, dict):
+        per_layer = {name: _targets(cfg, s) for name, s in cfg.sparsity.items()}
+        configs = [cfg.config(sparsity={n: t[r] for n, t in per_layer.items()})
+                   for r in range(cfg.rounds)]
+    elif isinstance(cfg, schema.PruneWeights) and cfg.quality is not None:
+        configs = [cfg.config()]
+    elif isinstance(cfg, schema.PruneWeights | schema.PrunePattern):
+        configs = [cfg.config(sparsity=s) for s in _targets(cfg, cfg.sparsity)]
+    elif isinstance(cfg, schema.PruneHeads):
+        configs = [cfg.config(ratio=r) for r in _relative(_targets(cfg, cfg.ratio))]
+    elif isinstance(cfg, schema.PruneChannels):
+        options: dict[str, Any] = {}
+        if cfg.criterion == "taylor":
+            batches = [b for b, _ in zip(ctx.train, range(cfg.taylor_batches), strict=False)]
+            options["criterion"] = pruning.taylor(batches)
+        per_group = {n: _relative(_targets(cfg, r)) for n, r in (cfg.ratios or {}).items()}
+        configs = [cfg.config(ratio=ratio, ratios={n: t[r] for n, t in per_group.items()}
+                              or None, **options)
+                   for r, ratio in enumerate(_relative(_targets(cfg, cfg.ratio)))]
+    else:
+        configs = [cfg.config()]
+    return [lambda m, c=c: pruning.prune_(m, c, ctx.example[:1]) for c in configs]
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -175,7 +162,7 @@ def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
     extra = f", criterion {cfg.criterion}" if hasattr(cfg, "criterion") else ""
     tuned = f", {cfg.epochs} epochs each" if cfg.epochs else ""
     zeros = zero_fraction(model)  # masks leave zeros; channel and head pruning leave none
-    return Outcome(model, f"{cfg.granularity} {amount}{extra}{schedule}{tuned}",
+    return Outcome(model, f"{cfg.structure} {amount}{extra}{schedule}{tuned}",
                    notes={"weight_sparsity": zeros} if zeros else {})
 
 
@@ -214,8 +201,9 @@ def distill(ctx: Context, model: nn.Module, cfg: schema.Distill) -> Outcome:
 
 
 def _linear_config(cfg):
-    options = {"layers": dict(cfg.layers), "first": cfg.first, "last": cfg.last,
-               "weight_range": cfg.weight_range}
+    skipped = {pattern: False for pattern in cfg.skip}  # first in the map: they win
+    options = {"layers": skipped | dict(cfg.layers), "first": not cfg.skip_first,
+               "last": not cfg.skip_last, "weight_range": cfg.weight_range}
     if isinstance(cfg, schema.QuantWeightOnly):
         return quant.weight_only(cfg.bits, cfg.group_size, **options)
     return quant.int8(cfg.per_channel, cfg.observer, cfg.reduce_range,
@@ -223,20 +211,25 @@ def _linear_config(cfg):
 
 
 def quantize(ctx: Context, model: nn.Module, cfg) -> Outcome:
+    check_skip(model, cfg.skip, f"stages[{ctx.index}] (quantize).skip")
     if isinstance(cfg, schema.QuantKMeans):
-        quant.kmeans_(model, cfg.bits, init=cfg.init, layers=cfg.layers, seed=ctx.seed)
+        config = quant.KMeansConfig(cfg.bits, cfg.init, chosen_layers(cfg.layers, cfg.skip),
+                                    ctx.seed)
+        quant.quantize_(model, config)
         fit(model, ctx.train, epochs=cfg.epochs, lr=cfg.lr, desc=ctx.desc("train centroids"),
             **ctx.fit_options())
         bits = "per layer" if isinstance(cfg.bits, dict) else f"{cfg.bits} bits"
         return Outcome(model, f"k-means {bits}, {cfg.init} init, {cfg.epochs} epochs")
     config = _linear_config(cfg)
+    if isinstance(cfg, schema.QuantPTQ):  # and QAT: the images, in whole batches
+        batches = -(-cfg.calib_images // ctx.recipe.batch_size)
     if isinstance(cfg, schema.QuantQAT):
         q = quant.qat(model, ctx.train, config, epochs=cfg.epochs, lr=cfg.lr,
-                      calib_batches=cfg.calib_batches, desc=ctx.desc("qat"), **ctx.fit_options())
+                      calib_batches=batches, desc=ctx.desc("qat"), **ctx.fit_options())
         return Outcome(q, f"INT8 QAT, {cfg.observer}, {cfg.epochs} epochs")
     if isinstance(cfg, schema.QuantPTQ):
-        q = quant.ptq(model, ctx.train, config, batches=cfg.calib_batches)
-        return Outcome(q, f"INT8 PTQ, {cfg.observer}, {cfg.calib_batches} batches")
+        q = quant.ptq(model, ctx.train, config, batches=batches)
+        return Outcome(q, f"INT8 PTQ, {cfg.observer}, {cfg.calib_images} images")
     q = quant.ptq(model, None, config)
     group = f", groups of {cfg.group_size}" if cfg.group_size else ""
     return Outcome(q, f"weights INT{cfg.bits}{group}")
