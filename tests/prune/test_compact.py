@@ -11,7 +11,8 @@ from torch import nn
 import penjing as pj
 from penjing.core.counting import count_macs, count_params
 from penjing.errors import UnsupportedLayerError
-from penjing.prune import ShapeConv2d, StripeConv2d, compact_
+from penjing.prune import compact_
+from penjing.prune.compact import ShapeConv2d, StripeConv2d
 
 GEOMETRIES = [  # stride, padding, dilation, bias
     (1, 1, 1, True), (2, 1, 1, False), (1, 0, 1, True), (1, 2, 2, False), (2, 0, 1, True),

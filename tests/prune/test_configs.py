@@ -151,12 +151,17 @@ def test_cli_skip_maps_onto_layers(capsys):
 def test_old_recipe_keys_are_read_under_their_new_names_with_a_warning():
     text = ("model: lenet300\nstages:\n  - stage: prune\n    granularity: group\n"
             "    ignored_layers: [fc3]\n  - stage: quantize\n    method: ptq\n"
-            "    first: false\n    calib_batches: 2\n")
+            "    first: false\n    calib_batches: 2\n    per_channel: false\n")
     with pytest.warns(pj.errors.PenjingWarning, match="granularity is now structure"):
         recipe = parse(text, "old.yaml")
     prune, quantize = recipe.stages
     assert prune.structure == "group" and prune.skip == ["fc3"]
     assert quantize.skip_first is True and quantize.calib_images == 128
+    assert quantize.granularity == "tensor"
+    # a new quantize stage's own granularity is not mistaken for a prune stage's old key
+    new = parse("model: lenet300\nstages:\n  - stage: quantize\n    method: ptq\n"
+                "    granularity: tensor\n", "new.yaml")
+    assert new.stages[0].granularity == "tensor"
 
 
 def test_deprecated_function_names_still_answer_with_a_warning():

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import penjing as pj
-from penjing.prune import is_nm, nm_, nm_mask
+from penjing.prune import is_nm, nm_
+from penjing.prune.nm import nm_mask
 
 
 def test_keeps_the_n_largest_of_every_m_inputs():

@@ -10,8 +10,8 @@ from torch import nn
 
 import penjing as pj
 from penjing.errors import UnsupportedLayerError
-from penjing.prune import Block, Kernel, Shape, Stripe, group_lasso, is_pattern, pattern_
-from penjing.prune.patterns import group_ids, group_sizes, pattern_mask
+from penjing.prune import Block, Kernel, Shape, Stripe, is_pattern, pattern_
+from penjing.prune.patterns import group_ids, group_lasso, group_sizes, pattern_mask
 
 
 def test_shape_groups_are_im2col_columns():

@@ -8,8 +8,8 @@ from torch import nn
 
 import penjing as pj
 from penjing.errors import UnsupportedLayerError
-from penjing.prune import skeleton_, skeleton_l1, stripes_
-from penjing.prune.swp import get_skeleton, skeletons
+from penjing.prune import skeleton_, stripes_
+from penjing.prune.swp import get_skeleton, skeleton_l1, skeletons
 
 
 def small_vgg() -> nn.Module:

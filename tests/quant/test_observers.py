@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from penjing.quant import OBSERVERS, PerChannel, PerGroup, QuantSpec, make_observer
+from penjing.quant import OBSERVERS, PerChannel, PerGroup, QuantSpec
+from penjing.quant.observers import make_observer
 
 U8 = QuantSpec(8, symmetric=False, signed=False)
 

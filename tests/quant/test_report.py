@@ -7,12 +7,12 @@ from penjing.quant import (
     PerChannel,
     QuantConfig,
     QuantSpec,
-    format_layers,
     int8,
     layer_report,
     ptq,
     weight_only,
 )
+from penjing.quant.report import format_layers
 
 
 def test_rows_follow_forward_order_with_measured_sqnr(lenet5_trained):

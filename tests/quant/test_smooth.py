@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import penjing as pj
-from penjing.quant import ScaledInput, smooth_
+from penjing.quant import smooth_
+from penjing.quant.smooth import ScaledInput
 
 transformers = pytest.importorskip("transformers")
 INIT = 0.2  # wider than BERT's 0.02, so each block changes the output (and its error shows)

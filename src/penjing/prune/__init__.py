@@ -1,20 +1,17 @@
-"""Pruning: masks that fine-tuning keeps, magnitude criteria, schedules, structured masks
-(N:M, shapes, kernels, stripes, vectors, blocks), and structured pruning that physically
-removes channels (dependency graph, groups, surgery) and attention heads."""
+"""Pruning: one entry, `prune_(model, config)`, whose config says what goes (single
+weights, N:M, a pattern, channels, heads); the methods it runs, callable on their own;
+schedules, criteria, penalties for training towards sparsity, and the dependency graph
+that channel pruning removes coupled channels with.
+
+What a user calls is in `__all__`; the building blocks (masks, groups, the graph's types,
+the compacted conv modules) are importable from their modules.
+"""
 
 from __future__ import annotations
 
-from penjing.core.parametrize import (
-    PRUNABLE,
-    Mask,
-    finalize_,
-    get_mask,
-    masks,
-    select_layers,
-    set_mask_,
-)
+from penjing.core.parametrize import finalize_, get_mask, masks, set_mask_
 from penjing.errors import renamed
-from penjing.prune.compact import ShapeConv2d, StripeConv2d, compact_
+from penjing.prune.compact import compact_
 from penjing.prune.configs import (
     STRUCTURES,
     ChannelConfig,
@@ -26,32 +23,35 @@ from penjing.prune.configs import (
 )
 from penjing.prune.criteria import CRITERIA, taylor
 from penjing.prune.explain import explain
-from penjing.prune.graph import DependencyGraph, dependency_graph
-from penjing.prune.groups import Group, Slice
+from penjing.prune.graph import dependency_graph
 from penjing.prune.heads import HeadAttention, heads_
 from penjing.prune.hf_heads import count_hf_macs, hf_ffn_, hf_heads_, load_pretrained
-from penjing.prune.magnitude import check_sparsity, magnitude_
-from penjing.prune.nm import is_nm, nm_, nm_mask
-from penjing.prune.ops import KINDS, register_op
+from penjing.prune.magnitude import magnitude_
+from penjing.prune.nm import is_nm, nm_
+from penjing.prune.ops import register_op
 from penjing.prune.patterns import (
-    PATTERNS,
     Block,
     Kernel,
     Shape,
     Stripe,
-    group_lasso,
     group_lasso_loss,
     is_pattern,
     pattern_,
-    pattern_mask,
 )
 from penjing.prune.schedule import agp, iterative
 from penjing.prune.slimming import bn_l1, slim, slimming_loss
-from penjing.prune.structured import CHANNEL_STRUCTURES, channels, channels_, groups, ratio_for_macs
-from penjing.prune.surgery import Change, apply_, load_pruned, save_pruned
-from penjing.prune.swp import FilterSkeleton, skeleton_, skeleton_l1, skeleton_loss, stripes_
+from penjing.prune.structured import (
+    CHANNEL_STRUCTURES,  # noqa: F401 - what the old name GRANULARITIES gives
+    channels,
+    channels_,
+    groups,
+    ratio_for_macs,
+)
+from penjing.prune.surgery import apply_, load_pruned, save_pruned
+from penjing.prune.swp import skeleton_, skeleton_loss, stripes_
 
 __all__ = [
+    # the one entry and its configs
     "STRUCTURES",
     "ChannelConfig",
     "HeadConfig",
@@ -59,65 +59,51 @@ __all__ = [
     "NMConfig",
     "PatternConfig",
     "prune_",
-    "CRITERIA",
-    "KINDS",
-    "CHANNEL_STRUCTURES",
-    "PATTERNS",
-    "PRUNABLE",
-    "Block",
-    "Change",
-    "DependencyGraph",
-    "FilterSkeleton",
-    "Group",
-    "HeadAttention",
-    "Kernel",
-    "Mask",
-    "Shape",
-    "ShapeConv2d",
-    "Slice",
-    "Stripe",
-    "StripeConv2d",
-    "agp",
-    "apply_",
-    "bn_l1",
+    # the methods on their own
     "channels",
     "channels_",
-    "check_sparsity",
     "compact_",
-    "count_hf_macs",
-    "dependency_graph",
-    "explain",
-    "finalize_",
-    "get_mask",
-    "group_lasso",
-    "group_lasso_loss",
-    "groups",
     "heads_",
     "hf_ffn_",
     "hf_heads_",
-    "load_pretrained",
+    "magnitude_",
+    "nm_",
+    "pattern_",
+    "skeleton_",
+    "slim",
+    "stripes_",
+    "Block",
+    "Kernel",
+    "Shape",
+    "Stripe",
+    "HeadAttention",
+    # scoring, schedules and penalties
+    "CRITERIA",
+    "taylor",
+    "agp",
+    "iterative",
+    "bn_l1",
+    "group_lasso_loss",
+    "skeleton_loss",
+    "slimming_loss",
+    "ratio_for_macs",
+    # looking at a model
+    "count_hf_macs",
+    "dependency_graph",
+    "explain",
+    "groups",
     "is_nm",
     "is_pattern",
-    "iterative",
-    "load_pruned",
-    "magnitude_",
     "masks",
-    "nm_",
-    "nm_mask",
-    "pattern_",
-    "pattern_mask",
-    "ratio_for_macs",
-    "register_op",
-    "save_pruned",
-    "select_layers",
+    "get_mask",
     "set_mask_",
-    "skeleton_",
-    "skeleton_l1",
-    "skeleton_loss",
-    "slim",
-    "slimming_loss",
-    "stripes_",
-    "taylor",
+    "finalize_",
+    # files and extensions
+    "apply_",
+    "load_pretrained",
+    "load_pruned",
+    "save_pruned",
+    "register_op",
 ]
 
 # names of earlier releases, answered with a DeprecationWarning

@@ -1,23 +1,25 @@
-"""Quantization: linear (PTQ, QAT, weight-only, BN folding) and k-means weight sharing."""
+"""Quantization: one in-place entry, `quantize_(model, config)`, whose config type picks
+the method (linear weight-only INT8/INT4, k-means sharing, binary, ternary, power-of-two);
+`ptq` / `qat` for static INT8 of weights and activations, which calibrate and return a
+traced copy; dynamic INT8, FP16/BF16, data-free quantization, SmoothQuant-style smoothing,
+and mixed precision chosen per layer.
+
+What a user calls is in `__all__`; the quantizer modules, observers and report types are
+importable from their modules.
+"""
 
 from __future__ import annotations
 
 from penjing.errors import renamed
-from penjing.quant.cast import Cast, CastReport, cast, cast_report
+from penjing.quant.cast import cast, cast_report
 from penjing.quant.checkpoint import load_quantized, save_quantized
-from penjing.quant.config import QUANTIZABLE, QuantConfig, int8, select, weight_only
-from penjing.quant.dfq import (
-    BIAS_CORRECTIONS,
-    correct_bias_analytic_,
-    correct_bias_empirical_,
-    dfq,
-    input_means,
-)
+from penjing.quant.config import QuantConfig, int8, weight_only
+from penjing.quant.dfq import dfq
 from penjing.quant.dynamic import DynamicLinear, dynamic
-from penjing.quant.equalize import ChannelClip, Equalization, Pair, equalize
-from penjing.quant.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_qparams
+from penjing.quant.equalize import equalize
+from penjing.quant.fakequant import ActQuant, get_weight_quant
 from penjing.quant.fold import fold_bn_
-from penjing.quant.kmeans import INITS, KMeansResult, check_bits, kmeans_1d
+from penjing.quant.kmeans import kmeans_1d
 from penjing.quant.linear import (
     PerChannel,
     PerGroup,
@@ -31,29 +33,16 @@ from penjing.quant.linear import (
 )
 from penjing.quant.lowbit import (
     BinaryConfig,
-    BinaryWeight,
     Log2Config,
-    Log2Weight,
     TernaryConfig,
-    TernaryWeight,
-    XnorInput,
-    binarize,
     binarize_,
     inq_,
     inq_step_,
     log2_,
-    log2_quantize,
-    ternarize,
     ternarize_,
 )
-from penjing.quant.mixed import (
-    MIXED_BITS,
-    MixedPrecision,
-    choose_bits,
-    sensitivity,
-    uniform_bits,
-)
-from penjing.quant.observers import OBSERVERS, Observer, make_observer
+from penjing.quant.mixed import MixedPrecision, choose_bits, sensitivity, uniform_bits
+from penjing.quant.observers import OBSERVERS
 from penjing.quant.ptq import (
     activation_quantizers,
     calibrate_,
@@ -63,92 +52,66 @@ from penjing.quant.ptq import (
     qat,
     quantize_,
 )
-from penjing.quant.report import LayerStats, format_layers, layer_report
-from penjing.quant.shared import KMeansConfig, SharedWeights, SharingInfo, get_shared, kmeans_
-from penjing.quant.smooth import ScaledInput, Smoothing, smooth_
+from penjing.quant.report import layer_report
+from penjing.quant.shared import KMeansConfig, get_shared, kmeans_
+from penjing.quant.smooth import smooth_
 
 __all__ = [
-    "BinaryConfig",
+    # the in-place entry and its configs
+    "quantize_",
+    "QuantConfig",
+    "int8",
+    "weight_only",
+    "QuantSpec",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
     "KMeansConfig",
-    "Log2Config",
+    "BinaryConfig",
     "TernaryConfig",
-    "DynamicLinear",
+    "Log2Config",
+    # static INT8: calibrate and return a traced copy
+    "ptq",
+    "qat",
+    "prepare",
+    "calibrate_",
+    "freeze_",
+    "OBSERVERS",
+    # other ways to quantize
     "dynamic",
-    "MIXED_BITS",
+    "DynamicLinear",
+    "cast",
+    "cast_report",
+    "dfq",
+    "equalize",
+    "fold_bn_",
+    "smooth_",
+    "kmeans_",
+    "binarize_",
+    "ternarize_",
+    "log2_",
+    "inq_",
+    "inq_step_",
+    # mixed precision
     "MixedPrecision",
     "choose_bits",
     "sensitivity",
     "uniform_bits",
-    "Cast",
-    "CastReport",
-    "cast",
-    "cast_report",
-    "BinaryWeight",
-    "Log2Weight",
-    "TernaryWeight",
-    "XnorInput",
-    "binarize",
-    "binarize_",
-    "inq_",
-    "inq_step_",
-    "log2_",
-    "log2_quantize",
-    "ternarize",
-    "ternarize_",
-    "BIAS_CORRECTIONS",
-    "ChannelClip",
-    "Equalization",
-    "Pair",
-    "correct_bias_analytic_",
-    "correct_bias_empirical_",
-    "dfq",
-    "equalize",
-    "input_means",
-    "INITS",
-    "OBSERVERS",
-    "QUANTIZABLE",
-    "ActQuant",
-    "KMeansResult",
-    "LayerStats",
-    "Observer",
-    "PerChannel",
-    "PerGroup",
-    "PerTensor",
-    "QuantConfig",
-    "QuantSpec",
-    "SharedWeights",
-    "SharingInfo",
-    "WeightQuant",
-    "activation_quantizers",
-    "calibrate_",
-    "check_bits",
-    "dequantize",
-    "fake_quantize",
-    "fold_bn_",
-    "format_layers",
-    "freeze_",
-    "get_shared",
-    "get_weight_quant",
-    "int8",
-    "kmeans_",
-    "kmeans_1d",
-    "layer_report",
-    "load_quantized",
-    "make_observer",
-    "prepare",
-    "ptq",
-    "qat",
+    # the arithmetic, and looking at a quantized model
     "qparams",
     "quantize",
-    "quantize_",
-    "save_quantized",
-    "select",
+    "dequantize",
+    "fake_quantize",
     "sqnr",
-    "weight_only",
-    "weight_qparams",
-    "ScaledInput",
-    "Smoothing",
-    "smooth_",
+    "kmeans_1d",
+    "layer_report",
+    "activation_quantizers",
+    "get_weight_quant",
+    "get_shared",
+    "ActQuant",
+    # files
+    "load_quantized",
+    "save_quantized",
 ]
 
 # names of earlier releases, answered with a DeprecationWarning

@@ -124,7 +124,7 @@ def _near(word: Any, allowed: list[str]) -> str:
 
 
 def _stage_problem(data: Any, root: yaml.Node | None, path: list, where: str) -> str:
-    """The message for a stage whose kind (or granularity / method) is missing or unknown."""
+    """The message for a stage whose kind (or structure / method) is missing or unknown."""
     stage = data["stages"][path[1]]
     label = _label(data, path)
     names = stage_names()
@@ -217,18 +217,23 @@ def _import_plugins(data: dict, root: yaml.Node | None, where: str, base: Path |
 
 def _renamed(data: dict, root: yaml.Node | None, where: str) -> None:
     """Read the keys earlier releases took under their new names, with a warning each
-    (a `granularity` is a `structure`, `first: false` is `skip_first: true`)."""
+    (a `granularity` is a `structure`, `first: false` is `skip_first: true`, and
+    `per_channel: false` is `granularity: tensor`)."""
     stages = data.get("stages")
     if not isinstance(stages, list):
         return
     for i, stage in enumerate(stages):
         if not isinstance(stage, dict):
             continue
-        for old in [k for k in stage if k in RENAMED and RENAMED[k] not in stage]:
-            new = RENAMED[old]
+        table = RENAMED.get(stage.get("stage"), {}) if isinstance(stage.get("stage"), str) \
+            else {}
+        for old in [k for k in stage if k in table and table[k] not in stage]:
+            new = table[old]
             value = stage.pop(old)
             if old in ("first", "last") and isinstance(value, bool):
                 value = not value
+            elif old == "per_channel" and isinstance(value, bool):
+                value = "channel" if value else "tensor"
             elif old == "calib_batches" and isinstance(value, int):
                 value *= data.get("batch_size", 64) if isinstance(
                     data.get("batch_size", 64), int) else 64

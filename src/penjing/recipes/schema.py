@@ -245,7 +245,7 @@ class QuantPTQ(_Linear):
     """INT8 weights and activations, calibrated on training batches (`penjing.quant.ptq`)."""
 
     method: Literal["ptq"]
-    per_channel: bool = True
+    granularity: Literal["channel", "tensor"] = "channel"  # of the weight scales
     observer: ObserverName = "minmax"
     reduce_range: bool = False  # 7-bit weights for x86 CPUs without VNNI
     calib_images: Annotated[int, Field(ge=1)] = 1024  # training images the observers see
@@ -322,8 +322,11 @@ STAGES: dict[str, type[_Config] | None] = {  # None: chosen by granularity / met
 # the key that picks the model within a stage kind, and its value when absent
 CHOOSER = {"prune": ("structure", "group"), "quantize": ("method", None)}
 # keys a recipe used to take: read with a warning, under their new name
-RENAMED = {"granularity": "structure", "ignored_layers": "skip", "first": "skip_first",
-           "last": "skip_last", "calib_batches": "calib_images"}
+RENAMED = {
+    "prune": {"granularity": "structure", "ignored_layers": "skip"},
+    "quantize": {"first": "skip_first", "last": "skip_last", "calib_batches": "calib_images",
+                 "per_channel": "granularity"},
+}
 
 
 def stage_tag(value: Any) -> str | None:

@@ -20,7 +20,7 @@ from penjing.distill import distill_
 from penjing.export import onnx, ort_accuracy, ort_latency
 from penjing.layers import check_skip, chosen_layers
 from penjing.prune import agp, iterative, slimming_loss
-from penjing.quant import ActQuant, WeightQuant
+from penjing.quant.fakequant import ActQuant, WeightQuant
 from penjing.recipes import schema
 from penjing.recipes.schema import RecipeError
 from penjing.spec import on_path
@@ -206,7 +206,7 @@ def _linear_config(cfg):
                "last": not cfg.skip_last, "weight_range": cfg.weight_range}
     if isinstance(cfg, schema.QuantWeightOnly):
         return quant.weight_only(cfg.bits, cfg.group_size, **options)
-    return quant.int8(cfg.per_channel, cfg.observer, cfg.reduce_range,
+    return quant.int8(cfg.granularity == "channel", cfg.observer, cfg.reduce_range,
                       learnable=getattr(cfg, "learnable", False), **options)
 
 
