@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from penjing import (
+    analysis,
     codec,
     data,
     distill,
@@ -21,6 +22,7 @@ from penjing.core.parametrize import finalize_
 __version__ = "0.1.0"
 
 __all__ = [
+    "analysis",
     "codec",
     "data",
     "distill",

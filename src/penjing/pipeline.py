@@ -15,10 +15,12 @@ from torch import nn
 
 from penjing.codec.relindex import check_index_bits
 from penjing.core.parametrize import finalize_, select_layers
-from penjing.prune.magnitude import check_sparsity, magnitude_
-from penjing.prune.schedule import iterative
+from penjing.prune.configs import MagnitudeConfig
+from penjing.prune.magnitude import check_sparsity
+from penjing.prune.schedule import cuts, prune_rounds_
 from penjing.quant.kmeans import INITS, check_bits, kmeans_1d
-from penjing.quant.shared import kmeans_
+from penjing.quant.ptq import quantize_
+from penjing.quant.shared import KMeansConfig
 from penjing.train import evaluate, fit
 
 
@@ -191,28 +193,14 @@ def deep_compression_(
             say(f"{stage:<10} accuracy {record.accuracy[stage]:.4f}")
 
     checkpoint("dense")
-    schedules = {
-        name: iterative(plan.sparsity, recipe.prune_rounds) for name, plan in recipe.layers.items()
-    }
-    for round_ in range(recipe.prune_rounds):
-        magnitude_(model, {name: s[round_] for name, s in schedules.items()})
-        fit(
-            model,
-            train_loader,
-            epochs=recipe.finetune_epochs,
-            lr=recipe.finetune_lr,
-            seed=recipe.seed + round_,
-            progress=progress,
-            desc=f"prune round {round_ + 1}/{recipe.prune_rounds}",
-        )
+    # the prune → fine-tune loop of the CLI's prune verb and a recipe's prune stage
+    sparsity = MagnitudeConfig(sparsity={n: p.sparsity for n, p in recipe.layers.items()})
+    prune_rounds_(model, cuts(sparsity, "iterative", recipe.prune_rounds), train_loader,
+                  epochs=recipe.finetune_epochs, lr=recipe.finetune_lr, seed=recipe.seed,
+                  progress=progress, desc="prune round")
     checkpoint("pruned")
-
-    kmeans_(
-        model,
-        {name: plan.bits for name, plan in recipe.layers.items()},
-        init=recipe.init,
-        seed=recipe.seed,
-    )
+    bits = {name: plan.bits for name, plan in recipe.layers.items()}
+    quantize_(model, KMeansConfig(bits, recipe.init, seed=recipe.seed))
     checkpoint("shared")
     fit(
         model,

@@ -165,6 +165,12 @@ def fit(
 
 
 @torch.no_grad()
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether `model` has a BatchNorm that tracks running statistics."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in model.modules())
+
+
 def recalibrate_bn_(model: nn.Module, loader: Iterable, batches: int = 20) -> int:
     """Re-estimate every BatchNorm's running mean and variance on `batches` batches.
 

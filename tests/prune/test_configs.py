@@ -152,8 +152,11 @@ def test_old_recipe_keys_are_read_under_their_new_names_with_a_warning():
     text = ("model: lenet300\nstages:\n  - stage: prune\n    granularity: group\n"
             "    ignored_layers: [fc3]\n  - stage: quantize\n    method: ptq\n"
             "    first: false\n    calib_batches: 2\n    per_channel: false\n")
-    with pytest.warns(pj.errors.PenjingWarning, match="granularity is now structure"):
+    with pytest.warns(pj.errors.PenjingWarning) as seen:
         recipe = parse(text, "old.yaml")
+    said = [str(w.message) for w in seen]
+    assert len(said) == 5 and "old.yaml line 4: stages[0] (prune).granularity is now " \
+        "structure; read as structure: 'group'" in said
     prune, quantize = recipe.stages
     assert prune.structure == "group" and prune.skip == ["fc3"]
     assert quantize.skip_first is True and quantize.calib_images == 128
@@ -172,3 +175,54 @@ def test_deprecated_function_names_still_answer_with_a_warning():
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         pj.prune.nope  # noqa: B018
 
+
+
+def test_cuts_reach_the_amount_asked_on_every_schedule():
+    masks = pj.prune.cuts(MagnitudeConfig(sparsity=0.9), "iterative", 3)
+    assert [round(c.sparsity, 4) for c in masks] == [0.5358, 0.7846, 0.9]  # 1 − 0.1^(r/3)
+    agp = pj.prune.cuts(PatternConfig("block", 0.8), "agp", 4)
+    assert agp[-1].sparsity == pytest.approx(0.8) and agp[0].sparsity < agp[1].sparsity
+    # channels are gone after a cut: each cut removes a share of what is left
+    steps = pj.prune.cuts(ChannelConfig(ratio=0.75, ratios={"0": 0.5}), "iterative", 2)
+    assert [c.ratio for c in steps] == pytest.approx([0.5, 0.5])
+    assert [c.ratios["0"] for c in steps] == pytest.approx([1 - 0.5 ** 0.5] * 2)
+    per_layer = pj.prune.cuts(MagnitudeConfig(sparsity={"0": 0.75, "5": 0.5}), "iterative", 2)
+    assert per_layer[-1].sparsity == {"0": 0.75, "5": 0.5}
+
+
+def test_a_schedule_that_cannot_cut_a_config_says_why():
+    with pytest.raises(ValueError, match="N:M sparsity is one pattern, cut once"):
+        pj.prune.cuts(NMConfig(), "agp", 3)
+    with pytest.raises(ValueError, match="rounds = 3 needs schedule 'iterative' or 'agp'"):
+        pj.prune.cuts(MagnitudeConfig(sparsity=0.5), "one-shot", 3)
+    with pytest.raises(ValueError, match="quality is a one-shot threshold"):
+        pj.prune.cuts(MagnitudeConfig(quality=1.0), "iterative", 2)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        pj.prune.cuts(MagnitudeConfig(sparsity=0.5), "cubic", 2)
+
+
+def test_prune_rounds_ends_exactly_at_the_target_with_fine_tuning_between_cuts():
+    model = convnet()
+    loader = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))) for _ in range(2)]
+    done = pj.prune.prune_rounds_(model, pj.prune.cuts(MagnitudeConfig(sparsity=0.8),
+                                                       "iterative", 3),
+                                  loader, epochs=1, lr=1e-2, progress=False)
+    assert len(done) == 3
+    for i in (0, 2, 5, 7):
+        w = model[i].weight
+        assert int((w == 0).sum()) == round(0.8 * w.numel())  # trained, zeros kept
+    with pytest.raises(ValueError, match="need a train_loader"):
+        pj.prune.prune_rounds_(convnet(), [MagnitudeConfig(sparsity=0.5)], epochs=1)
+
+
+def test_cli_prunes_on_a_schedule(capsys):
+    assert main(["prune", "lenet300", "--data", "none", "--input-shape", "1,1,28,28",
+                 "--structure", "weight", "--sparsity", "0.9", "--schedule", "agp",
+                 "--rounds", "3", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "sparsity 0.9 of weight groups on 3 layers, agp ×3" in out
+    nonzero = next(line for line in out.splitlines() if line.startswith("non-zero params"))
+    assert nonzero.split()[-1] == "0.101"  # 10 % of the weights plus the biases
+    assert main(["prune", "lenet300", "--data", "none", "--input-shape", "1,1,28,28",
+                 "--structure", "nm", "--schedule", "agp", "--rounds", "2", "--quiet"]) == 2
+    assert "N:M sparsity is one pattern, cut once" in capsys.readouterr().err

@@ -84,3 +84,23 @@ def test_a_name_that_is_not_a_layer_is_an_error_before_anything_changes():
     with pytest.raises(ValueError, match="no layer named 'fc9'"):
         quantize_(model, TernaryConfig(layers=["fc9"]))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_recipe_stage_and_the_cli_flags_build_the_same_quant_config():
+    from penjing.cli import build_parser
+    from penjing.recipes.schema import QuantPTQ, QuantWeightOnly
+    from penjing.recipes.stages import _linear_config
+
+    args = build_parser().parse_args(
+        ["quantize", "lenet5", "--weights", "w.safetensors", "--granularity", "tensor",
+         "--observer", "entropy", "--skip", "fc3", "--skip-first", "--reduce-range"])
+    flags = pj.quant.config.make_config(
+        bits=args.bits, granularity=args.granularity, observer=args.observer,
+        skip=tuple(args.skip), skip_first=args.skip_first, reduce_range=args.reduce_range)
+    stage = QuantPTQ(stage="quantize", method="ptq", granularity="tensor", observer="entropy",
+                     skip=["fc3"], skip_first=True, reduce_range=True)
+    assert _linear_config(stage) == flags
+    assert flags.weight.bits == 7 and not flags.first and flags.layers == {"fc3": False}
+    weights = _linear_config(QuantWeightOnly(stage="quantize", method="weight_only", bits=4,
+                                           group_size=32))
+    assert weights == pj.quant.weight_only(4, 32)

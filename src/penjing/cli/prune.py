@@ -31,10 +31,10 @@ from penjing.prune.configs import (
     NMConfig,
     PatternConfig,
     config_for,
-    prune_,
 )
 from penjing.prune.criteria import taylor
-from penjing.train import evaluate, fit, recalibrate_bn_, seed_everything
+from penjing.prune.schedule import SCHEDULES, cuts, prune_rounds_
+from penjing.train import evaluate, has_batchnorm, seed_everything
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,8 @@ def prune_command(
     round_to: int = 1,
     skip: tuple[str, ...] = (),
     nm: str = "2:4",
+    schedule: str = "one-shot",
+    rounds: int = 1,
     out: str | os.PathLike | None = None,
     batch_size: int = 32,
     repeats: int = 30,
@@ -147,7 +149,9 @@ def prune_command(
 
     `structure` is what goes (penjing.prune.STRUCTURES): single weights, N:M, a pattern, a
     channel structure or heads. `ratio` is the fraction of channels or heads to remove,
-    `sparsity` the fraction of weights (or weight groups) to zero, 0.5 by default. With
+    `sparsity` the fraction of weights (or weight groups) to zero, 0.5 by default,
+    reached in `rounds` cuts on `schedule` (penjing.prune.cuts), each followed by the
+    fine-tuning. With
     `dataset` (a bundled data set or "package.module:function" returning a DataSplit) the
     model can be scored by "taylor", fine-tuned for `epochs` after pruning and report test
     accuracy, and every BatchNorm re-measures its statistics on `bn_batches` training
@@ -159,6 +163,7 @@ def prune_command(
     """
     # checked here, not minutes later when training is done and the pruning starts
     config = _config(structure, ratio, sparsity, criterion, nm, global_ranking, round_to)
+    cuts(config, schedule, rounds)  # a schedule that cannot cut this config says so now
     if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
         raise ValueError(f"bn_batches must be an int >= 0 (0 keeps the BatchNorm statistics), "
                          f"got {bn_batches!r}")
@@ -177,20 +182,24 @@ def prune_command(
             raise ValueError("criterion 'taylor' needs a dataset for its gradients")
         batches = [batch for batch, _ in zip(train, range(4), strict=False)]
         config = replace(config, criterion=taylor(batches))
-    done = prune_(net, config, x[:1])
+    if train is None and epochs:
+        raise ValueError("fine-tuning (epochs) needs a dataset to train on")
+    epochs = common.epochs(epochs)
+    bn = bn_batches if train is not None and has_batchnorm(net) else 0
+    # cosine from lr: a pruned network needs a full learning rate to recover, and ends
+    # on a small one (bench/structured.py measures it against a constant rate)
+    done = prune_rounds_(net, cuts(config, schedule, rounds), train, example_inputs=x[:1],
+                         epochs=epochs, lr=lr, lr_schedule="cosine", bn_batches=bn,
+                         seed=seed, progress=progress)[-1]
     detail = _detail(structure, config, done, criterion)
-    if train is not None and bn_batches and recalibrate_bn_(net, train, bn_batches):
+    if schedule != "one-shot":
+        detail += f", {schedule} ×{rounds}"
+    if bn:
         notes.append(f"BatchNorm statistics re-measured on {bn_batches} training batches "
                      "after pruning (--bn-batches 0 keeps the old ones)")
-    epochs = common.epochs(epochs)
     if epochs:
-        if train is None:
-            raise ValueError("fine-tuning (epochs) needs a dataset to train on")
-        # cosine from lr: a pruned network needs a full learning rate to recover, and ends
-        # on a small one (bench/structured.py measures it against a constant rate)
-        fit(net, train, epochs=epochs, lr=lr, progress=progress, desc="fine-tune",
-            schedule="cosine")
-        notes.append(f"fine-tuned {epochs} epochs (Adam from lr {lr}, cosine to 0)")
+        notes.append(f"fine-tuned {epochs} epochs (Adam from lr {lr}, cosine to 0)"
+                     + (" after each cut" if rounds > 1 else ""))
     if structure in ("stripe", "shape"):
         finalize_(net)
         compacted = compact_(net)
@@ -253,6 +262,10 @@ def add_parser(commands) -> None:
                         help="keep channel counts multiples of this (8, 16, 64)")
     common.add_skip(parser, "whose output channels (or weights) stay")
     parser.add_argument("--nm", default="2:4", help="N:M for --structure nm")
+    parser.add_argument("--schedule", choices=list(SCHEDULES), default="one-shot",
+                        help="iterative: --rounds cuts of the same share of what is left; "
+                        "agp: a cubic ramp; each cut is followed by --epochs of fine-tuning")
+    parser.add_argument("--rounds", type=int, default=1, help="cuts, with --schedule")
     common.add_data(parser, allow_none=True)
     parser.add_argument("--input-shape", type=common.shape,
                         help="e.g. 32,3,224,224 (default: --batch-size images of --data)")
@@ -272,11 +285,10 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> None:
     summary = prune_command(
         args.model, structure=args.structure, ratio=args.ratio, sparsity=args.sparsity,
-        criterion=args.criterion,
-        weights=args.weights, input_shape=args.input_shape, dataset=args.data,
-        epochs=args.epochs, lr=args.lr, bn_batches=args.bn_batches,
+        criterion=args.criterion, weights=args.weights, input_shape=args.input_shape,
+        dataset=args.data, epochs=args.epochs, lr=args.lr, bn_batches=args.bn_batches,
         global_ranking=args.global_ranking, round_to=args.round_to, skip=tuple(args.skip),
-        nm=args.nm, out=args.out, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.quiet,
+        nm=args.nm, schedule=args.schedule, rounds=args.rounds, out=args.out,
+        batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
     )
     print(summary.format())

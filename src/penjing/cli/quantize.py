@@ -154,6 +154,10 @@ def add_parser(commands) -> None:
     common.add_skip(parser, "left in float")
     parser.add_argument("--skip-first", action="store_true", help="first layer in float")
     parser.add_argument("--skip-last", action="store_true", help="last layer in float")
+    parser.add_argument("--reduce-range", action="store_true",
+                        help="7-bit weights, exact on x86 CPUs without VNNI")
+    parser.add_argument("--learnable", action="store_true",
+                        help="QAT (--epochs > 0): learn the scales (LSQ)")
     common.add_data(parser)
     common.add_training(parser, 0, "QAT epochs after calibration (0: PTQ only)", lr=1e-4)
     parser.add_argument("--onnx", metavar="FILE", help="write QDQ ONNX here")
@@ -167,7 +171,8 @@ def run(args: argparse.Namespace) -> None:
         bits=args.bits, granularity=args.granularity, group_size=args.group_size,
         observer=args.observer, weight_range=args.weight_range,
         act_bits=None if args.weight_only else args.act_bits, skip=tuple(args.skip),
-        skip_first=args.skip_first, skip_last=args.skip_last,
+        skip_first=args.skip_first, skip_last=args.skip_last, reduce_range=args.reduce_range,
+        learnable=args.learnable,
     )
     summary = quantize_command(
         args.model, args.weights, dataset=args.data, config=config,

@@ -38,7 +38,7 @@ from penjing.prune.patterns import (
     is_pattern,
     pattern_,
 )
-from penjing.prune.schedule import agp, iterative
+from penjing.prune.schedule import agp, cuts, iterative, prune_rounds_
 from penjing.prune.slimming import bn_l1, slim, slimming_loss
 from penjing.prune.structured import (
     CHANNEL_STRUCTURES,  # noqa: F401 - what the old name GRANULARITIES gives
@@ -59,6 +59,8 @@ __all__ = [
     "NMConfig",
     "PatternConfig",
     "prune_",
+    "cuts",
+    "prune_rounds_",
     # the methods on their own
     "channels",
     "channels_",

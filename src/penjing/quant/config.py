@@ -172,9 +172,14 @@ def make_config(
     skip: Sequence[str] = (),
     skip_first: bool = False,
     skip_last: bool = False,
+    layers: Mapping[str, bool] | None = None,
+    reduce_range: bool = False,
+    learnable: bool = False,
 ) -> QuantConfig:
-    """The QuantConfig the command line describes: symmetric signed weights at `bits`,
-    asymmetric unsigned activations at `act_bits` (None: weights only)."""
+    """The QuantConfig the command line and a recipe's quantize stage describe: symmetric
+    signed weights at `bits` (7 with `reduce_range`, for x86 CPUs without VNNI),
+    asymmetric unsigned activations at `act_bits` (None: weights only); `skip` regexes
+    and then the ordered `layers` map {regex: quantize?} choose the layers."""
     if granularity not in CLI_GRANULARITIES:
         raise ValueError(f"granularity must be one of {CLI_GRANULARITIES}, got {granularity!r}")
     if (granularity == "group") != (group_size is not None):
@@ -185,15 +190,19 @@ def make_config(
     if observer not in OBSERVERS:
         raise ValueError(f"unknown observer {observer!r}; choose one of {sorted(OBSERVERS)}")
     g = {"channel": PerChannel(0), "tensor": PerTensor()}.get(granularity) or PerGroup(group_size)
+    if reduce_range and bits != 8:
+        raise ValueError(f"reduce_range keeps 8-bit weights in 7 bits; it goes with bits 8, "
+                         f"got bits {bits}")
     activation = None if act_bits is None else QuantSpec(act_bits, False, False, PerTensor())
     return QuantConfig(
-        weight=QuantSpec(bits, True, True, g),
+        weight=QuantSpec(7 if reduce_range else bits, True, True, g),
         activation=activation,
         observer=observer,
         weight_range=weight_range,
-        layers={pattern: False for pattern in skip},
+        layers={pattern: False for pattern in skip} | dict(layers or {}),
         first=not skip_first,
         last=not skip_last,
+        learnable=learnable,
     )
 
 

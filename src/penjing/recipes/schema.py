@@ -33,6 +33,7 @@ from penjing.prune.criteria import CRITERIA
 from penjing.prune.heads import HEAD_CRITERIA
 from penjing.prune.magnitude import check_sparsity
 from penjing.prune.patterns import PATTERNS
+from penjing.prune.schedule import SCHEDULES, cuts
 from penjing.prune.structured import CHANNEL_STRUCTURES, check_ratio
 from penjing.quant.kmeans import INITS
 from penjing.quant.observers import OBSERVERS
@@ -103,9 +104,9 @@ class _Prune(_Config):
     other keys are the fields of the stage's penjing.prune config, checked by it."""
 
     stage: Literal["prune"]
-    # one-shot: cut once; iterative: `rounds` cuts of the same share of what is left
-    # (Han et al.); agp: Zhu & Gupta's cubic ramp over `rounds` cuts
-    schedule: Literal["one-shot", "iterative", "agp"] = "one-shot"
+    # penjing.prune.cuts: one-shot cuts once; iterative: `rounds` cuts of the same share of
+    # what is left (Han et al.); agp: Zhu & Gupta's cubic ramp over `rounds` cuts
+    schedule: Literal[SCHEDULES] = "one-shot"  # type: ignore[valid-type]
     rounds: Annotated[int, Field(ge=1)] = 1
     epochs: Epochs = 0  # fine-tuning after every cut, the last one included
     lr: Rate = 5e-4
@@ -115,11 +116,9 @@ class _Prune(_Config):
     skip: list[str] = []  # regexes of module names left alone, as the CLI's --skip
 
     @model_validator(mode="after")
-    def _rounds_need_a_schedule(self):
-        if self.schedule == "one-shot" and self.rounds != 1:
-            raise ValueError(f"rounds = {self.rounds} needs schedule 'iterative' or 'agp' "
-                             "(one-shot cuts once)")
-        self.config()  # the config's own checks, in the words Python and the CLI give
+    def _config_and_schedule(self):
+        # the config's and the schedule's own checks, in the words Python and the CLI give
+        cuts(self.config(), self.schedule, self.rounds)
         return self
 
     def config(self, **override: Any) -> Any:
@@ -138,13 +137,6 @@ class PruneWeights(_Prune):
     quality: Annotated[float, Field(ge=0)] | None = None  # Han's |w| < quality · std(w)
     scope: Literal["layer", "global"] = "layer"
 
-    @model_validator(mode="after")
-    def _one_amount(self):
-        if self.quality is not None and self.schedule != "one-shot":
-            raise ValueError("quality is a one-shot threshold; give sparsity for an "
-                             f"{self.schedule} schedule")
-        return self
-
 
 class PruneNM(_Prune):
     """N:M semi-structured sparsity (`penjing.prune.NMConfig`): n of every m inputs kept."""
@@ -152,12 +144,6 @@ class PruneNM(_Prune):
     structure: Literal["nm"]
     n: Annotated[int, Field(ge=1)] = 2
     m: Annotated[int, Field(ge=2)] = 4
-
-    @model_validator(mode="after")
-    def _cut_once(self):
-        if self.schedule != "one-shot":
-            raise ValueError("N:M sparsity is one pattern, cut once; use schedule 'one-shot'")
-        return self
 
 
 class PrunePattern(_Prune):

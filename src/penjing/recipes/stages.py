@@ -4,7 +4,7 @@ call of the library function its config is named after."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,13 @@ from penjing.core.parametrize import PRUNABLE
 from penjing.distill import distill_
 from penjing.export import onnx, ort_accuracy, ort_latency
 from penjing.layers import check_skip, chosen_layers
-from penjing.prune import agp, iterative, slimming_loss
+from penjing.prune import slimming_loss
+from penjing.quant.config import make_config
 from penjing.quant.fakequant import ActQuant, WeightQuant
 from penjing.recipes import schema
 from penjing.recipes.schema import RecipeError
 from penjing.spec import on_path
-from penjing.train import cross_entropy, fit, recalibrate_bn_
+from penjing.train import cross_entropy, fit
 
 
 @dataclass
@@ -81,57 +82,6 @@ def train(ctx: Context, model: nn.Module, cfg: schema.Train | schema.Finetune) -
 # --- prune ---------------------------------------------------------------------------
 
 
-def _targets(cfg: schema._Prune, final: float) -> list[float]:
-    """The cumulative amount to reach after each cut."""
-    if cfg.schedule == "iterative":
-        return iterative(final, cfg.rounds)
-    if cfg.schedule == "agp":
-        return [agp(r + 1, final, cfg.rounds) for r in range(cfg.rounds)]
-    return [final]
-
-
-def _relative(targets: list[float]) -> list[float]:
-    """Cumulative fractions removed → the fraction of what is left that each cut removes
-    (channel and head pruning take the latter)."""
-    out, before = [], 0.0
-    for t in targets:
-        out.append(max(0.0, 1.0 - (1.0 - t) / (1.0 - before)))
-        before = t
-    return out
-
-
-def _cuts(ctx: Context, model: nn.Module, cfg) -> list[Callable[[nn.Module], None]]:
-    """One function per round that makes that round's cut on a model: the stage's
-    penjing.prune config, with the round's amount, run by `penjing.prune.prune_`."""
-    check_skip(model, cfg.skip, f"stages[{ctx.index}] (prune).skip")
-    if isinstance(cfg, schema.PruneWeights) and isinstance(cfg.sparsity, dict):
-        per_layer = {name: _targets(cfg, s) for name, s in cfg.sparsity.items()}
-        configs = [cfg.config(sparsity={n: t[r] for n, t in per_layer.items()})
-                   for r in range(cfg.rounds)]
-    elif isinstance(cfg, schema.PruneWeights) and cfg.quality is not None:
-        configs = [cfg.config()]
-    elif isinstance(cfg, schema.PruneWeights | schema.PrunePattern):
-        configs = [cfg.config(sparsity=s) for s in _targets(cfg, cfg.sparsity)]
-    elif isinstance(cfg, schema.PruneHeads):
-        configs = [cfg.config(ratio=r) for r in _relative(_targets(cfg, cfg.ratio))]
-    elif isinstance(cfg, schema.PruneChannels):
-        options: dict[str, Any] = {}
-        if cfg.criterion == "taylor":
-            batches = [b for b, _ in zip(ctx.train, range(cfg.taylor_batches), strict=False)]
-            options["criterion"] = pruning.taylor(batches)
-        per_group = {n: _relative(_targets(cfg, r)) for n, r in (cfg.ratios or {}).items()}
-        configs = [cfg.config(ratio=ratio, ratios={n: t[r] for n, t in per_group.items()}
-                              or None, **options)
-                   for r, ratio in enumerate(_relative(_targets(cfg, cfg.ratio)))]
-    else:
-        configs = [cfg.config()]
-    return [lambda m, c=c: pruning.prune_(m, c, ctx.example[:1]) for c in configs]
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def zero_fraction(model: nn.Module) -> float:
     """Fraction of zeros over the weights of every Linear and Conv layer."""
     total = zeros = 0
@@ -144,15 +94,17 @@ def zero_fraction(model: nn.Module) -> float:
 
 
 def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
-    cuts = _cuts(ctx, model, cfg)
-    for r, cut in enumerate(cuts):
-        cut(model)
-        if cfg.bn_batches and _has_batchnorm(model):
-            recalibrate_bn_(model, ctx.train, cfg.bn_batches)
-        if cfg.epochs:
-            what = "fine-tune" + (f" {r + 1}/{len(cuts)}" if len(cuts) > 1 else "")
-            options = ctx.fit_options() | {"seed": ctx.seed + 1000 * r}
-            fit(model, ctx.train, epochs=cfg.epochs, lr=cfg.lr, desc=ctx.desc(what), **options)
+    """The stage's penjing.prune config, cut on its schedule by `pj.prune.prune_rounds_`
+    (what the CLI's prune verb and the Deep Compression pipeline run too)."""
+    check_skip(model, cfg.skip, f"stages[{ctx.index}] (prune).skip")
+    config = cfg.config()
+    if getattr(cfg, "criterion", None) == "taylor":
+        batches = [b for b, _ in zip(ctx.train, range(cfg.taylor_batches), strict=False)]
+        config = replace(config, criterion=pruning.taylor(batches))
+    pruning.prune_rounds_(model, pruning.cuts(config, cfg.schedule, cfg.rounds), ctx.train,
+                          example_inputs=ctx.example[:1], epochs=cfg.epochs, lr=cfg.lr,
+                          bn_batches=cfg.bn_batches, seed=ctx.seed, progress=ctx.progress,
+                          desc=ctx.desc("fine-tune"))
     amount = next((f"{k} {getattr(cfg, k)}" for k in ("ratio", "sparsity", "quality")
                    if getattr(cfg, k, None) is not None), f"{getattr(cfg, 'n', '')}:"
                   f"{getattr(cfg, 'm', '')}")
@@ -201,13 +153,15 @@ def distill(ctx: Context, model: nn.Module, cfg: schema.Distill) -> Outcome:
 
 
 def _linear_config(cfg):
-    skipped = {pattern: False for pattern in cfg.skip}  # first in the map: they win
-    options = {"layers": skipped | dict(cfg.layers), "first": not cfg.skip_first,
-               "last": not cfg.skip_last, "weight_range": cfg.weight_range}
+    """The QuantConfig of a ptq, qat or weight_only stage, built as the CLI builds it."""
     if isinstance(cfg, schema.QuantWeightOnly):
-        return quant.weight_only(cfg.bits, cfg.group_size, **options)
-    return quant.int8(cfg.granularity == "channel", cfg.observer, cfg.reduce_range,
-                      learnable=getattr(cfg, "learnable", False), **options)
+        shape = {"bits": cfg.bits, "act_bits": None, "group_size": cfg.group_size,
+                 "granularity": "group" if cfg.group_size else "channel"}
+    else:
+        shape = {"granularity": cfg.granularity, "observer": cfg.observer,
+                 "reduce_range": cfg.reduce_range, "learnable": getattr(cfg, "learnable", False)}
+    return make_config(skip=cfg.skip, skip_first=cfg.skip_first, skip_last=cfg.skip_last,
+                       layers=cfg.layers, weight_range=cfg.weight_range, **shape)
 
 
 def quantize(ctx: Context, model: nn.Module, cfg) -> Outcome:
