@@ -29,7 +29,7 @@ from penjing.errors import PenjingWarning
 from penjing.export import cpu_saturates_int8, session
 from penjing.export import onnx as export_onnx
 from penjing.quant import int8, ptq
-from penjing.quant.fold import fold_bn_
+from penjing.quant.linear.fold import fold_bn_
 
 THREADS = 2
 BATCH = 32  # calibration batch and the large timing batch

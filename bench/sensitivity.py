@@ -36,7 +36,7 @@ from penjing.codec import huffman, rans
 from penjing.core.parametrize import finalize_
 from penjing.demo import dense_baseline
 from penjing.pipeline import deep_compression_, recipe_from_plan, share_biases_
-from penjing.prune.magnitude import magnitude_
+from penjing.prune.masking.magnitude import magnitude_
 from penjing.train import evaluate
 
 RATIOS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995]

@@ -187,7 +187,7 @@ def ffn_output(module: torch.nn.Module, name: str) -> bool:
 
 
 def smoothed(model: torch.nn.Module, calib: list[dict]) -> tuple[torch.nn.Module, list]:
-    """A copy of `model` with its LayerNorm -> Linear pairs smoothed (penjing.quant.smooth),
+    """A copy of `model` with its LayerNorm -> Linear pairs smoothed (penjing.quant.linear.smooth),
     and what smooth_ changed."""
     model = copy.deepcopy(model)
     return model, smooth_(model, calib, alpha=ALPHA)

@@ -89,7 +89,7 @@ def deep_compression(model: torch.nn.Module, plan: dict) -> torch.nn.Module:
 
 def kmeans_speed(model: torch.nn.Module) -> tuple[float, int]:
     """Seconds of one 1-D k-means (8 centroids) over the word table, and its size."""
-    from penjing.quant.kmeans import kmeans_1d
+    from penjing.quant.sharing.kmeans import kmeans_1d
 
     values = model.get_submodule(TABLES[0]).weight.detach().flatten()
     start = time.perf_counter()

@@ -16,11 +16,11 @@ from torch import nn
 from penjing.codec.relindex import check_index_bits
 from penjing.core.parametrize import finalize_, select_layers
 from penjing.prune.configs import MagnitudeConfig
-from penjing.prune.magnitude import check_sparsity
+from penjing.prune.masking.magnitude import check_sparsity
 from penjing.prune.schedule import cuts, prune_rounds_
-from penjing.quant.kmeans import INITS, check_bits, kmeans_1d
-from penjing.quant.ptq import quantize_
-from penjing.quant.shared import KMeansConfig
+from penjing.quant.inplace import quantize_
+from penjing.quant.sharing.kmeans import INITS, check_bits, kmeans_1d
+from penjing.quant.sharing.shared import KMeansConfig
 from penjing.train import evaluate, fit
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from penjing.analysis import EvaluateError, SensitivityTable, sensitivity
-from penjing.prune.magnitude import magnitude_
+from penjing.prune.masking.magnitude import magnitude_
 
 
 def _model() -> nn.Module:

@@ -40,7 +40,7 @@ def test_reused_and_conv_weights_store_the_quantizers_integers(tmp_path):
     shared = sorted(name for name in inits if name.startswith("shared."))
     assert shared == ["shared.bias", "shared.weight_int4_t", "shared.weight_int4_t_scale"]
     quant = pj.quant.get_weight_quant(q.shared)
-    want = pj.quant.linear.quantize(q.shared.parametrizations.weight.original
+    want = pj.quant.quantize(q.shared.parametrizations.weight.original
                                     * q.shared.parametrizations.weight[0].mask,
                                     quant.scale, quant.zero_point, quant.spec)
     np.testing.assert_array_equal(inits["shared.weight_int4_t"], want.numpy().T)

@@ -30,7 +30,7 @@ from penjing.export import compare_with_ort, cpu_saturates_int8, optimized_ops, 
 from penjing.export import onnx as export_onnx
 from penjing.models.encoder import TinyEncoder
 from penjing.quant import QuantConfig, QuantSpec, int8, ptq, qat, weight_only
-from penjing.quant.graph import quantized_joins
+from penjing.quant.linear.graph import quantized_joins
 
 # x86 CPUs without VNNI saturate u8×s8 pair sums in int16: 7-bit weights keep them exact
 INT8 = {"reduce_range": cpu_saturates_int8()}

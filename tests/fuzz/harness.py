@@ -40,10 +40,10 @@ from penjing.codec.bitpack import Reader, varint
 from penjing.core.checkpoint import INTEGRITY_KEY, checkpoint_digest
 from penjing.core.model_file import PRUNED_KEY
 from penjing.errors import PenjingError
-from penjing.prune.surgery import Change
+from penjing.prune.structural.surgery import Change
 from penjing.quant import ptq, save_quantized
-from penjing.quant.checkpoint import load_quantized
-from penjing.quant.config import make_config
+from penjing.quant.linear.checkpoint import load_quantized
+from penjing.quant.linear.config import make_config
 
 SLOW_S = 2.0  # an input that takes longer is a failure
 WATCHDOG_S = 10.0  # an input still running then is stopped and counted

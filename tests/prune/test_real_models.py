@@ -16,7 +16,7 @@ from torch.nn import functional as F
 import penjing as pj
 from penjing.core.counting import count_params
 from penjing.errors import PenjingWarning, UnsupportedLayerError
-from penjing.prune import ops
+from penjing.prune.structural import ops
 
 
 class SameNet(nn.Module):
@@ -271,6 +271,7 @@ def test_a_model_that_makes_cpu_tensors_in_forward_is_run_for_real():
 
     torch.manual_seed(0)
     model, x = Offsets().eval(), torch.randn(2, 3, 8, 8)
-    assert pj.prune.graph._on_meta(model, pj.prune.graph.trace(model), (x,)) is None
+    graph = pj.prune.structural.graph
+    assert graph._on_meta(model, graph.trace(model), (x,)) is None
     small = pj.prune.channels(model, x, ratio=0.5)
     assert small.conv.out_channels == 4 and small(x).shape == (2, 4)

@@ -14,8 +14,8 @@ import penjing as pj
 from penjing.core.checkpoint import INTEGRITY_KEY, checkpoint_digest
 from penjing.errors import FormatError
 from penjing.quant import ptq, save_quantized
-from penjing.quant.checkpoint import _digest, load_quantized
-from penjing.quant.config import make_config
+from penjing.quant.linear.checkpoint import _digest, load_quantized
+from penjing.quant.linear.config import make_config
 
 
 @pytest.fixture(scope="module")

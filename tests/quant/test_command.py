@@ -7,7 +7,7 @@ import torch
 
 import penjing as pj
 from penjing.cli import main
-from penjing.quant.config import make_config
+from penjing.quant.linear.config import make_config
 
 
 @pytest.fixture(scope="module")

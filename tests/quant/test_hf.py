@@ -47,7 +47,7 @@ def _tokens(n: int, length: int) -> dict[str, torch.Tensor]:
 
 
 def _linears(model) -> int:
-    from penjing.quant.eager import is_conv1d
+    from penjing.quant.linear.eager import is_conv1d
 
     return sum(isinstance(m, torch.nn.Linear) or is_conv1d(m) for m in model.modules())
 
@@ -62,6 +62,7 @@ def test_static_int8_puts_every_linear_on_integer_kernels(name, tmp_path):
     model = _text_model(name)
     calib = [_tokens(4, 12) for _ in range(3)]
     q = pj.quant.ptq(model, calib, pj.quant.int8(reduce_range=cpu_saturates_int8()))
+    assert type(q) is type(model) and q is not model  # ptq's contract: the user's class
     with warnings.catch_warnings():
         warnings.simplefilter("error", PenjingWarning)  # every quantized Linear fused
         path = pj.export.onnx(q, tmp_path / "q.onnx", _tokens(2, 8))

@@ -23,9 +23,9 @@ from torch import nn
 
 from penjing.analysis.sensitivity import SensitivityTable
 from penjing.errors import PenjingError
-from penjing.prune.magnitude import magnitude_
+from penjing.prune.masking.magnitude import magnitude_
 from penjing.prune.schedule import agp, iterative
-from penjing.quant.shared import kmeans_
+from penjing.quant.sharing.shared import kmeans_
 
 CODEBOOK_ENTRY_BYTES = 4  # a float32 codebook value in the .pjz file
 

@@ -34,10 +34,10 @@ from torch import nn
 
 from penjing.core.parametrize import select_layers
 from penjing.errors import PenjingError
-from penjing.prune.graph import dependency_graph
-from penjing.prune.nm import nm_mask
-from penjing.prune.structured import score_groups
-from penjing.quant.kmeans import kmeans_1d
+from penjing.prune.masking.nm import nm_mask
+from penjing.prune.structural.graph import dependency_graph
+from penjing.prune.structural.structured import score_groups
+from penjing.quant.sharing.kmeans import kmeans_1d
 
 STRUCTURES = ("weight", "channel", "nm")  # what a sparsity sweep removes
 QUANTIZERS = ("kmeans", "linear")

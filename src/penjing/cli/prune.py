@@ -22,7 +22,6 @@ from penjing import layers
 from penjing.cli import common
 from penjing.core.counting import count_macs, count_params, latency
 from penjing.core.parametrize import finalize_
-from penjing.prune.compact import compact_
 from penjing.prune.configs import (
     STRUCTURES,
     ChannelConfig,
@@ -32,8 +31,9 @@ from penjing.prune.configs import (
     PatternConfig,
     config_for,
 )
-from penjing.prune.criteria import taylor
+from penjing.prune.masking.compact import compact_
 from penjing.prune.schedule import SCHEDULES, cuts, prune_rounds_
+from penjing.prune.structural.criteria import taylor
 from penjing.train import evaluate, has_batchnorm, seed_everything
 
 

@@ -11,9 +11,9 @@ import torch
 
 from penjing.cli import common
 from penjing.core.parametrize import finalize_
-from penjing.quant.config import QuantConfig, make_config
-from penjing.quant.ptq import ptq, qat
-from penjing.quant.report import LayerStats, describe, format_layers, layer_report
+from penjing.quant.linear.config import QuantConfig, make_config
+from penjing.quant.linear.ptq import ptq, qat
+from penjing.quant.linear.report import LayerStats, describe, format_layers, layer_report
 from penjing.train import evaluate, seed_everything
 
 

@@ -17,7 +17,7 @@ Steps (every key JSON):
         position]]}}
     {"op": "smooth", "layers": [Linear layers wrapped in quant.smooth.ScaledInput]}
     {"op": "parametrize", "layers": {layer: {tensor: ["mask" | "shared", ...]}}}
-    {"op": "quantize", "config": QuantConfig as penjing.quant.checkpoint.config_to_dict}
+    {"op": "quantize", "config": QuantConfig as penjing.quant.linear.checkpoint.config_to_dict}
 
 Which ops exist, and how each is replayed, is the registry's (`penjing.core.steps`).
 """

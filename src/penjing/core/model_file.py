@@ -46,8 +46,8 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # by where they live: reading one imports only its reader, and this module no method
 _READERS = {
     "pjz": "penjing.codec.container:load_with_history",
-    "quantized": "penjing.quant.checkpoint:load_quantized",
-    "pruned": "penjing.prune.surgery:load_pruned",
+    "quantized": "penjing.quant.linear.checkpoint:load_quantized",
+    "pruned": "penjing.prune.structural.surgery:load_pruned",
 }
 
 

@@ -81,14 +81,14 @@ class Step:
 
 # op -> "module:attribute" of the Step declared beside the method's code
 BUILTIN: dict[str, str] = {
-    "channels": "penjing.prune.surgery:STEP",
+    "channels": "penjing.prune.structural.surgery:STEP",
     "heads": "penjing.prune.heads:STEP",
     "hf_heads": "penjing.prune.hf_heads:HEADS_STEP",
     "hf_ffn": "penjing.prune.hf_heads:FFN_STEP",
-    "compact": "penjing.prune.compact:STEP",
-    "smooth": "penjing.quant.smooth:STEP",
+    "compact": "penjing.prune.masking.compact:STEP",
+    "smooth": "penjing.quant.linear.smooth:STEP",
     "parametrize": "penjing.core.parametrize:STEP",
-    "quantize": "penjing.quant.ptq:STEP",
+    "quantize": "penjing.quant.linear.ptq:STEP",
 }
 
 _REGISTERED: dict[str, Step] = {}

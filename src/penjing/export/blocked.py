@@ -2,7 +2,7 @@
 
 A weight quantized in groups (`weight_only(4, 32)`) has one scale per `size` values of a
 row, which QuantizeLinear in opset 17 cannot hold. During export each such weight is a
-`penjing::GroupQuantized` marker node (penjing.quant.fakequant); `store_blocked` replaces
+`penjing::GroupQuantized` marker node (penjing.quant.linear.fakequant); `store_blocked` replaces
 it by the quantizer's own integers and scales behind a blocked DequantizeLinear (opset
 21: int4 for 4 bits and fewer, int8 up to 8). ONNX Runtime fuses a blocked
 DequantizeLinear → MatMul into its 4-bit kernel MatMulNBits when the block size is a
@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from penjing.export.qdq import prune_unused
-from penjing.quant.fakequant import WeightQuant
-from penjing.quant.linear import PerGroup, quantize
+from penjing.quant.linear.fakequant import WeightQuant
+from penjing.quant.linear.primitives import PerGroup, quantize
 
 MARKER = ("penjing", "GroupQuantized")
 BLOCKED_OPSET = 21  # DequantizeLinear's block_size and the int4 / uint4 types

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from penjing.export.ort import ort_run
 from penjing.inputs import Inputs, call, first_tensor
-from penjing.quant.fakequant import ActQuant
+from penjing.quant.linear.fakequant import ActQuant
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from penjing.hf import is_hf
 from penjing.inputs import flat_outputs, split
 from penjing.inputs import output_names as default_output_names
 from penjing.io import atomic_write_bytes
-from penjing.quant.eager import quantized_inputs
-from penjing.quant.fakequant import ActQuant, get_weight_quant
-from penjing.quant.graph import quantized_joins
+from penjing.quant.linear.eager import quantized_inputs
+from penjing.quant.linear.fakequant import ActQuant, get_weight_quant
+from penjing.quant.linear.graph import quantized_joins
 
 
 class _Keywords(nn.Module):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from penjing.core.parametrize import finalize_, get_mask, masks, set_mask_
 from penjing.errors import renamed
-from penjing.prune.compact import compact_
 from penjing.prune.configs import (
     STRUCTURES,
     ChannelConfig,
@@ -21,15 +20,12 @@ from penjing.prune.configs import (
     PatternConfig,
     prune_,
 )
-from penjing.prune.criteria import CRITERIA, taylor
-from penjing.prune.explain import explain
-from penjing.prune.graph import dependency_graph
 from penjing.prune.heads import HeadAttention, heads_
 from penjing.prune.hf_heads import count_hf_macs, hf_ffn_, hf_heads_, load_pretrained
-from penjing.prune.magnitude import magnitude_
-from penjing.prune.nm import is_nm, nm_
-from penjing.prune.ops import register_op
-from penjing.prune.patterns import (
+from penjing.prune.masking.compact import compact_
+from penjing.prune.masking.magnitude import magnitude_
+from penjing.prune.masking.nm import is_nm, nm_
+from penjing.prune.masking.patterns import (
     Block,
     Kernel,
     Shape,
@@ -38,17 +34,21 @@ from penjing.prune.patterns import (
     is_pattern,
     pattern_,
 )
+from penjing.prune.masking.swp import skeleton_, skeleton_loss, stripes_
 from penjing.prune.schedule import agp, cuts, iterative, prune_rounds_
-from penjing.prune.slimming import bn_l1, slim, slimming_loss
-from penjing.prune.structured import (
+from penjing.prune.structural.criteria import CRITERIA, taylor
+from penjing.prune.structural.explain import explain
+from penjing.prune.structural.graph import dependency_graph
+from penjing.prune.structural.ops import register_op
+from penjing.prune.structural.slimming import bn_l1, slim, slimming_loss
+from penjing.prune.structural.structured import (
     CHANNEL_STRUCTURES,  # noqa: F401 - what the old name GRANULARITIES gives
     channels,
     channels_,
     groups,
     ratio_for_macs,
 )
-from penjing.prune.surgery import apply_, load_pruned, save_pruned
-from penjing.prune.swp import skeleton_, skeleton_loss, stripes_
+from penjing.prune.structural.surgery import apply_, load_pruned, save_pruned
 
 __all__ = [
     # the one entry and its configs

@@ -28,12 +28,12 @@ from typing import Any, Literal
 
 from torch import nn
 
-from penjing.prune.criteria import CRITERIA
 from penjing.prune.heads import HEAD_CRITERIA, HeadAttention, heads_
-from penjing.prune.magnitude import check_sparsity, magnitude_
-from penjing.prune.nm import check_nm, nm_
-from penjing.prune.patterns import PATTERNS, pattern_
-from penjing.prune.structured import CHANNEL_STRUCTURES, channels_, check_ratio
+from penjing.prune.masking.magnitude import check_sparsity, magnitude_
+from penjing.prune.masking.nm import check_nm, nm_
+from penjing.prune.masking.patterns import PATTERNS, pattern_
+from penjing.prune.structural.criteria import CRITERIA
+from penjing.prune.structural.structured import CHANNEL_STRUCTURES, channels_, check_ratio
 
 # None: every layer the method handles; names; or a filter fn(module, name) -> bool
 Layers = Sequence[str] | Callable[[nn.Module, str], bool] | None

@@ -17,7 +17,7 @@ from penjing.prune.configs import (
     PruneConfig,
     prune_,
 )
-from penjing.prune.magnitude import check_sparsity
+from penjing.prune.masking.magnitude import check_sparsity
 from penjing.train import fit, recalibrate_bn_
 
 

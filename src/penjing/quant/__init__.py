@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from penjing.errors import renamed
 from penjing.quant.cast import cast, cast_report
-from penjing.quant.checkpoint import load_quantized, save_quantized
-from penjing.quant.config import QuantConfig, int8, weight_only
-from penjing.quant.dfq import dfq
-from penjing.quant.dynamic import DynamicLinear, dynamic
-from penjing.quant.equalize import equalize
-from penjing.quant.fakequant import ActQuant, get_weight_quant
-from penjing.quant.fold import fold_bn_
-from penjing.quant.kmeans import kmeans_1d
-from penjing.quant.linear import (
+from penjing.quant.datafree.dfq import dfq
+from penjing.quant.datafree.equalize import equalize
+from penjing.quant.inplace import quantize_
+from penjing.quant.linear.checkpoint import load_quantized, save_quantized
+from penjing.quant.linear.config import QuantConfig, int8, weight_only
+from penjing.quant.linear.dynamic import DynamicLinear, dynamic
+from penjing.quant.linear.fakequant import ActQuant, get_weight_quant
+from penjing.quant.linear.fold import fold_bn_
+from penjing.quant.linear.mixed import MixedPrecision, bits_sensitivity, choose_bits, uniform_bits
+from penjing.quant.linear.observers import OBSERVERS
+from penjing.quant.linear.primitives import (
     PerChannel,
     PerGroup,
     PerTensor,
@@ -31,6 +33,16 @@ from penjing.quant.linear import (
     quantize,
     sqnr,
 )
+from penjing.quant.linear.ptq import (
+    activation_quantizers,
+    calibrate_,
+    freeze_,
+    prepare,
+    ptq,
+    qat,
+)
+from penjing.quant.linear.report import layer_report
+from penjing.quant.linear.smooth import smooth_
 from penjing.quant.lowbit import (
     BinaryConfig,
     Log2Config,
@@ -41,20 +53,8 @@ from penjing.quant.lowbit import (
     log2_,
     ternarize_,
 )
-from penjing.quant.mixed import MixedPrecision, choose_bits, sensitivity, uniform_bits
-from penjing.quant.observers import OBSERVERS
-from penjing.quant.ptq import (
-    activation_quantizers,
-    calibrate_,
-    freeze_,
-    prepare,
-    ptq,
-    qat,
-    quantize_,
-)
-from penjing.quant.report import layer_report
-from penjing.quant.shared import KMeansConfig, get_shared, kmeans_
-from penjing.quant.smooth import smooth_
+from penjing.quant.sharing.kmeans import kmeans_1d
+from penjing.quant.sharing.shared import KMeansConfig, get_shared, kmeans_
 
 __all__ = [
     # the in-place entry and its configs
@@ -95,7 +95,7 @@ __all__ = [
     # mixed precision
     "MixedPrecision",
     "choose_bits",
-    "sensitivity",
+    "bits_sensitivity",
     "uniform_bits",
     # the arithmetic, and looking at a quantized model
     "qparams",
@@ -115,4 +115,4 @@ __all__ = [
 ]
 
 # names of earlier releases, answered with a DeprecationWarning
-__getattr__ = renamed(__name__, {"inq": "inq_"})
+__getattr__ = renamed(__name__, {"inq": "inq_", "sensitivity": "bits_sensitivity"})

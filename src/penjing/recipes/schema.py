@@ -29,14 +29,14 @@ from penjing.distill.losses import SOFT_LOSSES
 from penjing.errors import PenjingError
 from penjing.layers import chosen_layers
 from penjing.prune.configs import STRUCTURES, config_for
-from penjing.prune.criteria import CRITERIA
 from penjing.prune.heads import HEAD_CRITERIA
-from penjing.prune.magnitude import check_sparsity
-from penjing.prune.patterns import PATTERNS
+from penjing.prune.masking.magnitude import check_sparsity
+from penjing.prune.masking.patterns import PATTERNS
 from penjing.prune.schedule import SCHEDULES, cuts
-from penjing.prune.structured import CHANNEL_STRUCTURES, check_ratio
-from penjing.quant.kmeans import INITS
-from penjing.quant.observers import OBSERVERS
+from penjing.prune.structural.criteria import CRITERIA
+from penjing.prune.structural.structured import CHANNEL_STRUCTURES, check_ratio
+from penjing.quant.linear.observers import OBSERVERS
+from penjing.quant.sharing.kmeans import INITS
 
 
 def _checked(check: Callable[..., Any], what: str) -> AfterValidator:

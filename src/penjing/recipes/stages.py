@@ -20,8 +20,8 @@ from penjing.distill import distill_
 from penjing.export import onnx, ort_accuracy, ort_latency
 from penjing.layers import check_skip, chosen_layers
 from penjing.prune import slimming_loss
-from penjing.quant.config import make_config
-from penjing.quant.fakequant import ActQuant, WeightQuant
+from penjing.quant.linear.config import make_config
+from penjing.quant.linear.fakequant import ActQuant, WeightQuant
 from penjing.recipes import schema
 from penjing.recipes.schema import RecipeError
 from penjing.spec import on_path

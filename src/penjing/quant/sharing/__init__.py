@@ -1,0 +1,1 @@
+"""Weight sharing (Deep Compression): 1-D k-means and the shared-weight parametrization."""
