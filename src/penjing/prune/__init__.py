@@ -23,6 +23,7 @@ from penjing.prune.configs import (
 from penjing.prune.heads import HeadAttention, heads_
 from penjing.prune.hf_heads import count_hf_macs, hf_ffn_, hf_heads_, load_pretrained
 from penjing.prune.masking.compact import compact_
+from penjing.prune.masking.layerwise import SparseGPTConfig, WandaConfig, sparsegpt_, wanda_
 from penjing.prune.masking.magnitude import magnitude_
 from penjing.prune.masking.nm import is_nm, nm_
 from penjing.prune.masking.patterns import (
@@ -58,7 +59,11 @@ __all__ = [
     "MagnitudeConfig",
     "NMConfig",
     "PatternConfig",
+    "SparseGPTConfig",
+    "WandaConfig",
     "prune_",
+    "sparsegpt_",
+    "wanda_",
     "cuts",
     "prune_rounds_",
     # the methods on their own

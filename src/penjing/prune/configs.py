@@ -22,13 +22,14 @@ handles), a list of module names, or a `penjing.layers` filter such as
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
 
 from penjing.prune.heads import HEAD_CRITERIA, HeadAttention, heads_
+from penjing.prune.masking.layerwise import SparseGPTConfig, WandaConfig, sparsegpt_, wanda_
 from penjing.prune.masking.magnitude import check_sparsity, magnitude_
 from penjing.prune.masking.nm import check_nm, nm_
 from penjing.prune.masking.patterns import PATTERNS, pattern_
@@ -166,8 +167,10 @@ class HeadConfig:
         _check_layers(self.layers)
 
 
-PruneConfig = MagnitudeConfig | NMConfig | PatternConfig | ChannelConfig | HeadConfig
-CONFIGS: tuple[type, ...] = (MagnitudeConfig, NMConfig, PatternConfig, ChannelConfig, HeadConfig)
+PruneConfig = (MagnitudeConfig | NMConfig | PatternConfig | ChannelConfig | HeadConfig
+               | SparseGPTConfig | WandaConfig)
+CONFIGS: tuple[type, ...] = (MagnitudeConfig, NMConfig, PatternConfig, ChannelConfig, HeadConfig,
+                             SparseGPTConfig, WandaConfig)
 
 # what the command line and recipes call each kind of pruning: the one vocabulary
 STRUCTURES: dict[str, type] = {
@@ -211,12 +214,24 @@ def _ignored(model: nn.Module, layers: Layers) -> Callable | Sequence:
     return lambda m, n: n not in chosen
 
 
-def prune_(model: nn.Module, config: PruneConfig, example_inputs: Any = None) -> Any:
+def prune_(model: nn.Module, config: PruneConfig, example_inputs: Any = None, *,
+           calib: Iterable | None = None) -> Any:
     """Prune `model` in place as `config` says; return what each method returns (the
     sparsity per layer, the layers masked, the channel changes, the heads kept).
 
+    `calib` (batches of real inputs) is what SparseGPT and Wanda measure each layer on;
+    channel pruning traces the model on `example_inputs`.
+
     >>> pj.prune.prune_(model, pj.prune.NMConfig(2, 4))
+    >>> pj.prune.prune_(llm, pj.prune.SparseGPTConfig(n=2, m=4), calib=text_batches)
     """
+    if isinstance(config, SparseGPTConfig | WandaConfig):
+        if calib is None:
+            raise ValueError(f"{type(config).__name__} measures every layer on calibration "
+                             "data: prune_(model, config, calib=batches) with a few dozen "
+                             "sequences of real inputs")
+        run = sparsegpt_ if isinstance(config, SparseGPTConfig) else wanda_
+        return run(model, calib, config)
     if isinstance(config, MagnitudeConfig):
         if isinstance(config.sparsity, Mapping):
             return magnitude_(model, dict(config.sparsity), scope=config.scope)

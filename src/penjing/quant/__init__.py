@@ -14,6 +14,7 @@ from penjing.errors import renamed
 from penjing.quant.cast import cast, cast_report
 from penjing.quant.datafree.dfq import dfq
 from penjing.quant.datafree.equalize import equalize
+from penjing.quant.gptq import GPTQConfig, gptq_
 from penjing.quant.inplace import quantize_
 from penjing.quant.linear.checkpoint import load_quantized, save_quantized
 from penjing.quant.linear.config import QuantConfig, int8, weight_only
@@ -70,6 +71,8 @@ __all__ = [
     "BinaryConfig",
     "TernaryConfig",
     "Log2Config",
+    "GPTQConfig",
+    "gptq_",
     # static INT8: calibrate and return a traced copy
     "ptq",
     "qat",

@@ -5,11 +5,12 @@ traced copy."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
+from penjing.quant.gptq import GPTQConfig, gptq_
 from penjing.quant.linear.config import QuantConfig
 from penjing.quant.linear.ptq import weights_in_place_
 from penjing.quant.lowbit import (
@@ -23,15 +24,17 @@ from penjing.quant.lowbit import (
 from penjing.quant.sharing.shared import KMeansConfig, kmeans_
 
 
-def quantize_(model: nn.Module, config: Any, *, qat: bool = False,
-              order: list[str] | None = None) -> dict[str, Any]:
+def quantize_(model: nn.Module, config: Any, *, calib: Iterable | None = None,
+              qat: bool = False, order: list[str] | None = None) -> dict[str, Any]:
     """Quantize the weights of `model` in place, as `config` says; return, by layer name,
     what was added (the weight quantizer, or k-means' SharingInfo).
 
     - `QuantConfig` without activations (`weight_only(bits, group_size)`,
       `MixedPrecision.config()`): linear INT8 / INT4, per channel or in groups;
     - `KMeansConfig`: one of 2^bits shared centroids per layer;
-    - `BinaryConfig`, `TernaryConfig`, `Log2Config`: ±α, {−α, 0, α}, {0, ±2^k}.
+    - `BinaryConfig`, `TernaryConfig`, `Log2Config`: ±α, {−α, 0, α}, {0, ±2^k};
+    - `GPTQConfig`: INT4/INT3 groups with GPTQ's error correction, measured on `calib`
+      (batches of real inputs), one block of a decoder at a time.
 
     Static activation quantization changes the graph and needs calibration, so it is
     `ptq(model, calib, config)`, which returns a quantized copy; a QuantConfig with an
@@ -49,9 +52,14 @@ def quantize_(model: nn.Module, config: Any, *, qat: bool = False,
                 "calib_loader, config), or weight_only(...) here"
             )
         return weights_in_place_(model, config, qat, order)
+    if isinstance(config, GPTQConfig):
+        if calib is None:
+            raise ValueError("GPTQ measures every layer on calibration data: quantize_(model, "
+                             "config, calib=batches) with a few dozen sequences of real text")
+        return gptq_(model, calib, config)
     run = _IN_PLACE.get(type(config))
     if run is None:
-        kinds = ", ".join(["QuantConfig", *(c.__name__ for c in _IN_PLACE)])
+        kinds = ", ".join(["QuantConfig", *(c.__name__ for c in _IN_PLACE), "GPTQConfig"])
         raise TypeError(f"quantize_ takes one of {kinds}, got {type(config).__name__}")
     return run(model, config)
 
