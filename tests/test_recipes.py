@@ -313,3 +313,45 @@ def test_example_recipe_runs_in_quick_mode(tmp_path, monkeypatch):
     assert pruned.nonzero_params < 0.1 * dense.nonzero_params
     assert stored.bytes < dense.bytes / 25  # the .pjz
     assert stored.metric == pytest.approx(shared.metric, abs=0.002)  # read back from disk
+
+
+LAYERWISE_RECIPE = """\
+model: test_recipes:tiny_res
+data: digits
+batch_size: 128
+stages:
+  - stage: train
+    epochs: 2
+    lr: 3.0e-3
+  - stage: prune
+    structure: nm
+    method: sparsegpt
+    calib_images: 256
+  - stage: quantize
+    method: gptq
+    bits: 4
+    group_size: 16
+    calib_images: 256
+"""
+
+
+def test_sparsegpt_and_gptq_run_as_recipe_stages_and_their_files_load(tmp_path, user_code):
+    recipe = recipes.parse(LAYERWISE_RECIPE, "r.yaml")
+    assert isinstance(recipe.stages[1].config(), pj.prune.SparseGPTConfig)
+    assert recipe.stages[2].config() == pj.quant.GPTQConfig(4, 16)
+    out = tmp_path / "out"
+    result = recipes.run(write(tmp_path, LAYERWISE_RECIPE), out, progress=False)
+    train, pruned, quantized = result.rows[1:]
+    assert "sparsegpt on 256 training inputs" in pruned.detail
+    assert quantized.detail == "weights INT4, groups of 16, GPTQ"
+    assert pruned.metric > train.metric - 0.1 and quantized.metric > pruned.metric - 0.1
+    model = pj.load(out / quantized.file, tiny_res)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(pj.quant.get_weight_quant(m) for m in linears)
+    assert all(pj.prune.is_nm(m.weight, 2, 4) for m in linears)
+    test = pj.data.loaders(pj.data.digits(), seed=0)[1]
+    assert pj.train.evaluate(model, test) == pytest.approx(quantized.metric)
+    with pytest.raises(RecipeError, match="quality, per-layer sparsity and scope are "
+                       "magnitude's"):
+        recipes.parse("model: a\nstages:\n  - stage: prune\n    structure: weight\n"
+                      "    method: wanda\n    quality: 1.0\n", "r.yaml")

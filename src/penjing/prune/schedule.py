@@ -17,6 +17,7 @@ from penjing.prune.configs import (
     PruneConfig,
     prune_,
 )
+from penjing.prune.masking.layerwise import SparseGPTConfig, WandaConfig
 from penjing.prune.masking.magnitude import check_sparsity
 from penjing.train import fit, recalibrate_bn_
 
@@ -77,7 +78,7 @@ def cuts(config: PruneConfig, schedule: str = "one-shot", rounds: int = 1) -> li
             raise ValueError(f"rounds = {rounds} needs schedule 'iterative' or 'agp' "
                              "(one-shot cuts once)")
         return [config]
-    if isinstance(config, NMConfig):
+    if isinstance(config, NMConfig) or getattr(config, "n", None) is not None:
         raise ValueError("N:M sparsity is one pattern, cut once; use schedule 'one-shot'")
     if isinstance(config, MagnitudeConfig) and config.quality is not None:
         raise ValueError(f"quality is a one-shot threshold; give sparsity for an {schedule} "
@@ -88,7 +89,7 @@ def cuts(config: PruneConfig, schedule: str = "one-shot", rounds: int = 1) -> li
             return iterative(final, rounds)
         return [agp(r + 1, final, rounds) for r in range(rounds)]
 
-    if isinstance(config, MagnitudeConfig | PatternConfig):
+    if isinstance(config, MagnitudeConfig | PatternConfig | SparseGPTConfig | WandaConfig):
         if isinstance(config.sparsity, Mapping):
             per_layer = {name: targets(s) for name, s in config.sparsity.items()}
             return [replace(config, sparsity={n: t[r] for n, t in per_layer.items()})
@@ -116,19 +117,21 @@ def prune_rounds_(
     seed: int = 0,
     progress: bool = True,
     desc: str = "fine-tune",
+    calib: Iterable | None = None,
 ) -> list:
     """Cut `model` once per config (`cuts` makes them), each cut followed by a fresh
     measure of the BatchNorm statistics on `bn_batches` training batches and `epochs` of
     fine-tuning (Adam from `lr`; `lr_schedule` 'cosine' lowers it to 0), in place.
 
     What the CLI's prune verb, a recipe's prune stage and the Deep Compression pipeline
-    all run. Round r trains with seed `seed + r`. Returns what each cut returned.
+    all run. Round r trains with seed `seed + r`; `calib` is what SparseGPT and Wanda
+    measure each layer on. Returns what each cut returned.
     """
     if (epochs or bn_batches) and train_loader is None:
         raise ValueError("fine-tuning and BatchNorm statistics need a train_loader")
     done = []
     for r, config in enumerate(configs):
-        done.append(prune_(model, config, example_inputs))
+        done.append(prune_(model, config, example_inputs, calib=calib))
         if bn_batches:
             recalibrate_bn_(model, train_loader, bn_batches)
         if epochs:

@@ -30,11 +30,13 @@ from penjing.errors import PenjingError
 from penjing.layers import chosen_layers
 from penjing.prune.configs import STRUCTURES, config_for
 from penjing.prune.heads import HEAD_CRITERIA
+from penjing.prune.masking.layerwise import SparseGPTConfig, WandaConfig
 from penjing.prune.masking.magnitude import check_sparsity
 from penjing.prune.masking.patterns import PATTERNS
 from penjing.prune.schedule import SCHEDULES, cuts
 from penjing.prune.structural.criteria import CRITERIA
 from penjing.prune.structural.structured import CHANNEL_STRUCTURES, check_ratio
+from penjing.quant.gptq import GPTQConfig
 from penjing.quant.linear.observers import OBSERVERS
 from penjing.quant.sharing.kmeans import INITS
 
@@ -129,8 +131,28 @@ class _Prune(_Config):
         return config_for(self.structure, **(fields | override))
 
 
-class PruneWeights(_Prune):
-    """Single weights by magnitude (`penjing.prune.MagnitudeConfig`); masks keep them zero."""
+class _Calibrated(_Prune):
+    # which weights go: by magnitude, or by what each layer sees on calibration data
+    # (penjing.prune.SparseGPTConfig / WandaConfig, layer by layer, block by block)
+    method: Literal["magnitude", "sparsegpt", "wanda"] = "magnitude"
+    calib_images: Annotated[int, Field(ge=1)] = 256  # sparsegpt / wanda: inputs they see
+
+    def config(self, **override: Any) -> Any:
+        if self.method == "magnitude":
+            return super().config(**override)
+        amount = {"n": self.n, "m": self.m} if self.structure == "nm" else {
+            "sparsity": override.get("sparsity", self.sparsity)}
+        if self.structure == "weight" and (self.quality is not None or isinstance(
+                amount["sparsity"], dict) or self.scope != "layer"):
+            raise ValueError(f"{self.method} takes one sparsity for every layer, layer by "
+                             "layer; quality, per-layer sparsity and scope are magnitude's")
+        cls = SparseGPTConfig if self.method == "sparsegpt" else WandaConfig
+        return cls(**amount, layers=chosen_layers(self.layers, self.skip))
+
+
+class PruneWeights(_Calibrated):
+    """Single weights by magnitude (`penjing.prune.MagnitudeConfig`), or by SparseGPT or
+    Wanda on calibration data; masks keep them zero."""
 
     structure: Literal["weight"]
     sparsity: Sparsity | dict[str, Sparsity] | None = None  # one for all, or per layer
@@ -138,8 +160,9 @@ class PruneWeights(_Prune):
     scope: Literal["layer", "global"] = "layer"
 
 
-class PruneNM(_Prune):
-    """N:M semi-structured sparsity (`penjing.prune.NMConfig`): n of every m inputs kept."""
+class PruneNM(_Calibrated):
+    """N:M semi-structured sparsity (`penjing.prune.NMConfig`): n of every m inputs kept,
+    by magnitude, SparseGPT or Wanda."""
 
     structure: Literal["nm"]
     n: Annotated[int, Field(ge=1)] = 2
@@ -247,6 +270,28 @@ class QuantQAT(QuantPTQ):
     lr: Rate = 1e-4
 
 
+class QuantGPTQ(_Quantize):
+    """GPTQ (`penjing.quant.GPTQConfig`): weight-only INT4/INT3 with error correction
+    measured on training inputs, block by block."""
+
+    method: Literal["gptq"]
+    bits: Annotated[int, Field(ge=2, le=8)] = 4
+    group_size: Annotated[int, Field(ge=1)] | None = 128
+    symmetric: bool = False
+    act_order: bool = True
+    damp: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    block_size: Annotated[int, Field(ge=1)] = 128
+    rounding: Literal["gptq", "nearest"] = "gptq"
+    layers: list[str] | None = None
+    skip: list[str] = []  # regexes of module names left in float, as the CLI's --skip
+    calib_images: Annotated[int, Field(ge=1)] = 256
+
+    def config(self) -> Any:
+        return GPTQConfig(self.bits, self.group_size, self.symmetric, self.act_order,
+                          self.damp, self.block_size, self.rounding,
+                          chosen_layers(self.layers, self.skip))
+
+
 class QuantWeightOnly(_Linear):
     """Weights only (`penjing.quant.weight_only`): per channel or in groups."""
 
@@ -299,7 +344,7 @@ def stage_names() -> list[str]:
 PRUNE = {"weight": PruneWeights, "nm": PruneNM, "head": PruneHeads}
 PRUNE |= dict.fromkeys(PATTERNS, PrunePattern)
 PRUNE |= dict.fromkeys(CHANNEL_STRUCTURES, PruneChannels)
-QUANTIZE = {"kmeans": QuantKMeans, "ptq": QuantPTQ, "qat": QuantQAT,
+QUANTIZE = {"kmeans": QuantKMeans, "ptq": QuantPTQ, "qat": QuantQAT, "gptq": QuantGPTQ,
             "weight_only": QuantWeightOnly}
 STAGES: dict[str, type[_Config] | None] = {  # None: chosen by granularity / method
     "train": Train, "prune": None, "finetune": Finetune, "distill": Distill,
@@ -354,6 +399,7 @@ Stage = Annotated[
     | Annotated[QuantPTQ, Tag("quantize:QuantPTQ")]
     | Annotated[QuantQAT, Tag("quantize:QuantQAT")]
     | Annotated[QuantWeightOnly, Tag("quantize:QuantWeightOnly")]
+    | Annotated[QuantGPTQ, Tag("quantize:QuantGPTQ")]
     | Annotated[StepStage, Tag("step")],
     Discriminator(stage_tag),
 ]

@@ -3,6 +3,7 @@ call of the library function its config is named after."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,6 +94,11 @@ def zero_fraction(model: nn.Module) -> float:
     return zeros / max(total, 1)
 
 
+def _calib(ctx: Context, images: int) -> list:
+    """The first `images` training inputs, in whole batches: what layer-wise methods see."""
+    return list(itertools.islice(ctx.train, -(-images // ctx.recipe.batch_size)))
+
+
 def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
     """The stage's penjing.prune config, cut on its schedule by `pj.prune.prune_rounds_`
     (what the CLI's prune verb and the Deep Compression pipeline run too)."""
@@ -101,10 +107,12 @@ def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
     if getattr(cfg, "criterion", None) == "taylor":
         batches = [b for b, _ in zip(ctx.train, range(cfg.taylor_batches), strict=False)]
         config = replace(config, criterion=pruning.taylor(batches))
+    calib = _calib(ctx, cfg.calib_images) if getattr(cfg, "method", "magnitude") \
+        != "magnitude" else None
     pruning.prune_rounds_(model, pruning.cuts(config, cfg.schedule, cfg.rounds), ctx.train,
                           example_inputs=ctx.example[:1], epochs=cfg.epochs, lr=cfg.lr,
                           bn_batches=cfg.bn_batches, seed=ctx.seed, progress=ctx.progress,
-                          desc=ctx.desc("fine-tune"))
+                          desc=ctx.desc("fine-tune"), calib=calib)
     amount = next((f"{k} {getattr(cfg, k)}" for k in ("ratio", "sparsity", "quality")
                    if getattr(cfg, k, None) is not None), f"{getattr(cfg, 'n', '')}:"
                   f"{getattr(cfg, 'm', '')}")
@@ -112,6 +120,8 @@ def prune(ctx: Context, model: nn.Module, cfg) -> Outcome:
         amount = "sparsity per layer"
     schedule = "" if cfg.schedule == "one-shot" else f", {cfg.schedule} ×{cfg.rounds}"
     extra = f", criterion {cfg.criterion}" if hasattr(cfg, "criterion") else ""
+    if getattr(cfg, "method", "magnitude") != "magnitude":
+        extra = f", {cfg.method} on {cfg.calib_images} training inputs"
     tuned = f", {cfg.epochs} epochs each" if cfg.epochs else ""
     zeros = zero_fraction(model)  # masks leave zeros; channel and head pruning leave none
     return Outcome(model, f"{cfg.structure} {amount}{extra}{schedule}{tuned}",
@@ -174,6 +184,11 @@ def quantize(ctx: Context, model: nn.Module, cfg) -> Outcome:
             **ctx.fit_options())
         bits = "per layer" if isinstance(cfg.bits, dict) else f"{cfg.bits} bits"
         return Outcome(model, f"k-means {bits}, {cfg.init} init, {cfg.epochs} epochs")
+    if isinstance(cfg, schema.QuantGPTQ):
+        quant.quantize_(model, cfg.config(), calib=_calib(ctx, cfg.calib_images))
+        how = "round-to-nearest" if cfg.rounding == "nearest" else "GPTQ"
+        group = f", groups of {cfg.group_size}" if cfg.group_size else ""
+        return Outcome(model, f"weights INT{cfg.bits}{group}, {how}")
     config = _linear_config(cfg)
     if isinstance(cfg, schema.QuantPTQ):  # and QAT: the images, in whole batches
         batches = -(-cfg.calib_images // ctx.recipe.batch_size)
