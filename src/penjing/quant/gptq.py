@@ -98,29 +98,29 @@ def gptq_matrix(w: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig
     per row, (out, groups) per group."""
     spec = config.spec
     rows, cols = w.shape
-    w = w.to(torch.float64).clone()
+    w = w.float().clone()  # the column loop in float32, as the reference does
     h = hessian.to(torch.float64).clone()
     dead = h.diagonal() == 0  # inputs that are always zero: their weights do not matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     size = config.group_size or cols
     groups = math.ceil(cols / size)
-    scale = torch.zeros(rows, groups, dtype=torch.float64)
-    zero = torch.zeros(rows, groups, dtype=torch.float64)
+    scale = torch.zeros(rows, groups)
+    zero = torch.zeros(rows, groups)
     static = config.act_order or config.rounding == "nearest"
     if static:  # fixed from the original weights, group by group
         for g in range(groups):
-            s, z = _row_qparams(w[:, g * size:(g + 1) * size].float(), spec)
-            scale[:, g], zero[:, g] = s.double(), z.double()
+            s, z = _row_qparams(w[:, g * size:(g + 1) * size], spec)
+            scale[:, g], zero[:, g] = s, z.float()
     if config.rounding == "nearest":
         grid_scale = scale.repeat_interleave(size, dim=1)[:, :cols]
         grid_zero = zero.repeat_interleave(size, dim=1)[:, :cols]
         q = _round(w, grid_scale, grid_zero, spec)
-        return q.float(), *_shaped(scale, zero, config)
+        return q, *_shaped(scale, zero, config)
     order = torch.argsort(h.diagonal(), descending=True) if config.act_order \
         else torch.arange(cols)
     w, h = w[:, order], h[order][:, order]
-    u = inverse_hessian_factor(h, config.damp)
+    u = inverse_hessian_factor(h, config.damp).float()
     q = torch.zeros_like(w)
     for start in range(0, cols, config.block_size):
         end = min(start + config.block_size, cols)
@@ -132,8 +132,8 @@ def gptq_matrix(w: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig
             g = column // size
             if not static and column % size == 0:  # a group starts: its range as it is now
                 current = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :size]
-                s, z = _row_qparams(current.float(), spec)
-                scale[:, g], zero[:, g] = s.double(), z.double()
+                s, z = _row_qparams(current, spec)
+                scale[:, g], zero[:, g] = s, z.float()
             value = block[:, i]
             rounded = _round(value, scale[:, g], zero[:, g], spec)
             q[:, start + i] = rounded
@@ -142,7 +142,7 @@ def gptq_matrix(w: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig
             errors[:, i] = error
         w[:, end:] -= errors @ u[start:end, end:]
     q = q[:, torch.argsort(order)]
-    return q.float(), *_shaped(scale, zero, config)
+    return q, *_shaped(scale, zero, config)
 
 
 def _shaped(scale: torch.Tensor, zero: torch.Tensor, config: GPTQConfig
@@ -159,7 +159,7 @@ def _quantize_layer(name: str, layer: nn.Module, stats: LayerStats, config: GPTQ
         raise UnsupportedLayerError(
             f"layer {name!r} is a {type(layer).__name__}; GPTQ stores nn.Linear weights "
             "(transformers' Conv1D of GPT-2 stores them transposed): leave it out with layers=")
-    w = weight_matrix(layer).float()
+    w = weight_matrix(layer).float().clone()  # the layer's weight is overwritten below
     q, scale, zero = gptq_matrix(w, stats.hessian, config)
     set_weight_matrix_(layer, q)
     h = stats.hessian.float()

@@ -120,12 +120,12 @@ def sparsegpt_matrix(w: torch.Tensor, hessian: torch.Tensor, config: SparseGPTCo
                      ) -> torch.Tensor:
     """The pruned (out, in) matrix: its zeros are the mask, the other weights updated."""
     rows, cols = w.shape
-    w = w.to(torch.float64).clone()
+    w = w.float().clone()  # the column loop in float32, as the reference does
     h = hessian.to(torch.float64).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u = inverse_hessian_factor(h, config.damp)
+    u = inverse_hessian_factor(h, config.damp).float()
     step = config.block_size
     for start in range(0, cols, step):
         end = min(start + step, cols)
