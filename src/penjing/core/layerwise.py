@@ -78,7 +78,7 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 class LayerStats:
     """What one Linear layer saw on the calibration set."""
 
-    hessian: torch.Tensor  # XᵀX / tokens (in × in), a float64 running mean
+    hessian: torch.Tensor | None  # XᵀX / tokens (in × in), a float64 running mean
     sq_norms: torch.Tensor  # Σ x_j² per input feature j
     tokens: int = 0
 
@@ -86,8 +86,9 @@ class LayerStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         total = self.tokens + n
-        # one batch's product in float32 (fast), the running mean in float64 (exact enough)
-        self.hessian.mul_(self.tokens / total).add_((x.t() @ x).double(), alpha=1.0 / total)
+        if self.hessian is not None:  # one batch's product in float32, the mean in float64
+            self.hessian.mul_(self.tokens / total).add_((x.t() @ x).double(),
+                                                        alpha=1.0 / total)
         self.sq_norms.add_(x.square().sum(dim=0).double())
         self.tokens = total
 
@@ -156,13 +157,13 @@ def _first_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def _collect(block: nn.Module, linears: dict[str, nn.Module], run: Callable[[], None]
-             ) -> dict[str, LayerStats]:
+def _collect(block: nn.Module, linears: dict[str, nn.Module], run: Callable[[], None],
+             hessian: bool) -> dict[str, LayerStats]:
     stats = {}
     handles = []
     for name, layer in linears.items():
         n = weight_matrix(layer).shape[1]
-        stats[name] = LayerStats(torch.zeros(n, n, dtype=torch.float64),
+        stats[name] = LayerStats(torch.zeros(n, n, dtype=torch.float64) if hessian else None,
                                  torch.zeros(n, dtype=torch.float64))
 
         def hook(_m, args, name=name):
@@ -190,13 +191,15 @@ def compress_blocks_(
     layers: Callable[[nn.Module, str], bool] | None = None,
     batches: int | None = None,
     progress: Callable[[str], None] | None = None,
+    hessian: bool = True,
 ) -> dict[str, Any]:
     """Run `method` on every chosen Linear layer of `model`, block by block, in place.
 
     `calib` yields batches (token ids, dicts of keyword tensors, or (inputs, labels));
     `batches` caps how many are used. `layers(module, name)` picks layers (default: every
     Linear inside the blocks, or every Linear of a model without blocks; a decoder's head
-    stays as it is). Returns what `method` returned, by layer name.
+    stays as it is). `hessian=False` skips XᵀX (Wanda reads only the feature norms; it is
+    most of the time on a wide layer). Returns what `method` returned, by layer name.
     """
     data = list(itertools.islice(calib, batches))
     if not data:
@@ -209,7 +212,7 @@ def compress_blocks_(
         if found is None:
             chosen = _chosen(model, "", layers)
             stats = _collect(model, chosen, lambda: [inputs.call(model, _no_cache(model, b))
-                                                    for b in data])
+                                                    for b in data], hessian)
             for name, layer in chosen.items():
                 done[name] = method(name, layer, stats[name])
             return _checked(done, model)
@@ -226,7 +229,7 @@ def compress_blocks_(
                     block(h, *args[1:], **kwargs)
 
             if chosen:
-                stats = _collect(block, chosen, run)
+                stats = _collect(block, chosen, run, hessian)
                 for name, layer in chosen.items():
                     done[name] = method(name, layer, stats[name])
             hidden = [_first_output(block(h, *args[1:], **kwargs))

@@ -160,11 +160,13 @@ def _quantize_layer(name: str, layer: nn.Module, stats: LayerStats, config: GPTQ
             f"layer {name!r} is a {type(layer).__name__}; GPTQ stores nn.Linear weights "
             "(transformers' Conv1D of GPT-2 stores them transposed): leave it out with layers=")
     w = weight_matrix(layer).float().clone()  # the layer's weight is overwritten below
-    q, scale, zero = gptq_matrix(w, stats.hessian, config)
+    h = stats.hessian
+    if h is None:  # round-to-nearest reads no statistics: the grid is the weights' own
+        h = torch.eye(w.shape[1], dtype=torch.float64)
+    q, scale, zero = gptq_matrix(w, h, config)
     set_weight_matrix_(layer, q)
-    h = stats.hessian.float()
-    delta = (w - q)
-    error = float(torch.einsum("ij,jk,ik->", delta, h, delta) / max(w.shape[0], 1))
+    delta = w - q
+    error = float(torch.einsum("ij,jk,ik->", delta, h.float(), delta) / max(w.shape[0], 1))
     return {"error": error, "scale": scale, "zero": zero}
 
 
@@ -173,12 +175,14 @@ def gptq_(model: nn.Module, calib: Iterable, config: GPTQConfig,
     """Quantize the weights of `model` with GPTQ on `calib`, block by block, in place.
 
     Returns each layer's output error on the calibration inputs, ‖(W − Ŵ)X‖² per row and
-    token. The weights then carry a fake quantizer with GPTQ's scales (the same one
-    `weight_only` puts on), recorded in the model's history.
+    token (for `rounding="nearest"`, which reads no inputs, ‖W − Ŵ‖² per row). The
+    weights then carry a fake quantizer with GPTQ's scales (the same one `weight_only`
+    puts on), recorded in the model's history.
     """
     chosen = as_filter(model, config.layers)
     done = compress_blocks_(model, calib, lambda n, m, s: _quantize_layer(n, m, s, config),
-                            layers=chosen, batches=config.batches, progress=progress)
+                            layers=chosen, batches=config.batches, progress=progress,
+                            hessian=config.rounding == "gptq")
     # the same fake quantizer as weight-only quantization, then GPTQ's own scales on it
     names = list(done)
     spec = config.spec

@@ -194,7 +194,7 @@ def wanda_(model: nn.Module, calib: Iterable, config: WandaConfig,
         return _mask_layer(layer, w * keep)
 
     return compress_blocks_(model, calib, run, layers=as_filter(model, config.layers),
-                            batches=config.batches, progress=progress)
+                            batches=config.batches, progress=progress, hessian=False)
 
 
 def _check_divides(name: str, layer: nn.Module, m: int | None) -> None:
