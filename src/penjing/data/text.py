@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from penjing.core.modes import eval_mode
 from penjing.errors import MissingDependencyError
 
 WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -190,11 +191,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4) 
                          f"{tuple(windows.shape)}; make them with lm_windows()")
     if windows.dtype != torch.long:
         raise TypeError(f"windows must hold token ids as torch.long, got {windows.dtype}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         window_nll = _window_nll(model, windows, batch_size)
-    finally:
-        model.train(was_training)
     low, high = _bootstrap(window_nll)
     return Perplexity(math.exp(window_nll.mean().item()), low, high, windows.shape[0])

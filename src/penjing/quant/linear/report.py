@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from penjing.core.modes import eval_mode
 from penjing.quant.linear.fakequant import ActQuant, WeightQuant, get_weight_quant, weight_tensors
 from penjing.quant.linear.fold import fold_bn_
 from penjing.quant.linear.graph import output_placements
@@ -116,12 +117,8 @@ def layer_report(
             names.append(name)
     inputs_quantized = _input_quantizers(quantized)
     placements = output_placements(quantized)
-    was_training = quantized.training
-    quantized.eval()
-    try:
+    with eval_mode(quantized):
         got = _capture(quantized, names, inputs)
-    finally:
-        quantized.train(was_training)
     want = _capture(reference, [n for n in names if n in got], inputs)
     rows = []
     for name in got:  # hooks fire in forward order
