@@ -226,3 +226,15 @@ def test_cli_prunes_on_a_schedule(capsys):
     assert main(["prune", "lenet300", "--data", "none", "--input-shape", "1,1,28,28",
                  "--structure", "nm", "--schedule", "agp", "--rounds", "2", "--quiet"]) == 2
     assert "N:M sparsity is one pattern, cut once" in capsys.readouterr().err
+
+
+def test_cli_prunes_by_sparsegpt_on_training_inputs(capsys):
+    assert main(["prune", "lenet300", "--structure", "nm", "--method", "sparsegpt",
+                 "--calib-images", "128", "--bn-batches", "0", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "2:4 on 3 layers, sparsegpt on 128 training inputs" in out
+    nonzero = next(line for line in out.splitlines() if line.startswith("non-zero params"))
+    assert nonzero.split()[-1] == "0.501"  # (266,200 / 2 + 410 biases) / 266,610
+    assert main(["prune", "lenet300", "--data", "none", "--input-shape", "1,1,28,28",
+                 "--structure", "group", "--method", "wanda", "--quiet"]) == 2
+    assert "--method wanda prunes single weights or N:M" in capsys.readouterr().err

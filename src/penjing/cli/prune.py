@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 from dataclasses import dataclass, field, replace
 
@@ -32,6 +33,7 @@ from penjing.prune.configs import (
     config_for,
 )
 from penjing.prune.masking.compact import compact_
+from penjing.prune.masking.layerwise import SparseGPTConfig, WandaConfig
 from penjing.prune.schedule import SCHEDULES, cuts, prune_rounds_
 from penjing.prune.structural.criteria import taylor
 from penjing.train import evaluate, has_batchnorm, seed_everything
@@ -120,6 +122,19 @@ def _config(structure: str, ratio: float | None, sparsity: float | None,
     return config_for(structure, **{k: v for k, v in fields.items() if v is not None})
 
 
+def _layerwise(config, method: str):
+    """The magnitude config `config` as SparseGPT or Wanda would prune the same amount."""
+    if method == "magnitude":
+        return config
+    if not isinstance(config, MagnitudeConfig | NMConfig):
+        raise ValueError(f"--method {method} prunes single weights or N:M; give --structure "
+                         "weight or nm")
+    cls = SparseGPTConfig if method == "sparsegpt" else WandaConfig
+    if isinstance(config, NMConfig):
+        return cls(n=config.n, m=config.m, layers=config.layers)
+    return cls(sparsity=config.sparsity, layers=config.layers)
+
+
 def prune_command(
     model: str,
     *,
@@ -139,6 +154,8 @@ def prune_command(
     nm: str = "2:4",
     schedule: str = "one-shot",
     rounds: int = 1,
+    method: str = "magnitude",
+    calib_images: int = 256,
     out: str | os.PathLike | None = None,
     batch_size: int = 32,
     repeats: int = 30,
@@ -162,7 +179,8 @@ def prune_command(
     (`penjing.load` rebuilds it; masks stay live).
     """
     # checked here, not minutes later when training is done and the pruning starts
-    config = _config(structure, ratio, sparsity, criterion, nm, global_ranking, round_to)
+    config = _layerwise(_config(structure, ratio, sparsity, criterion, nm, global_ranking,
+                                round_to), method)
     cuts(config, schedule, rounds)  # a schedule that cannot cut this config says so now
     if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
         raise ValueError(f"bn_batches must be an int >= 0 (0 keeps the BatchNorm statistics), "
@@ -188,12 +206,20 @@ def prune_command(
     bn = bn_batches if train is not None and has_batchnorm(net) else 0
     # cosine from lr: a pruned network needs a full learning rate to recover, and ends
     # on a small one (bench/structured.py measures it against a constant rate)
+    calib = None
+    if method != "magnitude":
+        if train is None:
+            raise ValueError(f"--method {method} measures every layer on training inputs; "
+                             "give --data")
+        calib = list(itertools.islice(train, -(-calib_images // 64)))
     done = prune_rounds_(net, cuts(config, schedule, rounds), train, example_inputs=x[:1],
                          epochs=epochs, lr=lr, lr_schedule="cosine", bn_batches=bn,
-                         seed=seed, progress=progress)[-1]
+                         seed=seed, progress=progress, calib=calib)[-1]
     detail = _detail(structure, config, done, criterion)
     if schedule != "one-shot":
         detail += f", {schedule} ×{rounds}"
+    if method != "magnitude":
+        detail += f", {method} on {calib_images} training inputs"
     if bn:
         notes.append(f"BatchNorm statistics re-measured on {bn_batches} training batches "
                      "after pruning (--bn-batches 0 keeps the old ones)")
@@ -205,7 +231,7 @@ def prune_command(
         compacted = compact_(net)
         notes.append(f"{len(compacted)} convs re-expressed without their pruned "
                      f"{structure}s (penjing.prune.compact_)")
-    elif isinstance(config, MagnitudeConfig | NMConfig | PatternConfig):
+    elif not isinstance(config, ChannelConfig | HeadConfig):
         notes.append("masks zero weights but a dense runtime still multiplies them: see "
                      "the non-zero rows")
     saved_to = None
@@ -226,7 +252,7 @@ def _detail(structure: str, config, done, criterion: str | None) -> str:
     if isinstance(config, HeadConfig):
         return (f"ratio {config.ratio} of the heads of {len(done)} attention layers, "
                 f"criterion {config.criterion}")
-    if isinstance(config, NMConfig):
+    if getattr(config, "n", None) is not None:
         return f"{config.n}:{config.m} on {len(done)} layers"
     return f"sparsity {config.sparsity} of {structure} groups on {len(done)} layers"
 
@@ -266,6 +292,12 @@ def add_parser(commands) -> None:
                         help="iterative: --rounds cuts of the same share of what is left; "
                         "agp: a cubic ramp; each cut is followed by --epochs of fine-tuning")
     parser.add_argument("--rounds", type=int, default=1, help="cuts, with --schedule")
+    parser.add_argument("--method", choices=["magnitude", "sparsegpt", "wanda"],
+                        default="magnitude",
+                        help="which weights go (--structure weight or nm): the smallest, or "
+                        "by what each layer sees on --calib-images training inputs")
+    parser.add_argument("--calib-images", type=int, default=256,
+                        help="training inputs SparseGPT and Wanda measure each layer on")
     common.add_data(parser, allow_none=True)
     parser.add_argument("--input-shape", type=common.shape,
                         help="e.g. 32,3,224,224 (default: --batch-size images of --data)")
@@ -288,7 +320,8 @@ def run(args: argparse.Namespace) -> None:
         criterion=args.criterion, weights=args.weights, input_shape=args.input_shape,
         dataset=args.data, epochs=args.epochs, lr=args.lr, bn_batches=args.bn_batches,
         global_ranking=args.global_ranking, round_to=args.round_to, skip=tuple(args.skip),
-        nm=args.nm, schedule=args.schedule, rounds=args.rounds, out=args.out,
+        nm=args.nm, schedule=args.schedule, rounds=args.rounds, method=args.method,
+        calib_images=args.calib_images, out=args.out,
         batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
     )
     print(summary.format())
