@@ -124,3 +124,5 @@ def test_gptq_refuses_what_it_cannot_do():
         GPTQConfig(rounding="stochastic")
     with pytest.raises(ValueError, match="needs calibration batches, got none"):
         quantize_(tiny("llama"), GPTQConfig(), calib=[])
+    # round-to-nearest reads no inputs
+    assert quantize_(tiny("llama"), GPTQConfig(4, 16, rounding="nearest"))

@@ -239,6 +239,20 @@ def compress_blocks_(
     return _checked(done, model)
 
 
+def block_linears(model: nn.Module, layers: Callable[[nn.Module, str], bool] | None = None
+                  ) -> dict[str, nn.Module]:
+    """The Linear layers `compress_blocks_` would visit, by name: those inside a decoder's
+    blocks (or all of a model without blocks) that `layers` accepts."""
+    found = decoder_blocks(model)
+    if found is None:
+        return _checked(_chosen(model, "", layers), model)
+    path, blocks = found
+    chosen = {}
+    for i, block in enumerate(blocks):
+        chosen |= _chosen(block, f"{path}.{i}", layers)
+    return _checked(chosen, model)
+
+
 def _chosen(root: nn.Module, prefix: str, layers) -> dict[str, nn.Module]:
     out = {}
     for name, module in root.named_modules():

@@ -27,6 +27,7 @@ from torch import nn
 
 from penjing.core.layerwise import (
     LayerStats,
+    block_linears,
     compress_blocks_,
     inverse_hessian_factor,
     set_weight_matrix_,
@@ -153,14 +154,14 @@ def _shaped(scale: torch.Tensor, zero: torch.Tensor, config: GPTQConfig
     return scale, zero
 
 
-def _quantize_layer(name: str, layer: nn.Module, stats: LayerStats, config: GPTQConfig
+def _quantize_layer(name: str, layer: nn.Module, stats: LayerStats | None, config: GPTQConfig
                     ) -> dict[str, float]:
     if not isinstance(layer, nn.Linear):
         raise UnsupportedLayerError(
             f"layer {name!r} is a {type(layer).__name__}; GPTQ stores nn.Linear weights "
             "(transformers' Conv1D of GPT-2 stores them transposed): leave it out with layers=")
     w = weight_matrix(layer).float().clone()  # the layer's weight is overwritten below
-    h = stats.hessian
+    h = None if stats is None else stats.hessian
     if h is None:  # round-to-nearest reads no statistics: the grid is the weights' own
         h = torch.eye(w.shape[1], dtype=torch.float64)
     q, scale, zero = gptq_matrix(w, h, config)
@@ -180,9 +181,13 @@ def gptq_(model: nn.Module, calib: Iterable, config: GPTQConfig,
     puts on), recorded in the model's history.
     """
     chosen = as_filter(model, config.layers)
-    done = compress_blocks_(model, calib, lambda n, m, s: _quantize_layer(n, m, s, config),
-                            layers=chosen, batches=config.batches, progress=progress,
-                            hessian=config.rounding == "gptq")
+    method = lambda n, m, s: _quantize_layer(n, m, s, config)  # noqa: E731
+    if config.rounding == "nearest":  # the grid is the weights' own: no inputs to run
+        done = {name: method(name, layer, None) for name, layer in
+                block_linears(model, chosen).items()}
+    else:
+        done = compress_blocks_(model, calib, method, layers=chosen, batches=config.batches,
+                                progress=progress)
     # the same fake quantizer as weight-only quantization, then GPTQ's own scales on it
     names = list(done)
     spec = config.spec

@@ -53,7 +53,7 @@ def quantize_(model: nn.Module, config: Any, *, calib: Iterable | None = None,
             )
         return weights_in_place_(model, config, qat, order)
     if isinstance(config, GPTQConfig):
-        if calib is None:
+        if calib is None and config.rounding == "gptq":
             raise ValueError("GPTQ measures every layer on calibration data: quantize_(model, "
                              "config, calib=batches) with a few dozen sequences of real text")
         return gptq_(model, calib, config)
