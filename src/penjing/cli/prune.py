@@ -30,10 +30,10 @@ from penjing.prune.configs import (
     MagnitudeConfig,
     NMConfig,
     PatternConfig,
+    by_method,
     config_for,
 )
 from penjing.prune.masking.compact import compact_
-from penjing.prune.masking.layerwise import SparseGPTConfig, WandaConfig
 from penjing.prune.schedule import SCHEDULES, cuts, prune_rounds_
 from penjing.prune.structural.criteria import taylor
 from penjing.train import evaluate, has_batchnorm, seed_everything
@@ -124,15 +124,10 @@ def _config(structure: str, ratio: float | None, sparsity: float | None,
 
 def _layerwise(config, method: str):
     """The magnitude config `config` as SparseGPT or Wanda would prune the same amount."""
-    if method == "magnitude":
-        return config
-    if not isinstance(config, MagnitudeConfig | NMConfig):
+    if method != "magnitude" and not isinstance(config, MagnitudeConfig | NMConfig):
         raise ValueError(f"--method {method} prunes single weights or N:M; give --structure "
                          "weight or nm")
-    cls = SparseGPTConfig if method == "sparsegpt" else WandaConfig
-    if isinstance(config, NMConfig):
-        return cls(n=config.n, m=config.m, layers=config.layers)
-    return cls(sparsity=config.sparsity, layers=config.layers)
+    return by_method(config, method)
 
 
 def prune_command(

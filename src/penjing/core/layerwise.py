@@ -93,6 +93,18 @@ class LayerStats:
         self.tokens = total
 
 
+def without_dead_inputs(w: torch.Tensor, hessian: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w in float32, H in float64), copies, with the inputs that were always zero taken
+    out of play: their weights set to 0 and their Hessian diagonal to 1 (so H inverts)."""
+    w = w.float().clone()  # the column loops run in float32, as the reference does
+    h = hessian.to(torch.float64).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
+
+
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """The upper Cholesky factor of H⁻¹ after damping, in float64 for its stability."""
     h = h.clone()

@@ -200,6 +200,24 @@ def config_for(structure: str, **fields: Any) -> PruneConfig:
     return cls(**fields)
 
 
+def by_method(config: MagnitudeConfig | NMConfig, method: str) -> PruneConfig:
+    """`config`'s amount and layers, pruned by `method`: 'magnitude' (the config itself),
+    'sparsegpt' or 'wanda' (measured on calibration data, one sparsity for every layer)."""
+    _check_choice("method", method, ("magnitude", "sparsegpt", "wanda"))
+    if method == "magnitude":
+        return config
+    cls = SparseGPTConfig if method == "sparsegpt" else WandaConfig
+    if isinstance(config, NMConfig):
+        return cls(n=config.n, m=config.m, layers=config.layers)
+    if not isinstance(config, MagnitudeConfig):
+        raise ValueError(f"{method} prunes single weights or N:M, not {type(config).__name__}")
+    if config.quality is not None or isinstance(config.sparsity, Mapping) \
+            or config.scope != "layer":
+        raise ValueError(f"{method} takes one sparsity for every layer, layer by layer; "
+                         "quality, per-layer sparsity and scope are magnitude's")
+    return cls(sparsity=config.sparsity, layers=config.layers)
+
+
 def _ignored(model: nn.Module, layers: Layers) -> Callable | Sequence:
     """channels_' ignored_layers from a choice of the layers that may lose channels."""
     if layers is None:

@@ -32,6 +32,7 @@ from penjing.core.layerwise import (
     inverse_hessian_factor,
     set_weight_matrix_,
     weight_matrix,
+    without_dead_inputs,
 )
 from penjing.errors import UnsupportedLayerError
 from penjing.layers import as_filter
@@ -99,11 +100,7 @@ def gptq_matrix(w: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig
     per row, (out, groups) per group."""
     spec = config.spec
     rows, cols = w.shape
-    w = w.float().clone()  # the column loop in float32, as the reference does
-    h = hessian.to(torch.float64).clone()
-    dead = h.diagonal() == 0  # inputs that are always zero: their weights do not matter
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h = without_dead_inputs(w, hessian)
     size = config.group_size or cols
     groups = math.ceil(cols / size)
     scale = torch.zeros(rows, groups)

@@ -28,9 +28,8 @@ from penjing.core import steps
 from penjing.distill.losses import SOFT_LOSSES
 from penjing.errors import PenjingError
 from penjing.layers import chosen_layers
-from penjing.prune.configs import STRUCTURES, config_for
+from penjing.prune.configs import STRUCTURES, by_method, config_for
 from penjing.prune.heads import HEAD_CRITERIA
-from penjing.prune.masking.layerwise import SparseGPTConfig, WandaConfig
 from penjing.prune.masking.magnitude import check_sparsity
 from penjing.prune.masking.patterns import PATTERNS
 from penjing.prune.schedule import SCHEDULES, cuts
@@ -138,16 +137,7 @@ class _Calibrated(_Prune):
     calib_images: Annotated[int, Field(ge=1)] = 256  # sparsegpt / wanda: inputs they see
 
     def config(self, **override: Any) -> Any:
-        if self.method == "magnitude":
-            return super().config(**override)
-        amount = {"n": self.n, "m": self.m} if self.structure == "nm" else {
-            "sparsity": override.get("sparsity", self.sparsity)}
-        if self.structure == "weight" and (self.quality is not None or isinstance(
-                amount["sparsity"], dict) or self.scope != "layer"):
-            raise ValueError(f"{self.method} takes one sparsity for every layer, layer by "
-                             "layer; quality, per-layer sparsity and scope are magnitude's")
-        cls = SparseGPTConfig if self.method == "sparsegpt" else WandaConfig
-        return cls(**amount, layers=chosen_layers(self.layers, self.skip))
+        return by_method(super().config(**override), self.method)
 
 
 class PruneWeights(_Calibrated):

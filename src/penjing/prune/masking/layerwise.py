@@ -26,6 +26,7 @@ from penjing.core.layerwise import (
     inverse_hessian_factor,
     set_weight_matrix_,
     weight_matrix,
+    without_dead_inputs,
 )
 from penjing.core.parametrize import get_mask, set_mask_
 from penjing.layers import as_filter
@@ -120,11 +121,7 @@ def sparsegpt_matrix(w: torch.Tensor, hessian: torch.Tensor, config: SparseGPTCo
                      ) -> torch.Tensor:
     """The pruned (out, in) matrix: its zeros are the mask, the other weights updated."""
     rows, cols = w.shape
-    w = w.float().clone()  # the column loop in float32, as the reference does
-    h = hessian.to(torch.float64).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h = without_dead_inputs(w, hessian)
     u = inverse_hessian_factor(h, config.damp).float()
     step = config.block_size
     for start in range(0, cols, step):
