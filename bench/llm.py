@@ -25,6 +25,7 @@ from common import write_section
 from llm_model import describe, smollm2
 
 import penjing as pj
+from penjing.core.layerwise import block_linears
 from penjing.data import lm_windows, perplexity, wiki_articles
 
 WINDOW = 512
@@ -96,8 +97,7 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
 
 def _block_linears(model) -> list[str]:
     """The Linear layers inside the decoder blocks: what every pruning row prunes."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    return list(block_linears(model))
 
 
 def _zeros(model) -> float:
