@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support_decoders import calib, correlated_inputs, logits, tiny
 from torch import nn
 
 import penjing as pj
@@ -14,15 +15,6 @@ from penjing.quant.gptq import gptq_matrix
 from penjing.quant.linear.primitives import fake_quantize
 
 transformers = pytest.importorskip("transformers")
-
-
-def correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
-    """Inputs whose features are correlated and of very different sizes, as a decoder's
-    are (the case GPTQ's error correction is for)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(features, features, generator=g) / features ** 0.5
-    scales = torch.logspace(-1, 1, features)
-    return (torch.randn(tokens, features, generator=g) @ mix) * scales
 
 
 def layer_error(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> float:
@@ -50,33 +42,6 @@ def test_gptq_weights_lie_on_the_grid_its_scales_give(act_order):
     assert torch.equal(fake_quantize(q, scale, zero, config.spec), q)
     for row in q.view(16, 4, 16):
         assert all(g.unique().numel() <= 16 for g in row)
-
-
-def tiny(kind: str) -> nn.Module:
-    t = transformers
-    torch.manual_seed(0)
-    small = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 4}
-    configs = {
-        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**small, num_key_value_heads=2)),
-        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**small, num_key_value_heads=2)),
-        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(
-            vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-            num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)),
-        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(vocab_size=96, n_embd=32, n_layer=2,
-                                                       n_head=4, n_positions=64)),
-    }
-    return configs[kind]().eval()
-
-
-def calib(n: int = 8, length: int = 16, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 96, (2, length), generator=g) for _ in range(n)]
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "opt"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +27,10 @@ from torch import nn
 
 from penjing import inputs
 from penjing.core.modes import eval_mode
+from penjing.errors import PenjingWarning
 from penjing.hf import is_hf
 
-# where transformers keeps the blocks of a decoder, by the attribute path from the model
+# where transformers keeps the blocks of a decoder (or an encoder), by the attribute path
 BLOCK_PATHS = (
     "model.layers",  # Llama, SmolLM, Qwen2, Mistral, Gemma, Phi-3
     "model.decoder.layers",  # OPT
@@ -37,6 +39,10 @@ BLOCK_PATHS = (
     "layers",  # a bare decoder (LlamaModel and the like)
     "decoder.layers",
     "h",
+    "encoder.layer",  # BERT, RoBERTa and their kin as bare models
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "distilbert.transformer.layer",
 )
 
 
@@ -82,14 +88,25 @@ class LayerStats:
     sq_norms: torch.Tensor  # Σ x_j² per input feature j
     tokens: int = 0
 
-    def add_(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        n = x.shape[0]
+    def add_(self, x: torch.Tensor, products: dict | None = None) -> None:
+        """Add a batch of inputs. `products` caches (XᵀX, Σx²) by input tensor for one
+        forward pass, so layers reading the same tensor (q, k and v) compute them once."""
+        key = id(x)
+        cached = products.get(key) if products is not None else None
+        if cached is None or cached[0] is not x or cached[1] != x._version:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            gram = (flat.t() @ flat).double() if self.hessian is not None else None
+            cached = (x, x._version, flat.shape[0], gram, flat.square().sum(dim=0).double())
+            if products is not None:  # the tensor is held, so its id is not reused
+                products[key] = cached
+        _, _, n, gram, sq = cached
         total = self.tokens + n
         if self.hessian is not None:  # one batch's product in float32, the mean in float64
-            self.hessian.mul_(self.tokens / total).add_((x.t() @ x).double(),
-                                                        alpha=1.0 / total)
-        self.sq_norms.add_(x.square().sum(dim=0).double())
+            if gram is None:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                gram = (flat.t() @ flat).double()
+            self.hessian.mul_(self.tokens / total).add_(gram, alpha=1.0 / total)
+        self.sq_norms.add_(sq)
         self.tokens = total
 
 
@@ -172,14 +189,15 @@ def _first_output(out: Any) -> torch.Tensor:
 def _collect(block: nn.Module, linears: dict[str, nn.Module], run: Callable[[], None],
              hessian: bool) -> dict[str, LayerStats]:
     stats = {}
-    handles = []
+    products: dict = {}  # what one forward pass has computed, by input tensor
+    handles = [block.register_forward_pre_hook(lambda *_: products.clear())]
     for name, layer in linears.items():
         n = weight_matrix(layer).shape[1]
         stats[name] = LayerStats(torch.zeros(n, n, dtype=torch.float64) if hessian else None,
                                  torch.zeros(n, dtype=torch.float64))
 
         def hook(_m, args, name=name):
-            stats[name].add_(args[0])
+            stats[name].add_(args[0], products)
 
         handles.append(layer.register_forward_pre_hook(hook))
     try:
@@ -187,19 +205,27 @@ def _collect(block: nn.Module, linears: dict[str, nn.Module], run: Callable[[], 
     finally:
         for h in handles:
             h.remove()
+        products.clear()
     return stats
 
 
 # a method: (layer name, layer, what it saw) -> what it did (anything, returned by name)
 LayerMethod = Callable[[str, nn.Module, LayerStats], Any]
+# a method that sees a whole block at once: (its chosen layers by name, what each saw, a call
+# that runs the block on the calibration inputs again, on the first `limit` batches when given)
+# -> what it did, by layer name. For
+# methods whose choice couples layers, as AWQ's scales couple the layers reading one norm.
+BlockMethod = Callable[[dict[str, nn.Module], dict[str, LayerStats], Callable[..., None]],
+                       dict[str, Any]]
 
 
 @torch.no_grad()
 def compress_blocks_(
     model: nn.Module,
     calib: Iterable,
-    method: LayerMethod,
+    method: LayerMethod | None = None,
     *,
+    block_method: BlockMethod | None = None,
     layers: Callable[[nn.Module, str], bool] | None = None,
     batches: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -212,7 +238,13 @@ def compress_blocks_(
     Linear inside the blocks, or every Linear of a model without blocks; a decoder's head
     stays as it is). `hessian=False` skips XᵀX (Wanda reads only the feature norms; it is
     most of the time on a wide layer). Returns what `method` returned, by layer name.
+    `block_method` replaces `method` for a method that handles a block's layers together.
     """
+    if (method is None) == (block_method is None):
+        raise TypeError("compress_blocks_ takes either method or block_method")
+    if block_method is None:
+        def block_method(chosen, stats, _run):
+            return {name: method(name, layer, stats[name]) for name, layer in chosen.items()}
     data = list(itertools.islice(calib, batches))
     if not data:
         raise ValueError("layer-wise compression needs calibration batches, got none; pass a "
@@ -222,12 +254,20 @@ def compress_blocks_(
     done: dict[str, Any] = {}
     with eval_mode(model):
         if found is None:
+            if is_hf(model) and any(is_linear(m) for m in model.modules()):
+                warnings.warn(
+                    f"no list of blocks found in {type(model).__name__} (looked at "
+                    f"{', '.join(BLOCK_PATHS)}); compressing it as one block, which keeps "
+                    "every layer's calibration activations at once and lets no layer correct "
+                    "the error of those before it", PenjingWarning, stacklevel=3)
             chosen = _chosen(model, "", layers)
-            stats = _collect(model, chosen, lambda: [inputs.call(model, _no_cache(model, b))
-                                                    for b in data], hessian)
-            for name, layer in chosen.items():
-                done[name] = method(name, layer, stats[name])
-            return _checked(done, model)
+
+            def run_all(limit=None):
+                for b in itertools.islice(data, limit):
+                    inputs.call(model, _no_cache(model, b))
+
+            stats = _collect(model, chosen, run_all, hessian)
+            return _checked(block_method(chosen, stats, run_all), model)
         path, blocks = found
         captured = _capture_first_block(model, blocks[0], data)
         hidden = [a[0] for a in captured.args]
@@ -235,15 +275,14 @@ def compress_blocks_(
             prefix = f"{path}.{i}"
             chosen = _chosen(block, prefix, layers)
 
-            def run(block=block, hidden=hidden):
-                for h, args, kwargs in zip(hidden, captured.args, captured.kwargs,
-                                           strict=True):
+            def run(limit=None, block=block, hidden=hidden):
+                for h, args, kwargs in itertools.islice(
+                        zip(hidden, captured.args, captured.kwargs, strict=True), limit):
                     block(h, *args[1:], **kwargs)
 
             if chosen:
                 stats = _collect(block, chosen, run, hessian)
-                for name, layer in chosen.items():
-                    done[name] = method(name, layer, stats[name])
+                done |= block_method(chosen, stats, run)
             hidden = [_first_output(block(h, *args[1:], **kwargs))
                       for h, args, kwargs in zip(hidden, captured.args, captured.kwargs,
                                                  strict=True)]

@@ -11,6 +11,7 @@ importable from their modules.
 from __future__ import annotations
 
 from penjing.errors import renamed
+from penjing.quant.awq import AWQConfig, awq_
 from penjing.quant.cast import cast, cast_report
 from penjing.quant.datafree.dfq import dfq
 from penjing.quant.datafree.equalize import equalize
@@ -72,6 +73,8 @@ __all__ = [
     "TernaryConfig",
     "Log2Config",
     "GPTQConfig",
+    "AWQConfig",
+    "awq_",
     "gptq_",
     # static INT8: calibrate and return a traced copy
     "ptq",

@@ -58,13 +58,7 @@ class GPTQConfig:
     batches: int | None = None  # calibration batches used (None: all)
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) \
-                or not 2 <= self.bits <= 8:
-            raise ValueError(f"bits must be an int in 2..8, got {self.bits!r}")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(
-                self.group_size, int) or self.group_size < 1):
-            raise ValueError(f"group_size must be a positive int (32, 64, 128) or None, got "
-                             f"{self.group_size!r}")
+        check_grid(self.bits, self.group_size)
         if not (isinstance(self.damp, int | float) and 0 < self.damp < 1):
             raise ValueError(f"damp must be in (0, 1), got {self.damp!r}; 0.01 is GPTQ's")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
@@ -76,8 +70,23 @@ class GPTQConfig:
     @property
     def spec(self) -> QuantSpec:
         """The integer format of the weights (the fake quantizer's spec)."""
-        granularity = PerChannel(0) if self.group_size is None else PerGroup(self.group_size)
-        return QuantSpec(self.bits, self.symmetric, self.symmetric, granularity)
+        return grid_spec(self.bits, self.group_size, self.symmetric)
+
+
+def check_grid(bits: int, group_size: int | None) -> None:
+    """The checks of a weight grid's bits and group size, shared by GPTQ and AWQ."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(
+            group_size, int) or group_size < 1):
+        raise ValueError(f"group_size must be a positive int (32, 64, 128) or None, got "
+                         f"{group_size!r}")
+
+
+def grid_spec(bits: int, group_size: int | None, symmetric: bool) -> QuantSpec:
+    """The integer format of weights quantized per row or per group of input columns."""
+    granularity = PerChannel(0) if group_size is None else PerGroup(group_size)
+    return QuantSpec(bits, symmetric, symmetric, granularity)
 
 
 def _row_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,9 +194,15 @@ def gptq_(model: nn.Module, calib: Iterable, config: GPTQConfig,
     else:
         done = compress_blocks_(model, calib, method, layers=chosen, batches=config.batches,
                                 progress=progress)
-    # the same fake quantizer as weight-only quantization, then GPTQ's own scales on it
+    attach_grid_(model, done, config.spec)
+    return {name: done[name]["error"] for name in done}
+
+
+def attach_grid_(model: nn.Module, done: dict[str, dict], spec: QuantSpec) -> None:
+    """Put the fake quantizer of weight-only quantization on each layer of `done` (its
+    weight already on the grid), with the scale and zero point the method chose: what
+    `pj.save` stores as integers and the model's history records."""
     names = list(done)
-    spec = config.spec
     record = QuantConfig(weight=spec, activation=None, types=(nn.Linear,),
                          layers={**{re.escape(n): True for n in names}, ".*": False})
     weights_in_place_(model, record, False)
@@ -195,4 +210,3 @@ def gptq_(model: nn.Module, calib: Iterable, config: GPTQConfig,
         quantizer = get_weight_quant(model.get_submodule(name))
         quantizer.scale.copy_(done[name]["scale"].reshape(quantizer.scale.shape))
         quantizer.zero_point.copy_(done[name]["zero"].reshape(quantizer.zero_point.shape))
-    return {name: done[name]["error"] for name in names}

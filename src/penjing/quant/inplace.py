@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from penjing.quant.awq import AWQConfig, awq_
 from penjing.quant.gptq import GPTQConfig, gptq_
 from penjing.quant.linear.config import QuantConfig
 from penjing.quant.linear.ptq import weights_in_place_
@@ -34,7 +35,9 @@ def quantize_(model: nn.Module, config: Any, *, calib: Iterable | None = None,
     - `KMeansConfig`: one of 2^bits shared centroids per layer;
     - `BinaryConfig`, `TernaryConfig`, `Log2Config`: ±α, {−α, 0, α}, {0, ±2^k};
     - `GPTQConfig`: INT4/INT3 groups with GPTQ's error correction, measured on `calib`
-      (batches of real inputs), one block of a decoder at a time.
+      (batches of real inputs), one block of a decoder at a time;
+    - `AWQConfig`: the same grids, with activation-aware scales folded into the op before
+      each layer and a clipping ratio per row, measured on `calib`.
 
     Static activation quantization changes the graph and needs calibration, so it is
     `ptq(model, calib, config)`, which returns a quantized copy; a QuantConfig with an
@@ -57,9 +60,16 @@ def quantize_(model: nn.Module, config: Any, *, calib: Iterable | None = None,
             raise ValueError("GPTQ measures every layer on calibration data: quantize_(model, "
                              "config, calib=batches) with a few dozen sequences of real text")
         return gptq_(model, calib, config)
+    if isinstance(config, AWQConfig):
+        if calib is None:
+            raise ValueError("AWQ scales each layer by its inputs' size on calibration data: "
+                             "quantize_(model, config, calib=batches) with a few dozen "
+                             "sequences of real text")
+        return awq_(model, calib, config)
     run = _IN_PLACE.get(type(config))
     if run is None:
-        kinds = ", ".join(["QuantConfig", *(c.__name__ for c in _IN_PLACE), "GPTQConfig"])
+        kinds = ", ".join(["QuantConfig", *(c.__name__ for c in _IN_PLACE), "GPTQConfig",
+                                    "AWQConfig"])
         raise TypeError(f"quantize_ takes one of {kinds}, got {type(config).__name__}")
     return run(model, config)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from support_decoders import calib, tiny
 
 import penjing as pj
 from penjing.prune import SparseGPTConfig, WandaConfig, prune_
@@ -57,29 +57,13 @@ def test_nm_masks_hold_n_of_every_m_and_rows_lose_exactly_their_share():
     assert ((rows == 0).sum(dim=1) == 24).all()
 
 
-def tiny(kind: str) -> nn.Module:
-    t = transformers
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        return t.GPT2LMHeadModel(t.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4,
-                                              n_positions=64)).eval()
-    return t.LlamaForCausalLM(t.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2)).eval()
-
-
-def calib(n: int = 6) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 96, (2, 16), generator=g) for _ in range(n)]
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("config", [SparseGPTConfig(n=2, m=4), WandaConfig(sparsity=0.5)],
                          ids=["sparsegpt-2:4", "wanda-50%"])
 def test_a_decoder_is_pruned_block_by_block_with_masks_that_save_and_load(kind, config,
                                                                          tmp_path):
     model = tiny(kind)
-    done = prune_(model, config, calib=calib())
+    done = prune_(model, config, calib=calib(6))
     assert done and all(s == pytest.approx(0.5) for s in done.values())
     masked = set(pj.prune.masks(model))
     assert masked == set(done)  # every block Linear (GPT-2's Conv1D too), not the head
