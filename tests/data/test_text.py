@@ -145,6 +145,21 @@ def test_bootstrap_interval_is_the_same_every_call():
     assert "over 8 windows" in str(first)
 
 
+def test_a_paired_ratio_is_narrower_than_the_two_intervals_and_exact_for_a_shift():
+    model, windows = tiny_llama(), random_windows(12, 10)
+    a = pj.data.perplexity(model, windows)
+    assert pj.data.perplexity_ratio(a, a) == (1.0, 1.0, 1.0)
+    # b: every window's NLL 0.05 higher than a's, yet the windows spread a lot
+    shifted = tuple(v + 0.05 for v in a.window_nll)
+    b = pj.data.Perplexity(a.value * math.exp(0.05), a.low, a.high, a.windows, shifted)
+    ratio, low, high = pj.data.perplexity_ratio(b, a)
+    assert ratio == pytest.approx(math.exp(0.05)) and low == pytest.approx(ratio)
+    assert high == pytest.approx(ratio)
+    assert a.high > b.low  # side by side, the two intervals overlap: no verdict
+    with pytest.raises(ValueError, match="measured by perplexity\\(\\) on the same windows"):
+        pj.data.perplexity_ratio(a, pj.data.perplexity(model, windows[:5]))
+
+
 def test_perplexity_rejects_bad_windows():
     with pytest.raises(ValueError, match=r"shaped \(n >= 1, length >= 2\), got \(7,\)"):
         pj.data.perplexity(Uniform(), torch.arange(7))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from penjing.data.bundled import DATASETS, DataSplit, digits, load, loaders, mnist
-from penjing.data.text import Perplexity, lm_windows, perplexity, wiki_articles
+from penjing.data.text import Perplexity, lm_windows, perplexity, perplexity_ratio, wiki_articles
 
 __all__ = [
     "DATASETS", "DataSplit", "Perplexity", "digits", "lm_windows", "load", "loaders", "mnist",
-    "perplexity", "wiki_articles",
+    "perplexity", "perplexity_ratio", "wiki_articles",
 ]
