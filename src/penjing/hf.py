@@ -15,3 +15,11 @@ def is_hf(model: nn.Module) -> bool:
         cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
         for cls in type(model).__mro__
     )
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is transformers' Conv1D (GPT-2's layers): y = x @ W + b with W of
+    shape (in, out), a Linear with its weight transposed. A parametrized one (masked,
+    shared) counts too: torch gives it a subclass of its own."""
+    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+               for cls in type(module).__mro__)

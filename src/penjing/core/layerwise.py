@@ -28,7 +28,7 @@ from torch import nn
 from penjing import inputs
 from penjing.core.modes import eval_mode
 from penjing.errors import PenjingWarning
-from penjing.hf import is_hf
+from penjing.hf import is_conv1d, is_hf
 
 # where transformers keeps the blocks of a decoder (or an encoder), by the attribute path
 BLOCK_PATHS = (
@@ -46,26 +46,21 @@ BLOCK_PATHS = (
 )
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith(
-        "transformers.")
-
-
 def is_linear(module: nn.Module) -> bool:
     """An nn.Linear, or transformers' Conv1D (GPT-2: y = x @ W + b, W of (in, out))."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as (out features, in features), whichever way the layer stores it."""
     w = module.weight.detach()
-    return w.t() if _is_conv1d(module) else w
+    return w.t() if is_conv1d(module) else w
 
 
 def set_weight_matrix_(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write an (out, in) matrix back into the layer's own layout."""
     with torch.no_grad():
-        module.weight.copy_(matrix.t() if _is_conv1d(module) else matrix)
+        module.weight.copy_(matrix.t() if is_conv1d(module) else matrix)
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:

@@ -9,6 +9,7 @@ weight is zeroed as well, which keeps `parametrizations.weight.original` honest.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -16,10 +17,21 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from penjing.core.steps import Step
-from penjing.errors import UnsupportedLayerError
+from penjing.errors import PenjingWarning, UnsupportedLayerError
+from penjing.hf import is_conv1d
 
 # Layers whose `weight` element pruning and weight sharing handle.
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _Conv1DMeta(type):
+    def __instancecheck__(cls, module) -> bool:
+        return is_conv1d(module)
+
+
+class HFConv1D(metaclass=_Conv1DMeta):
+    """Stands for transformers' Conv1D in isinstance checks, without importing transformers."""
+
 # embedding tables: pruned or shared only when named (a model's table is often tied to its
 # output layer, and a sweep over "every layer" should not change the vocabulary silently)
 LOOKUPS = (nn.Embedding,)
@@ -50,37 +62,50 @@ class SharedWeights(nn.Module):
 
 
 def select_layers(
-    model: nn.Module, layers: list[str] | Callable[[nn.Module, str], bool] | None = None
+    model: nn.Module, layers: list[str] | Callable[[nn.Module, str], bool] | None = None,
+    *, conv1d: bool = False
 ) -> dict[str, nn.Module]:
     """The layers to act on, by fully qualified name: `layers` (names, or a filter
     `fn(module, name)` such as `penjing.layers.types(nn.Linear)` applied to the prunable
     layers), or every prunable layer.
 
+    `conv1d=True` counts transformers' Conv1D (GPT-2) as prunable: for what does not care
+    which way a weight is laid out (magnitude, weight sharing). Without it, a model that
+    has Conv1D layers is told that they were left out.
+
     A name that does not exist, or names a layer type we cannot handle, is an error that
     lists what would work; so is a filter that accepts no prunable layer.
     """
     modules = dict(model.named_modules())
+    kinds = (*PRUNABLE, HFConv1D) if conv1d else PRUNABLE
+    if not conv1d and (layers is None or callable(layers)):  # named layers are checked below
+        left = [n for n, m in modules.items() if is_conv1d(m)]
+        if left:
+            warnings.warn(
+                f"{len(left)} transformers Conv1D layers (GPT-2's, weights stored (in, out)) "
+                f"left out, e.g. {left[0]!r}: this method handles Linear and Conv layouts "
+                "only", PenjingWarning, stacklevel=3)
     if callable(layers):
-        found = {n: m for n, m in modules.items() if isinstance(m, PRUNABLE) and layers(m, n)}
+        found = {n: m for n, m in modules.items() if isinstance(m, kinds) and layers(m, n)}
         if not found:
-            prunable = sorted(n for n, m in modules.items() if isinstance(m, PRUNABLE))
+            prunable = sorted(n for n, m in modules.items() if isinstance(m, kinds))
             raise ValueError(f"the layer filter {layers!r} accepts none of the prunable "
                              f"layers {prunable[:8]}")
         return found
     if layers is None:
-        found = {name: m for name, m in modules.items() if isinstance(m, PRUNABLE)}
+        found = {name: m for name, m in modules.items() if isinstance(m, kinds)}
         if not found:
             raise UnsupportedLayerError(
                 f"{type(model).__name__} has no Linear or Conv layer to prune or share"
             )
         return found
     chosen = {}
-    prunable = sorted(n for n, m in modules.items() if isinstance(m, PRUNABLE))
+    prunable = sorted(n for n, m in modules.items() if isinstance(m, kinds))
     for name in layers:
         if name not in modules:
             raise ValueError(f"no layer named {name!r} in the model; prunable layers: {prunable}")
         module = modules[name]
-        if not isinstance(module, PRUNABLE + LOOKUPS):
+        if not isinstance(module, (*kinds, *LOOKUPS)):
             raise UnsupportedLayerError(
                 f"layer {name!r} is a {type(module).__name__}, which weight pruning and sharing "
                 f"cannot handle; supported: Linear, Conv1d/2d/3d, and nn.Embedding when named, "

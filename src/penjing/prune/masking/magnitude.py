@@ -59,7 +59,7 @@ def magnitude_(
         if layers is not None:
             raise ValueError("give layers either as the keys of the dict or as layers=, not both")
         layers = list(per_layer)
-    chosen = select_layers(model, layers)
+    chosen = select_layers(model, layers, conv1d=True)
     if quality is not None and scope != "layer":
         raise ValueError("quality= is a per-layer rule; use scope='layer'")
     if scope == "global" and isinstance(per_layer, dict):

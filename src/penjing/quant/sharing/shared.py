@@ -86,7 +86,7 @@ def kmeans_(
         if layers is not None:
             raise ValueError("give layers either as the keys of bits or as layers=, not both")
         layers = list(bits)
-    chosen = select_layers(model, layers)
+    chosen = select_layers(model, layers, conv1d=True)
     # every layer is checked before any changes: a bad one leaves the model as it was
     layer_bits = {}
     for name, module in chosen.items():
