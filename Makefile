@@ -75,8 +75,8 @@ $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 zoo: $(ZOO_STAMP)
 	$(ZOO_VENV)/bin/python bench/zoo.py $(ZOO_ARGS)
 
-# llm-compressor, the peer of bench/llm.py, pins an older transformers than penjing's, so it
-# runs in its own environment and writes runs/llm_peer.json, which bench/llm.py reads.
+# llm-compressor, the peer of bench/llm.py, pins an older transformers than penjing's, so
+# bench/llm_peer.py (both tools side by side) runs in an environment of its own.
 LLMC_VENV := .venv-llmc
 LLMC_STAMP := $(LLMC_VENV)/.installed
 LLMC_ARGS ?=

@@ -7,19 +7,16 @@ interval over windows. Every row starts from the same float model.
 
 Rows: round-to-nearest, GPTQ and AWQ at W4 and W3 with groups of 128 (the same grid, the
 same code path), GPTQ W4 with the tied embedding / head table in INT8 per row (what the file
-size target is about), GPTQ and AWQ W4 in groups of 64 (the grid llm-compressor can run on
-this model; its rows come from bench/llm_peer.py); magnitude, Wanda and SparseGPT at 50 %
-unstructured and 2:4. A comparison of two rows is read from the ratio of their perplexities
-with a paired bootstrap over the same windows. Writes the `llm` section of BENCHMARKS.md.
-Run: `make bench-llm-peer` (llm-compressor's rows), then `.venv/bin/python bench/llm.py
-[--quick]`.
+size target is about); magnitude, Wanda and SparseGPT at 50 % unstructured and 2:4
+(llm-compressor beside penjing: bench/llm_peer.py). A comparison of two rows is read from
+the ratio of their perplexities with a paired bootstrap over the same windows. Writes the
+`llm` section of BENCHMARKS.md. Run: `.venv/bin/python bench/llm.py [--quick]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import resource
 import tempfile
@@ -28,11 +25,11 @@ from pathlib import Path
 
 import torch
 from common import write_section
-from llm_model import describe, smollm2, windows_key
+from llm_model import describe, smollm2
 
 import penjing as pj
 from penjing.core.layerwise import block_linears
-from penjing.data import Perplexity, lm_windows, perplexity, perplexity_ratio, wiki_articles
+from penjing.data import lm_windows, perplexity, perplexity_ratio, wiki_articles
 
 WINDOW = 512
 # with 8 k tokens GPTQ fits the calibration text (down_proj's held-out error 1.25×
@@ -77,9 +74,6 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
         ("W4 g128, GPTQ", "q", pj.quant.GPTQConfig(4, 128)),
         ("W4 g128, AWQ", "q", pj.quant.AWQConfig(4, 128)),
         ("W4 g128, GPTQ + INT8 embedding", "e", TABLE_INT8),
-        # groups of 64: the grid llm-compressor can run on SmolLM2 (576 = 4.5 × 128)
-        ("W4 g64, GPTQ", "q", pj.quant.GPTQConfig(4, 64)),
-        ("W4 g64, AWQ", "q", pj.quant.AWQConfig(4, 64)),
         ("W3 g128, round-to-nearest", "q", pj.quant.GPTQConfig(3, 128, rounding="nearest")),
         ("W3 g128, GPTQ", "q", pj.quant.GPTQConfig(3, 128)),
         ("W3 g128, AWQ", "q", pj.quant.AWQConfig(3, 128)),
@@ -92,8 +86,7 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
         ("2:4, SparseGPT", "p", pj.prune.SparseGPTConfig(n=2, m=4)),
     ]
     if quick:
-        settings = [s for s in settings if s[0].startswith("W4 g64, GPTQ") or s[0] in
-                    ("W4 g128, round-to-nearest", "2:4, SparseGPT")]
+        settings = [s for s in settings if s[0].startswith("W4") or s[0] == "50 %, Wanda"]
     kept = {}
     for name, kind, config in settings:
         # 'e': the table of the GPTQ W4 row's model, on top of it (seconds: the table alone)
@@ -114,30 +107,9 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
         if name == "W4 g128, GPTQ":
             kept[name] = work
         del work
-    peer, meta_peer = _peer_rows(evaluation, quick)
-    out += peer
-    meta = {"peer": meta_peer, "load_s": load_s, "eval_windows": len(evaluation),
-            "calib": len(calib),
+    meta = {"load_s": load_s, "eval_windows": len(evaluation), "calib": len(calib),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     return out, meta
-
-
-PEER = Path(__file__).resolve().parent.parent / "runs" / "llm_peer.json"
-
-
-def _peer_rows(evaluation: torch.Tensor, quick: bool) -> tuple[list[dict], str | None]:
-    """llm-compressor's rows from bench/llm_peer.py's file, when it measured these windows."""
-    if not PEER.exists():
-        return [], None
-    found = json.loads(PEER.read_text())
-    if found.get("windows") != windows_key(evaluation) or found.get("quick") != quick:
-        print(f"{PEER} was measured on other windows: its rows are left out", flush=True)
-        return [], None
-    rows = [{"row": f"llm-compressor: {r['row']}", "seconds": r["seconds"], "bytes": None,
-             "zeros": None, "ppl": Perplexity(r["ppl"], r["low"], r["high"],
-                                              len(r["window_nll"]), tuple(r["window_nll"]))}
-            for r in found["rows"]]
-    return rows, f"{found['tool']} (transformers {found['transformers']}, its own environment)"
 
 
 def _block_linears(model) -> list[str]:
@@ -184,8 +156,7 @@ def report(results: list[dict], meta: dict) -> str:
         p = r["ppl"]
         size = f"{r['bytes'] / results[0]['bytes']:.3f}× ({r['bytes'] / 1e6:.1f} MB)" \
             if r["bytes"] else "masks"
-        zeros = "—" if r["zeros"] is None else f"{r['zeros']:.1%}"
-        size = "—" if r["row"].startswith("llm-compressor") else size
+        zeros = f"{r['zeros']:.1%}"
         lines.append(f"| {r['row']} | {p.value:.2f} ({p.low:.2f}–{p.high:.2f}) | "
                      f"{p.value - base:+.2f} | {zeros} | {size} | {r['seconds']:.0f} |")
     by = {r["row"]: r for r in results}
@@ -212,20 +183,8 @@ def report(results: list[dict], meta: dict) -> str:
     if "W4 g128, AWQ" in by:
         _, text = versus("W4 g128, AWQ", "W4 g128, GPTQ")
         lines.append(f"- AWQ W4 g128 beside GPTQ: {text}.")
-    peers = [r for r in ("W4 g64, GPTQ", "W4 g64, AWQ", "50 %, SparseGPT", "2:4, SparseGPT",
-                         "50 %, Wanda", "2:4, Wanda")
-             if r in by and f"llm-compressor: {r}" in by]
-    for row in peers:
-        ratio, low, high = perplexity_ratio(by[row]["ppl"], by[f"llm-compressor: {row}"]["ppl"])
-        verdict = "**met**, lower" if high < 1 else "**missed**" if low > 1 \
-            else "**met** within noise"
-        lines.append(f"- {row} perplexity ≤ llm-compressor's: {verdict} (penjing / "
-                     f"llm-compressor {ratio:.3f} ({low:.3f}–{high:.3f}); "
-                     f"{by[row]['seconds']:.0f} s against "
-                     f"{by[f'llm-compressor: {row}']['seconds']:.0f} s).")
-    if not peers:
-        lines.append("- Against llm-compressor on the same windows: not measured in this run "
-                     "(`make bench-llm-peer` first).")
+    lines.append("- Against llm-compressor: the `llm_peer` section (bench/llm_peer.py, its "
+                 "own environment).")
     for method in ("GPTQ", "AWQ"):
         row = f"W3 g128, {method}"
         if row in by:
@@ -247,9 +206,6 @@ def report(results: list[dict], meta: dict) -> str:
                      f"{'**met**' if secs <= 300 else '**missed**'} ({secs:.0f} s; peak "
                      f"resident memory of the whole run {meta['peak_rss_gb']:.1f} GB).")
     lines.append("- ONNX Runtime INT4 generation speed: not measured in this run.")
-    if meta.get("peer"):
-        lines.append(f"\nPeer rows: {meta['peer']}, run by bench/llm_peer.py on the same "
-                     "calibration and evaluation windows; its seconds come from that run.")
     lines.append(f"\nLoading the float model took {meta['load_s']:.0f} s (from the cached "
                  "float copy when present).")
     return "\n".join(lines)

