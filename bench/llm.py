@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 from common import write_section
-from llm_model import describe, smollm2
+from llm_model import describe, smollm2, wiki_tokens
 
 import penjing as pj
 from penjing.core.layerwise import block_linears
-from penjing.data import lm_windows, perplexity, perplexity_ratio, wiki_articles
+from penjing.data import lm_windows, perplexity, perplexity_ratio
 
 WINDOW = 512
 # with 8 k tokens GPTQ fits the calibration text (down_proj's held-out error 1.25×
@@ -42,11 +42,6 @@ CALIB_BATCH = 8  # windows per forward pass of the block-by-block runner
 # model's weights, which stay float32 otherwise
 TABLE_INT8 = pj.quant.weight_only(8, embeddings=True, layers={"model.embed_tokens": True,
                                                               "lm_head": True, ".*": False})
-
-
-def _tokens(tokenizer, split: str) -> torch.Tensor:
-    text = "\n\n".join(wiki_articles(split))
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _file_bytes(model) -> int:
@@ -62,8 +57,8 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
     t = time.perf_counter()
     model, tokenizer = smollm2()
     load_s = time.perf_counter() - t
-    evaluation = lm_windows(_tokens(tokenizer, "eval"), WINDOW, count=4 if quick else 16)
-    calib_ids = lm_windows(_tokens(tokenizer, "calib"), WINDOW, count=8 if quick else CALIB)
+    evaluation = lm_windows(wiki_tokens(tokenizer, "eval"), WINDOW, count=4 if quick else 16)
+    calib_ids = lm_windows(wiki_tokens(tokenizer, "calib"), WINDOW, count=8 if quick else CALIB)
     calib = list(calib_ids.split(CALIB_BATCH))
     float_ppl = perplexity(model, evaluation)
     float_bytes = _file_bytes(model)

