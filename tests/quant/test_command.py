@@ -53,6 +53,34 @@ def test_int4_groups_weight_only(tmp_path, weights, capsys):
     assert text.count("int4/g32") == 1 + 4  # the setting line and every layer
 
 
+def test_gptq_and_awq_quantize_the_linear_layers_and_say_the_convs_stay_float(
+        tmp_path, weights, lenet5_trained, capsys):
+    accuracy = {}
+    for method in ("nearest", "gptq", "awq"):
+        out = tmp_path / f"{method}.safetensors"
+        argv = ["quantize", "lenet5", "--weights", str(weights), "--bits", "3",
+                "--granularity", "group", "--group-size", "32", "--weight-only",
+                "--calib-images", "128", "--skip", "conv.*", "--out", str(out)]
+        rc = main([*argv, "--method", method])
+        text = capsys.readouterr().out
+        assert rc == 0, text
+        accuracy[method] = float(re.search(r"quantized ([\d.]+)%", text).group(1)) / 100
+        loaded = pj.load(out, pj.models.create("lenet5"))  # the file holds what was measured
+        assert pj.train.evaluate(loaded, lenet5_trained[2]) == pytest.approx(accuracy[method],
+                                                                           abs=1e-9)
+        if method != "nearest":
+            assert f"by {method.upper()} on 128 calibration images (2 Linear layers)" in text
+            assert pj.quant.get_weight_quant(loaded.conv1) is None
+    # 3-bit groups cost round-to-nearest accuracy; the layer-wise methods keep more of it
+    assert max(accuracy["gptq"], accuracy["awq"]) >= accuracy["nearest"] - 0.005
+    with pytest.warns(pj.errors.PenjingWarning, match="GPTQ quantizes Linear layers only"):
+        assert main(["quantize", "lenet5", "--weights", str(weights), "--weight-only",
+                     "--method", "gptq", "--calib-images", "64"]) == 0
+    assert main(["quantize", "lenet5", "--weights", str(weights), "--method", "awq"]) == 2
+    assert "AWQ quantizes weights only, once: give it with --weight-only" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--bits", "9"], "bits must be one of"),

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from penjing.cli import common
 from penjing.core.parametrize import finalize_
-from penjing.quant.linear.config import QuantConfig, make_config
+from penjing.errors import PenjingWarning, UnsupportedLayerError
+from penjing.quant.linear.config import QuantConfig, make_config, select
+from penjing.quant.linear.primitives import PerChannel, PerGroup
 from penjing.quant.linear.ptq import ptq, qat
 from penjing.quant.linear.report import LayerStats, describe, format_layers, layer_report
 from penjing.train import evaluate, seed_everything
@@ -69,18 +74,28 @@ def quantize_command(
     out: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
+    method: str = "nearest",
 ) -> QuantizeSummary:
     """Quantize `model` (a penjing model name or module:function) from the model file
     `weights` by `config`, calibrated on `calib_images` training images of `dataset`
     (then trained with fake quantization for `epochs` at `lr` when epochs > 0: QAT);
     measure it on the test split; write `onnx_path` (QDQ) and/or `out` (a penjing model
-    file with integer weights) when given. Masks and shared weights are baked in first."""
+    file with integer weights) when given. Masks and shared weights are baked in first.
+
+    `method` 'gptq' or 'awq' quantizes the weights of the Linear layers `config` picks
+    layer by layer on the calibration images instead (weights only, asymmetric, `config`'s
+    bits and groups); 'nearest' rounds every weight to its grid."""
     from penjing.export import compare_with_ort, optimized_ops, ort_accuracy
     from penjing.export import onnx as export_onnx
 
     if calib_images < 1:
         raise ValueError(f"calib_images must be >= 1, got {calib_images}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     config = config or make_config()
+    if method != "nearest" and (config.activation is not None or epochs):
+        raise ValueError(f"{method.upper()} quantizes weights only, once: give it with "
+                         "--weight-only and without --epochs (QAT)")
     split, train, test = common.load_data(dataset, batch_size, seed)
     seed_everything(seed)
     float_model = common.load_model(model, weights, split.num_classes)
@@ -89,14 +104,17 @@ def quantize_command(
     images = torch.cat([x for x, _ in itertools.islice(train, -(-calib_images // batch_size))])
     calib = list(images[:calib_images].split(batch_size))
     epochs = common.epochs(epochs)
-    if epochs:
+    setting = _setting(config, calib_images) + (f", QAT {epochs} epochs" if epochs else "")
+    if method != "nearest":
+        quantized, setting = _layerwise(float_model, calib, config, method, calib_images)
+    elif epochs:
         quantized = qat(float_model, train, config, epochs=epochs, lr=lr,
                         calib_batches=len(calib), progress=progress, desc="QAT")
     else:
         quantized = ptq(float_model, calib, config)
     summary = dict(
         model=model,
-        setting=_setting(config, calib_images) + (f", QAT {epochs} epochs" if epochs else ""),
+        setting=setting,
         fp32_accuracy=evaluate(float_model, test),
         accuracy=evaluate(quantized, test),
         layers=layer_report(float_model, quantized, calib[0]),
@@ -114,6 +132,39 @@ def quantize_command(
         size = common.save_model(quantized, out, model)
         summary.update(checkpoint_path=str(out), checkpoint_bytes=size)
     return QuantizeSummary(**summary)
+
+
+METHODS = ("nearest", "gptq", "awq")
+
+
+def _layerwise(float_model: nn.Module, calib: list[torch.Tensor], config: QuantConfig,
+               method: str, calib_images: int) -> tuple[nn.Module, str]:
+    """GPTQ or AWQ on the Linear layers `config` picks, on a copy: (the copy, its setting)."""
+    from penjing.quant import AWQConfig, GPTQConfig, quantize_
+
+    spec = config.weight
+    if not isinstance(spec.granularity, PerGroup | PerChannel):
+        raise ValueError(f"{method.upper()} keeps a scale per row or per group of columns: "
+                         "give --granularity channel or group, not tensor")
+    group = spec.granularity.size if isinstance(spec.granularity, PerGroup) else None
+    picked = select(float_model, config)
+    linears = [n for n, s in picked.items()
+               if s is not None and isinstance(float_model.get_submodule(n), nn.Linear)]
+    others = [n for n, s in picked.items() if s is not None and n not in linears]
+    if not linears:
+        raise UnsupportedLayerError(
+            f"{method.upper()} quantizes Linear layers and {type(float_model).__name__} has "
+            f"none among the layers chosen ({others[:5]}); use --method nearest")
+    if others:
+        warnings.warn(f"{method.upper()} quantizes Linear layers only: {len(others)} other "
+                      f"layers stay float ({', '.join(others[:4])}); --method nearest "
+                      "quantizes them too", PenjingWarning, stacklevel=2)
+    kind = GPTQConfig if method == "gptq" else AWQConfig
+    quantized = copy.deepcopy(float_model)
+    quantize_(quantized, kind(spec.bits, group, layers=linears), calib=calib)
+    grid = f"int{spec.bits}" + (f" in groups of {group}" if group else " per row")
+    return quantized, (f"weights {grid}, asymmetric, by {method.upper()} on {calib_images} "
+                       f"calibration images ({len(linears)} Linear layers), activations float")
 
 
 def _setting(config: QuantConfig, calib_images: int) -> str:
@@ -150,6 +201,11 @@ def add_parser(commands) -> None:
                         help="activation calibration")
     parser.add_argument("--act-bits", type=int, default=8, help="activation bits")
     parser.add_argument("--weight-only", action="store_true", help="leave activations float")
+    parser.add_argument("--method", default="nearest", choices=METHODS,
+                        help="how weights meet their grid: round to nearest, or, with "
+                        "--weight-only, GPTQ's error correction or AWQ's activation-aware "
+                        "scales, layer by layer on the --calib-images (Linear layers, "
+                        "asymmetric grid)")
     parser.add_argument("--calib-images", type=int, default=256)
     common.add_skip(parser, "left in float")
     parser.add_argument("--skip-first", action="store_true", help="first layer in float")
@@ -178,6 +234,6 @@ def run(args: argparse.Namespace) -> None:
         args.model, args.weights, dataset=args.data, config=config,
         calib_images=args.calib_images, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, onnx_path=args.onnx, out=args.out, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet, method=args.method,
     )
     print(summary.format())
