@@ -90,12 +90,23 @@ def _perm(node: onnx.NodeProto) -> list[int] | None:
     return None
 
 
+def _plain_gemm_weight(node: onnx.NodeProto, weight: str) -> bool:
+    """Whether `node` is a Gemm computing A @ weightᵀ (+ C), nothing scaled: a Linear on
+    2-D inputs, which a MatMul on the transposed weight can replace."""
+    if node.op_type != "Gemm" or list(node.input[1:2]) != [weight] or node.input[0] == weight:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return (attrs.get("transB", 0) == 1 and attrs.get("transA", 0) == 0
+            and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0)
+
+
 def store_blocked(model: onnx.ModelProto, quantizers: dict) -> int:
     """Replace every GroupQuantized marker by integers behind a blocked DequantizeLinear
     (weights of more than 8 bits by their dequantized floats); return how many.
 
-    A 2-D weight read only through Transpose (a Linear that became MatMul) is stored
-    transposed, blocked along axis 0, so that the DequantizeLinear feeds the MatMul
+    A 2-D weight read only through Transpose (a Linear that became MatMul) or as the
+    transposed B of a Gemm (a Linear on 2-D inputs; the Gemm becomes MatMul + Add) is
+    stored transposed, blocked along axis 0, so that the DequantizeLinear feeds the MatMul
     directly, as ORT's MatMulNBits fusion wants; a weight of more dimensions is blocked
     as (rows, rest) and reshaped back. A layer the model calls more than once is stored
     once; ORT then runs it as DequantizeLinear → MatMul in float (it fuses no shared
@@ -126,8 +137,8 @@ def store_blocked(model: onnx.ModelProto, quantizers: dict) -> int:
         size = spec.granularity.size
         users = readers.get(out, [])
         transposed = (q.ndim == 2 and users and out not in graph_outputs
-                      and all(u.op_type == "Transpose" and _perm(u) in (None, [1, 0])
-                              for u in users))
+                      and all((u.op_type == "Transpose" and _perm(u) in (None, [1, 0]))
+                              or _plain_gemm_weight(u, out) for u in users))
         zeros = zero.any()
         if transposed:
             base += "_t"
@@ -139,8 +150,21 @@ def store_blocked(model: onnx.ModelProto, quantizers: dict) -> int:
                 if zeros:
                     inits.append(_int_tensor(f"{base}_zero", zero.T, spec.bits, spec.signed))
             for user in users:
-                nodes.append((user, _dequantize(base, zeros, user.output[0], 0, size)))
                 dropped.add(id(user))
+                if user.op_type == "Transpose":
+                    nodes.append((user, _dequantize(base, zeros, user.output[0], 0, size)))
+                    continue
+                # Gemm(A, W, C, transB=1) = A @ Wᵀ + C: a MatMul on the dequantized Wᵀ,
+                # which ORT fuses into MatMulNBits, then the bias
+                weight_t, product = f"{user.name}_weight_t", f"{user.name}_product"
+                nodes.append((user, _dequantize(base, zeros, weight_t, 0, size)))
+                bias = user.input[2] if len(user.input) > 2 and user.input[2] else None
+                nodes.append((user, helper.make_node(
+                    "MatMul", [user.input[0], weight_t], [product if bias else user.output[0]],
+                    name=f"{user.name}_matmul")))
+                if bias:
+                    nodes.append((user, helper.make_node(
+                        "Add", [product, bias], [user.output[0]], name=f"{user.name}_bias")))
             continue
         if (base, False) not in made:
             made.add((base, False))

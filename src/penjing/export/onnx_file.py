@@ -274,7 +274,15 @@ def onnx(
             )
     except (torch.onnx.errors.UnsupportedOperatorError,
             torch.onnx.errors.SymbolicValueError) as err:
-        raise _unsupported(err, traced, args) from err
+        error = _unsupported(err, traced, args)
+        if is_hf(model) and "aten::diff" in str(error) and not (
+                isinstance(example_inputs, Mapping) and "attention_mask" in example_inputs):
+            # transformers looks for packed sequences in position ids (torch.diff) when no
+            # attention mask is given
+            error = UnsupportedLayerError(
+                f"{error}. For a transformers decoder give the attention mask too: "
+                "example_inputs={'input_ids': ids, 'attention_mask': torch.ones_like(ids)}")
+        raise error from err
     finally:
         model.train(was_training)
     proto = onnx_lib.load_from_string(buffer.getvalue())
