@@ -35,9 +35,14 @@ from torch import nn
 
 from penjing.core import history, parametrize
 from penjing.core import steps as registry
-from penjing.core.checkpoint import load_state, read_checkpoint, save_checkpoint, tied
+from penjing.core.checkpoint import (
+    check_fits,
+    load_state,
+    read_checkpoint,
+    save_checkpoint,
+    tied,
+)
 from penjing.errors import FormatError, PenjingError
-from penjing.io import parse_json
 
 FORMAT = "penjing.model/1"
 PRUNED_KEY = "penjing.prune.changes"  # metadata of the older pruned-model files
@@ -153,15 +158,7 @@ def load(
 
 def _steps(path: str | os.PathLike, text: str | None) -> list[dict]:
     try:
-        steps = parse_json(text, "the history")
-        known = registry.ops()
-        if not isinstance(steps, list) or not all(
-                isinstance(s, dict) and s.get("op") in known for s in steps):
-            raise ValueError(f"a list of steps with an op from {known} was expected")
-        for s in steps:
-            check = registry.get(s["op"]).check
-            if check is not None:
-                check(s)
+        steps = history.read(text)
     except ValueError as err:
         raise FormatError(f"{os.fspath(path)!r}: its history cannot be read ({err}); write "
                           "the file with penjing.save") from err
@@ -201,6 +198,7 @@ def _replay(path, base: nn.Module, tensors: dict, metadata: dict) -> nn.Module:
         model = replay(base, steps, tensors)
         own = _with_state(steps)
         state = own.load_state(model, tensors, path) if own is not None else dict(tensors)
+        check_fits(model, state, path)  # before codes and masks are widened
         parametrize.unpack_(state)
     return load_state(model, state, path).eval()
 
