@@ -26,6 +26,7 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from penjing.codec import packed
+from penjing.codec.bitpack import Work
 from penjing.codec.encoding import (
     ENCODINGS,
     PATTERN_DTYPES,
@@ -60,6 +62,13 @@ MAX_NUMEL = 2**48  # elements of one tensor; bounds every product before it is f
 # Budget when the machine's memory cannot be read; otherwise half of physical memory.
 FALLBACK_MEMORY = 8 * 2**30
 SCRATCH_FIXED = 16 * 2**20  # decode tables and the pointer-jumping path of short streams
+# Decode work whose cost grows faster than the elements decoded (big-integer steps of
+# enumerative streams; penjing.codec.bitpack.Work units, ~0.1 µs each) may cost a fixed
+# allowance plus a share per byte of the file: a small file cannot buy minutes of CPU.
+# Every other decoder costs at most ~1 µs per element decoded, and the elements are
+# bounded by the memory budget (by the model, in penjing.load); docs/format.md.
+WORK_FIXED = 2**23
+WORK_PER_BYTE = 32
 _HEADER = struct.Struct("<4sHHQI")
 _FIX = "re-create it with penjing.codec.save"
 
@@ -418,11 +427,25 @@ def load(path: str | os.PathLike, *, max_memory: int | None = None) -> dict[str,
     return load_with_history(path, max_memory=max_memory)[0]
 
 
+def work_budget(file_size: int) -> Work:
+    """The decode-work budget of a file of `file_size` bytes (WORK_FIXED + per byte)."""
+    return Work(WORK_FIXED + WORK_PER_BYTE * file_size,
+                f"{WORK_FIXED:,} + {WORK_PER_BYTE} per byte of its {file_size:,}")
+
+
 def load_with_history(
-    path: str | os.PathLike, *, max_memory: int | None = None
+    path: str | os.PathLike,
+    *,
+    max_memory: int | None = None,
+    check: Callable[[dict[str, tuple[torch.dtype, tuple[int, ...]]], list], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list]:
     """`load`, plus the structural history the file records (empty when it has none;
-    see penjing.core.history), from one read of the file."""
+    see penjing.core.history), from one read of the file.
+
+    `check({name: (dtype, shape)}, history)` runs once the manifest is read and checked,
+    before anything is decoded: penjing.load refuses there a file whose tensors do not
+    fit the model, so a small file cannot make it decode gigabytes it will not use.
+    """
     budget = _budget(max_memory)
     data = memoryview(_read_file(path))
     head = data[: _HEADER.size]
@@ -447,10 +470,17 @@ def load_with_history(
             sections[kind] = chunk
             offset += size
         pending.append((entry, sections))
+    history = manifest.get("history", [])
+    if not isinstance(history, list):
+        raise _error(path, "its history is not a list")
+    if check is not None:
+        check({e["name"]: (dtype_from_name(e["dtype"]), tuple(e["shape"]))
+               for e in manifest["tensors"]}, history)
+    work = work_budget(len(data))
     state: dict[str, torch.Tensor] = {}
     for entry, sections in pending:
         try:
-            state[entry["name"]] = decode_tensor(entry, sections)
+            state[entry["name"]] = decode_tensor(entry, sections, work)
         except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as err:
             raise _error(path, f"tensor {entry['name']!r} cannot be decoded: {err}") from err
         except MemoryError as err:  # the budget is an estimate; the allocator has the last word
@@ -458,9 +488,6 @@ def load_with_history(
                 path, f"tensor {entry['name']!r} does not fit in memory once decoded",
                 "free memory, or check that the file is the model you meant",
             ) from err
-    history = manifest.get("history", [])
-    if not isinstance(history, list):
-        raise _error(path, "its history is not a list")
     return state, history
 
 

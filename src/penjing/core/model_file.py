@@ -204,14 +204,26 @@ def _replay(path, base: nn.Module, tensors: dict, metadata: dict) -> nn.Module:
 
 
 def _load_pjz(path, base: nn.Module, max_memory: int | None) -> nn.Module:
-    state, steps = _reader("pjz")(path, max_memory=max_memory)
-    with _fitting(path, base):
-        for step in steps:
-            op = step.get("op") if isinstance(step, dict) else None
-            if op not in registry.ops() or not registry.get(op).structural:
-                raise ValueError(f"a .pjz history holds structural steps only, got {step!r}")
-        model = replay(base, steps, state)
-    return load_state(model, state, path).eval()
+    built: list[nn.Module] = []
+
+    def fits(shapes: dict, steps: list) -> None:
+        """Replay the structure, then compare the file's tensors with the model's before a
+        byte is decoded: a file that claims tensors the model has no room for is refused
+        at the cost of its manifest."""
+        with _fitting(path, base):
+            for step in steps:
+                op = step.get("op") if isinstance(step, dict) else None
+                if op not in registry.ops() or not registry.get(op).structural:
+                    raise ValueError(f"a .pjz history holds structural steps only, got {step!r}")
+            history.check(steps)
+            model = replay(base, steps, {})
+        claimed = {name: torch.empty(shape, dtype=dtype, device="meta")  # no memory
+                   for name, (dtype, shape) in shapes.items()}
+        check_fits(model, claimed, path)
+        built.append(model)
+
+    state, _ = _reader("pjz")(path, max_memory=max_memory, check=fits)
+    return load_state(built[0], state, path).eval()
 
 
 def _load_torch(path, base: nn.Module) -> nn.Module:
