@@ -62,12 +62,12 @@ MAX_NUMEL = 2**48  # elements of one tensor; bounds every product before it is f
 # Budget when the machine's memory cannot be read; otherwise half of physical memory.
 FALLBACK_MEMORY = 8 * 2**30
 SCRATCH_FIXED = 16 * 2**20  # decode tables and the pointer-jumping path of short streams
-# Decode work whose cost grows faster than the elements decoded (big-integer steps of
-# enumerative streams; penjing.codec.bitpack.Work units, ~0.1 µs each) may cost a fixed
-# allowance plus a share per byte of the file: a small file cannot buy minutes of CPU.
-# Every other decoder costs at most ~1 µs per element decoded, and the elements are
-# bounded by the memory budget (by the model, in penjing.load); docs/format.md.
-WORK_FIXED = 2**23
+# Decode work that the elements decoded do not bound (big-integer steps of enumerative
+# streams, the fixed cost of each coded section; penjing.codec.bitpack.Work units of
+# ~0.1 µs) may cost a fixed allowance plus a share per byte of the file: a small file
+# cannot buy minutes of CPU. Everything else costs at most ~1 µs per element decoded, and
+# the elements are bounded by the memory budget (by the model, in penjing.load).
+WORK_FIXED = 2**22
 WORK_PER_BYTE = 32
 _HEADER = struct.Struct("<4sHHQI")
 _FIX = "re-create it with penjing.codec.save"

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from penjing.codec import entropy, huffman, packed, relindex
+from penjing.codec.bitpack import charge
 from penjing.codec.report import LayerReport, layer_report
 
 ENCODINGS = ("raw", "dense", "sparse", "packed")
+SECTION_UNITS = 10_000  # decode work (penjing.codec.bitpack.Work) of one coded section
 SECTIONS = {
     "raw": ("raw",),
     "dense": ("codebook", "codes"),
@@ -259,6 +261,9 @@ def decode_tensor(entry: dict, sections: dict[str, memoryview],
     encoding = entry["encoding"]
     if encoding == "raw":
         return _from_raw(sections["raw"], dtype, shape)
+    # the fixed cost of each section of a coded tensor (stream headers, code tables, a
+    # dozen numpy calls: ~0.5 ms), so thousands of tiny coded tensors are bounded by bytes
+    charge(work, SECTION_UNITS * len(SECTIONS[encoding]), f"coded tensor {entry['name']!r}")
     if dtype not in _PATTERN:
         raise ValueError(
             f"encoding {encoding!r} needs a float16/bfloat16/float32/float64 "

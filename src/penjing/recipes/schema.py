@@ -378,10 +378,11 @@ def stage_tag(value: Any) -> str | None:
     or None when its kind or chooser is missing or unknown."""
     if isinstance(value, BaseModel):
         value = value.model_dump()
-    if isinstance(value, dict) and value.get("stage") not in STAGES and isinstance(
-            value.get("stage"), str) and value["stage"] in steps.runnable():
+    if not isinstance(value, dict) or not isinstance(value.get("stage"), str):
+        return None  # (a mapping or list as `stage` is not a name: no membership test)
+    if value["stage"] not in STAGES and value["stage"] in steps.runnable():
         return "step"
-    if not isinstance(value, dict) or value.get("stage") not in STAGES:
+    if value["stage"] not in STAGES:
         return None
     kind = value["stage"]
     if kind not in CHOOSER:

@@ -366,6 +366,11 @@ def restore_state(q: nn.Module, tensors: dict, path: str | os.PathLike) -> dict:
                 f"{type(q).__name__}: it was saved from a different model or config"
             )
         quant, shape = integer[float_key], shapes[float_key]
+        if suffix == _NIBBLE_SUFFIX and not _fits_a_nibble(quant.spec):
+            raise FormatError(
+                f"{str(path)!r} is corrupt or forged: {key!r} holds two integers to a byte, "
+                f"which only weights of 16 levels or fewer are stored as, but its config "
+                f"says {quant.spec.bits} bits; save the model again")
         if suffix == _NIBBLE_SUFFIX:
             try:
                 ints = unpack_nibbles(value, quant.spec.qmin, shape)
