@@ -216,3 +216,17 @@ def test_a_load_removes_temps_that_killed_writes_left_in_its_folder(tmp_path):
         pj.load(tmp_path / target, net)
         assert not temp.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pjz", "m.safetensors"]
+
+
+def test_a_pickle_is_refused_in_one_whole_sentence_that_names_the_risk(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pickle ran",))
+
+    torch.save({"model": Boom()}, tmp_path / "evil.pt")
+    with pytest.raises(FormatError) as info:
+        pj.load(tmp_path / "evil.pt", net)
+    msg = str(info.value)
+    assert "Unsupported global: GLOBAL print was not an allowed global by default" in msg
+    assert "can run code from the file, so penjing does not" in msg
+    assert "\x1b[" not in msg and msg.endswith("convert the file to safetensors")

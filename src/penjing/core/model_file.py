@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -226,6 +227,19 @@ def _load_pjz(path, base: nn.Module, max_memory: int | None) -> nn.Module:
     return load_state(built[0], state, path).eval()
 
 
+def _torch_reason(err: BaseException) -> str:
+    """torch.load's reason in one whole sentence: for a pickle that would rebuild objects,
+    which one it names, and that unpickling it could run code (torch's own message is a
+    page of advice with terminal colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error: (.+?)(?:\.\s|\.?$)", text, re.M)
+    if found:
+        return (f"{found.group(1).strip()}; rebuilding such objects means unpickling, which "
+                "can run code from the file, so penjing does not")
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first if len(first) <= 300 else first[:first.rfind(" ", 0, 300)] + " ..."
+
+
 def _load_torch(path, base: nn.Module) -> nn.Module:
     """A PyTorch state dict (optionally under "state_dict" or "model"), never unpickled."""
     try:
@@ -233,8 +247,8 @@ def _load_torch(path, base: nn.Module) -> nn.Module:
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as err:
         raise FormatError(
             f"{os.fspath(path)!r} is not a plain PyTorch state dict that loads with "
-            f"weights_only=True ({str(err).splitlines()[0][:200]}); save model.state_dict() "
-            "with torch.save, or convert the file to safetensors"
+            f"weights_only=True ({_torch_reason(err)}); save model.state_dict() with "
+            "torch.save, or convert the file to safetensors"
         ) from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
