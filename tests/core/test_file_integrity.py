@@ -230,3 +230,16 @@ def test_a_pickle_is_refused_in_one_whole_sentence_that_names_the_risk(tmp_path)
     assert "Unsupported global: GLOBAL print was not an allowed global by default" in msg
     assert "can run code from the file, so penjing does not" in msg
     assert "\x1b[" not in msg and msg.endswith("convert the file to safetensors")
+
+
+def test_a_torchscript_archive_is_refused_without_torch_warnings(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own
+        torch.jit.script(nn.Linear(6, 8)).save(str(tmp_path / "ts.pt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(FormatError, match=r"it is a TorchScript archive \(torch.jit.save\)"):
+            pj.load(tmp_path / "ts.pt", net)
+    assert [str(w.message) for w in caught] == []

@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -232,6 +233,9 @@ def _torch_reason(err: BaseException) -> str:
     which one it names, and that unpickling it could run code (torch's own message is a
     page of advice with terminal colour codes)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if "TorchScript" in text:
+        return ("it is a TorchScript archive (torch.jit.save), which holds a program, not a "
+                "state dict")
     found = re.search(r"WeightsUnpickler error: (.+?)(?:\.\s|\.?$)", text, re.M)
     if found:
         return (f"{found.group(1).strip()}; rebuilding such objects means unpickling, which "
@@ -243,7 +247,9 @@ def _torch_reason(err: BaseException) -> str:
 def _load_torch(path, base: nn.Module) -> nn.Module:
     """A PyTorch state dict (optionally under "state_dict" or "model"), never unpickled."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice; the FormatError below says it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as err:
         raise FormatError(
             f"{os.fspath(path)!r} is not a plain PyTorch state dict that loads with "
