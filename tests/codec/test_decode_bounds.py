@@ -114,3 +114,23 @@ def test_the_budget_grows_with_the_file():
     work = container.work_budget(1000)
     assert work.limit == container.WORK_FIXED + container.WORK_PER_BYTE * 1000
     assert "32 per byte of its 1,000" in work.why
+
+
+def test_thousands_of_tiny_coded_tensors_are_refused_before_any_is_decoded(tmp_path,
+                                                                           monkeypatch):
+    stream = rans.encode(np.array([1, 0, 1, 1], dtype=np.uint16))
+    path = pjz(tmp_path / "tiny.pjz", [(f"t{i}", (4,), 1, stream) for i in range(1000)])
+
+    def never(*args, **kwargs):
+        raise AssertionError("decoded before the budget was checked")
+
+    monkeypatch.setattr(container, "decode_tensor", never)
+    start = time.perf_counter()
+    with pytest.raises(FormatError, match=r"tensor 't\d+' brings it to [\d,]+ units, the "
+                                          r"budget is [\d,]+: 4,194,304 \+ 32 per byte"):
+        pj.codec.load(path)
+    assert time.perf_counter() - start < 2
+    # a few hundred are within the budget, and decode
+    monkeypatch.undo()
+    few = pjz(tmp_path / "few.pjz", [(f"t{i}", (4,), 1, stream) for i in range(100)])
+    assert torch.equal(pj.codec.load(few)["t7"], torch.tensor([0.5, 0.0, 0.5, 0.5]))

@@ -848,7 +848,7 @@ def _pjz_amplify(rng: np.random.Generator, f: _Pjz) -> None:
     times = int(rng.choice([100, 1000, 3000]))
     t = int(rng.integers(len(tensors)))
     # a thousand small tensors is the attack; a thousand large ones just a large file
-    times = min(times, 4 * 2**20 // max(1, sum(map(len, f.sections[t]))))
+    times = min(times, 2**20 // max(1, sum(map(len, f.sections[t]))))
     for i in range(times):
         clone = json.loads(json.dumps(tensors[t]))
         if isinstance(clone, dict):

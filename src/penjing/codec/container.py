@@ -41,6 +41,7 @@ from penjing.codec.encoding import (
     SECTIONS,
     check_tensor,
     decode_tensor,
+    decode_work,
     dtype_from_name,
     encode_tensor,
 )
@@ -477,10 +478,15 @@ def load_with_history(
         check({e["name"]: (dtype_from_name(e["dtype"]), tuple(e["shape"]))
                for e in manifest["tensors"]}, history)
     work = work_budget(len(data))
+    for entry, sections in pending:  # the whole budget, before anything is decoded
+        try:
+            work.spend(decode_work(entry, sections), f"tensor {entry['name']!r}")
+        except ValueError as err:
+            raise _error(path, str(err)) from None
     state: dict[str, torch.Tensor] = {}
     for entry, sections in pending:
         try:
-            state[entry["name"]] = decode_tensor(entry, sections, work)
+            state[entry["name"]] = decode_tensor(entry, sections)
         except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as err:
             raise _error(path, f"tensor {entry['name']!r} cannot be decoded: {err}") from err
         except MemoryError as err:  # the budget is an estimate; the allocator has the last word

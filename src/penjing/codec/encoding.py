@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from penjing.codec import entropy, huffman, packed, relindex
-from penjing.codec.bitpack import charge
 from penjing.codec.report import LayerReport, layer_report
 
 ENCODINGS = ("raw", "dense", "sparse", "packed")
@@ -251,6 +250,17 @@ def encode_tensor(
     return EncodedTensor(entry, best.sections, report)
 
 
+def decode_work(entry: dict, sections: dict[str, memoryview]) -> int:
+    """The decode work (penjing.codec.bitpack.Work units) of one checked tensor entry: the
+    fixed cost of each section of a coded tensor (stream headers, code tables, a dozen
+    numpy calls: ~0.5 ms), so thousands of tiny coded tensors are bounded by their bytes,
+    plus what its streams' headers say they need (`entropy.work`)."""
+    if entry["encoding"] in ("raw", "packed"):
+        return 0 if entry["encoding"] == "raw" else SECTION_UNITS * len(sections)
+    streams = [v for k, v in sections.items() if k != "codebook"]
+    return SECTION_UNITS * len(sections) + sum(entropy.work(s) for s in streams)
+
+
 def decode_tensor(entry: dict, sections: dict[str, memoryview],
                   work: entropy.Work | None = None) -> torch.Tensor:
     """Rebuild a tensor from its manifest entry and section bytes; corrupt input, or a
@@ -261,9 +271,6 @@ def decode_tensor(entry: dict, sections: dict[str, memoryview],
     encoding = entry["encoding"]
     if encoding == "raw":
         return _from_raw(sections["raw"], dtype, shape)
-    # the fixed cost of each section of a coded tensor (stream headers, code tables, a
-    # dozen numpy calls: ~0.5 ms), so thousands of tiny coded tensors are bounded by bytes
-    charge(work, SECTION_UNITS * len(SECTIONS[encoding]), f"coded tensor {entry['name']!r}")
     if dtype not in _PATTERN:
         raise ValueError(
             f"encoding {encoding!r} needs a float16/bfloat16/float32/float64 "

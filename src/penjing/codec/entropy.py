@@ -95,6 +95,14 @@ def coder(data: bytes | memoryview) -> str:
     return CODERS[data[0]]
 
 
+def work(data: bytes | memoryview) -> int:
+    """The decode work (penjing.codec.bitpack.Work units) a stream's header says it needs
+    beyond ~1 µs per symbol: a file's whole budget is checked before anything decodes."""
+    if len(data) and data[0] == enumerative.TAG:
+        return enumerative.work(data)
+    return 0
+
+
 def decode(data: bytes | memoryview, *, max_symbols: int | None = None,
            work: Work | None = None) -> np.ndarray:
     """Decode a stream made by `encode`; more than `max_symbols` symbols is a ValueError,

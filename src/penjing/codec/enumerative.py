@@ -99,6 +99,18 @@ def _width(capacity: int) -> int:
     return ((capacity - 1).bit_length() + 7) // 8
 
 
+def work(data: bytes | memoryview) -> int:
+    """What `decode` will charge for this stream (0 for a header it cannot read: decoding
+    then refuses it for free)."""
+    try:
+        r = Reader(data, "enumerative stream")
+        r.u8()
+        n, _ = r.varint(), r.varint()
+    except ValueError:
+        return 0
+    return n * max(1, (len(r.data) - r.pos) // 8)
+
+
 def decode(data: bytes | memoryview, *, max_symbols: int | None = None,
            work: Work | None = None) -> np.ndarray:
     """Decode a stream made by `encode`; corrupt input is a ValueError. Each symbol is a
