@@ -243,3 +243,21 @@ def test_a_torchscript_archive_is_refused_without_torch_warnings(tmp_path):
         with pytest.raises(FormatError, match=r"it is a TorchScript archive \(torch.jit.save\)"):
             pj.load(tmp_path / "ts.pt", net)
     assert [str(w.message) for w in caught] == []
+
+
+def test_a_pruned_file_from_before_the_hash_still_loads_but_not_a_damaged_new_one(tmp_path):
+    from penjing.prune.structural.surgery import Change
+
+    model = net()
+    changes = [Change("0", "weight", 0, (0, 2, 3)), Change("0", "bias", 0, (0, 2, 3)),
+               Change("2", "weight", 1, (0, 2, 3))]
+    pj.prune.apply_(model, changes)
+    pj.prune.save_pruned(model, changes, tmp_path / "new.safetensors")
+    tensors, meta = read(tmp_path / "new.safetensors")
+    old = {"penjing.prune.changes": meta["penjing.prune.changes"]}
+    write(tmp_path / "old.safetensors", tensors, old, rehash=False)
+    assert torch.equal(pj.prune.load_pruned(net(), tmp_path / "old.safetensors")(X), model(X))
+    write(tmp_path / "flip.safetensors", tensors,
+          {**old, "penjing.sha2f6": meta[INTEGRITY_KEY]}, rehash=False)
+    with pytest.raises(FormatError, match="'penjing.sha2f6'"):
+        pj.prune.load_pruned(net(), tmp_path / "flip.safetensors")

@@ -37,14 +37,18 @@ def _canonical(data: bytes) -> bytes:
 # quantized checkpoints of formats 1 and 2 carry a tensor-only hash under this key, which
 # their reader checks
 _OLD_HASH_KEY = "sha256"
+# pruned models written before the hash existed have this key alone; they still load (a
+# damaged hash key in a newer one is caught by _damaged_hash_key)
+_OLD_PRUNED_KEY = "penjing.prune.changes"
 
 
 def _needs_hash(metadata: dict[str, str]) -> bool:
     """Whether a file's metadata says penjing wrote it: such a file must carry its hash
     (a flipped bit in the hash's key must not turn the check off)."""
-    return _OLD_HASH_KEY not in metadata and (any(k.startswith("penjing.") for k in metadata)
-                                              or str(metadata.get("format", "")).startswith(
-                                                  "penjing."))
+    if _OLD_HASH_KEY in metadata:
+        return False
+    return any(k.startswith("penjing.") and k != _OLD_PRUNED_KEY for k in metadata) or str(
+        metadata.get("format", "")).startswith("penjing.")
 
 
 def _damaged_hash_key(metadata: dict[str, str]) -> str | None:
