@@ -1,7 +1,9 @@
 """Fuzz every penjing loader with structure-aware mutations (`make fuzz`).
 
-Runs `--inputs` mutated files (.pjz, plain, pruned and quantized checkpoints, checksums
-recomputed) through the loaders in worker processes, each input under a watchdog, and
+Runs `--inputs` mutated files (.pjz through penjing.codec.load and penjing.load, plain,
+pruned and quantized checkpoints, penjing.save model files, `penjing inspect`, recipes;
+checksums mostly recomputed) through the loaders in worker processes, each input under a
+watchdog, and
 writes the `fuzz` section of BENCHMARKS.md: inputs per loader, exceptions by type (every
 one that is not a penjing.errors type is a failure), the slowest input, peak memory, and
 how long valid .pjz files of growing size take to load (linear in their size).
@@ -25,7 +27,8 @@ from common import ROOT, write_section
 
 sys.path.insert(0, str(ROOT / "tests" / "fuzz"))
 
-SHARES = {"pjz": 0.6, "checkpoint": 0.15, "pruned": 0.2, "quantized": 0.05}
+SHARES = {"pjz": 0.3, "checkpoint": 0.1, "pruned": 0.1, "quantized": 0.05, "model": 0.15,
+          "pjz_model": 0.1, "inspect": 0.1, "recipe": 0.1}
 KEEP_FAILURES = 20  # per worker, written to runs/fuzz/
 
 
@@ -84,11 +87,16 @@ def main() -> None:
     failures = ", ".join(f"{k}: {v:,}" for k, v in total.exceptions.most_common()) or "none"
     lines = [
         "Structure-aware fuzzing of every loader (`tests/fuzz/harness.py`): valid files "
-        "edited in their manifests, shapes, counts, Huffman headers and chunk sizes, change "
-        "lists, quantization configs and tensors, with checksums and hashes recomputed. "
-        f"A failure is any exception that is not a `penjing.errors` type, an input over "
-        f"{harness.SLOW_S:g} s, or a peak resident memory over {harness.MEMORY_FACTOR}x "
-        f"the decoded size + {harness.MEMORY_FIXED >> 20} MiB.",
+        "edited in their manifests, shapes, counts, Huffman and rANS headers, one-symbol "
+        "streams and thousand-fold tensor lists, change lists, histories, quantization "
+        "configs, hash keys and tensors (checksums and hashes mostly recomputed), and "
+        "recipes edited in their values, stage order and YAML aliases. A failure is any "
+        "exception that is not a `penjing.errors` type, an input over "
+        f"{harness.SLOW_S:g} s + {harness.SLOW_PER_FILE_BYTE_S * 1e6:g} µs per file byte + "
+        f"{harness.SLOW_PER_BYTE_S * 1e6:g} µs per decoded byte, a peak resident memory "
+        f"over {harness.MEMORY_FACTOR}x the decoded size + {harness.MEMORY_FIXED >> 20} MiB, "
+        "or a model file that loads although forged (hash not recomputed, or only its "
+        "history or config edited) and computes something its seed does not.",
         "",
         *rows,
         "",

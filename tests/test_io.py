@@ -37,7 +37,7 @@ def _dead_pid() -> int:
     return int(done.stdout)
 
 
-def test_temps_of_killed_writes_are_removed_by_the_next_write(tmp_path):
+def test_temps_of_killed_writes_are_removed_by_the_next_write_in_the_folder(tmp_path):
     import os
 
     target = tmp_path / "model.pjz"
@@ -47,12 +47,15 @@ def test_temps_of_killed_writes_are_removed_by_the_next_write(tmp_path):
     alive.write_bytes(b"y")
     other = tmp_path / f".other.pjz.penjing-{_dead_pid()}-12345678.tmp"  # another target
     other.write_bytes(b"z")
+    other_legacy = tmp_path / ".other.pjz.ab_cd123.tmp"  # too unlike ours to touch
+    other_legacy.write_bytes(b"v")
+    os.utime(other_legacy, (1e9, 1e9))
     legacy = tmp_path / ".model.pjz.ab_cd123.tmp"  # mkstemp name of older penjing, a day old
     legacy.write_bytes(b"w")
     os.utime(legacy, (1e9, 1e9))
     atomic_write_bytes(target, b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["model.pjz", alive.name, other.name]
+        ["model.pjz", alive.name, other_legacy.name]
     )
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import penjing as pj
+from penjing.core.checkpoint import checkpoint_digest
 from penjing.errors import FormatError, UnsupportedLayerError
 
 X = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(0))
@@ -153,11 +154,12 @@ def test_bad_files_and_models_are_clear_errors(tmp_path):
     steps = json.loads(meta["penjing.history"])
     steps[0]["changes"][0][3] = [0, 1, 10_000]
     meta["penjing.history"] = json.dumps(steps)
-    meta.pop("penjing.sha256")
+    meta["penjing.sha256"] = checkpoint_digest(tensors, meta)  # a forger recomputes it
     save_file(tensors, tmp_path / "forged.safetensors", metadata=meta)
     with pytest.raises(FormatError, match="does not fit"):
         pj.load(tmp_path / "forged.safetensors", TinyRes)
     meta["penjing.history"] = '[{"op": "rm -rf"}]'
+    meta["penjing.sha256"] = checkpoint_digest(tensors, meta)
     save_file(tensors, tmp_path / "unknown.safetensors", metadata=meta)
     with pytest.raises(FormatError, match="history cannot be read"):
         pj.load(tmp_path / "unknown.safetensors", TinyRes)

@@ -87,10 +87,12 @@ def _process_started_after(pid: int, when: float) -> bool:
 
 
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete temp files that interrupted writes of `path` left (their process is gone);
-    returns what was removed. Another live writer's temp file is left alone."""
+    """Delete the temp files that interrupted writes left in the folder of `path` (their
+    process is gone); returns what was removed. Another live writer's temp file is left
+    alone. Every save and every load of a penjing file calls this, so a write killed
+    halfway costs its disk space only until the folder is next used."""
     path = Path(path)
-    ours = re.compile(rf"^\.{re.escape(path.name)}\.penjing-(\d+)-[0-9a-f]+\.tmp$")
+    ours = re.compile(r"^\..+\.penjing-(\d+)-[0-9a-f]+\.tmp$")
     legacy = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp$")
     removed = []
     try:

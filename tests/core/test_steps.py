@@ -20,6 +20,7 @@ import penjing as pj
 from penjing import recipes
 from penjing.cli import main
 from penjing.core import history, steps
+from penjing.core.checkpoint import checkpoint_digest
 from penjing.errors import FormatError
 
 # --- the toy method: scale one Linear's output by a factor kept as a buffer -------------
@@ -138,8 +139,8 @@ def test_a_file_of_an_unregistered_or_malformed_step_is_refused(toy, tmp_path):
     with safe_open(tmp_path / "m.safetensors", "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         meta = f.metadata()
-    meta.pop("penjing.sha256")
     meta["penjing.history"] = json.dumps([{"op": "toy_scale", "layer": 3}])
+    meta["penjing.sha256"] = checkpoint_digest(tensors, meta)  # as a forger would
     save_file(tensors, tmp_path / "bad.safetensors", meta)
     with pytest.raises(FormatError, match="a toy_scale step names its layer"):
         pj.load(tmp_path / "bad.safetensors", MLP)

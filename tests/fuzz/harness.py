@@ -1,12 +1,17 @@
 """Structure-aware fuzzing of every penjing loader.
 
-Byte flips only test the checksums. Here each input is a valid file (a .pjz, or a plain,
-pruned or quantized safetensors checkpoint) edited where it means something — manifest
-fields, shapes, counts, Huffman and rANS headers and chunk sizes, change lists, quantization
-configs, tensors — with its checksums and hashes recomputed, so the edit reaches the
-parser behind them. Every input runs in-process under a watchdog; a loader passes when it
-returns or raises a `penjing.errors.PenjingError`, in under `SLOW_S` seconds, with its peak
-resident memory under `MEMORY_FACTOR` x what it decoded plus `MEMORY_FIXED`.
+Byte flips only test the checksums. Here each input is a valid file (a .pjz, a plain,
+pruned or quantized safetensors checkpoint, a `pj.save` model file, a recipe) edited where
+it means something — manifest fields, shapes, counts, Huffman and rANS headers and chunk
+sizes, one-symbol streams and thousand-fold tensor lists, change lists, histories,
+quantization configs, hash keys, tensors, YAML aliases and values — with its checksums
+and hashes recomputed (mostly), so the edit reaches the parser behind them. Every input
+runs in-process under a watchdog; a loader passes when it returns or raises a
+`penjing.errors.PenjingError`, in under `SLOW_S` seconds plus a share per byte of the
+file and per byte it decoded, with its peak resident memory under `MEMORY_FACTOR` x what
+it decoded plus `MEMORY_FIXED`. A model file that loads although its hash was not
+recomputed, or although only its metadata (history, config) was edited, must compute
+what its seed computes: a forged file must not load silently.
 
 Used by tests/fuzz/test_fuzz.py (a bounded share in `make test`) and bench/fuzz.py
 (`make fuzz`, 100,000 inputs).
@@ -45,12 +50,19 @@ from penjing.quant import ptq, save_quantized
 from penjing.quant.linear.checkpoint import load_quantized
 from penjing.quant.linear.config import make_config
 
-SLOW_S = 2.0  # an input that takes longer is a failure
+# An input fails when it takes longer than SLOW_S, plus SLOW_PER_FILE_BYTE_S per byte of
+# the file (Huffman decodes ~1 µs per byte), plus SLOW_PER_BYTE_S per byte it decoded
+# (a one-lane rANS stream costs ~1 µs per element, 0.25 µs per float32 byte): the bound
+# docs/format.md states.
+SLOW_S = 2.0
+SLOW_PER_FILE_BYTE_S = 2e-6
+SLOW_PER_BYTE_S = 0.25e-6
 WATCHDOG_S = 10.0  # an input still running then is stopped and counted
 MEMORY_FACTOR = 4
 MEMORY_FIXED = 64 * 2**20
 MAX_MEMORY = 2**30  # the .pjz budget under fuzzing: a file may claim up to this, no more
-KINDS = ("pjz", "checkpoint", "pruned", "quantized")
+KINDS = ("pjz", "checkpoint", "pruned", "quantized", "model", "pjz_model", "inspect",
+         "recipe")
 
 INTERESTING = [0, 1, 2, 3, 7, 8, 15, 16, 17, 24, 25, 255, 256, 4095, 4096, 4097, 65535,
                65536, 2**20, 2**31 - 1, 2**31, 2**32, 2**40, 2**48, 2**48 + 1, 2**62,
@@ -278,7 +290,7 @@ def _raw_text(rng: np.random.Generator, text: str) -> str:
     return text.replace("[", "[[", 1)
 
 
-def mutate_pjz(rng: np.random.Generator, seed: bytes) -> bytes:
+def _mutate_pjz_fields(rng: np.random.Generator, seed: bytes) -> bytes:
     f = _Pjz.parse(seed)
     tensors = f.manifest["tensors"]
     text = None
@@ -485,6 +497,10 @@ LOADERS: dict[str, Callable[[Path, nn.Module | None], object]] = {
     "checkpoint": lambda p, m: pj.train.load_checkpoint(p, m),
     "pruned": lambda p, m: pj.prune.load_pruned(m, p),
     "quantized": lambda p, m: load_quantized(m, p),
+    "model": lambda p, m: pj.load(p, mlp),
+    "pjz_model": lambda p, m: pj.load(p, mlp, max_memory=MAX_MEMORY),
+    "inspect": lambda p, m: _inspect(p),
+    "recipe": lambda p, m: _recipe(p),
 }
 
 
@@ -528,35 +544,64 @@ class Fuzzer:
         self.checkpoints = checkpoint_seeds(self.folder / "seeds")
         self.path = self.folder / "input"
         self.track_memory = _reset_peak()
-        self.models = {kind: mlp() for kind in KINDS[1:]}
+        self.models = {kind: mlp() for kind in ("checkpoint", "pruned", "quantized")}
+        self.model_files = model_seeds(self.folder / "seeds")
+        self.pjz_models = pjz_model_seeds()
+        self.recipes = recipe_seeds()
+        self.must_match = None  # what a model-file input must compute if it loads
         for kind in KINDS:  # warm up caches so the first input's imports are not counted
             self.run(kind, self.seed_bytes(kind), Stats())
 
     def seed_bytes(self, kind: str) -> bytes:
+        self.must_match = None
         if kind == "pjz":
             return self.pjz[0]
+        if kind in ("model", "inspect"):
+            return safetensors_bytes(*self.model_files[0][:2])
+        if kind == "pjz_model":
+            return self.pjz_models[0]
+        if kind == "recipe":
+            return self.recipes[0].encode()
         tensors, metadata = self.checkpoints[kind][0]
         return safetensors_bytes(tensors, metadata=metadata)
 
     def mutate(self, kind: str) -> bytes:
+        self.must_match = None
+        pick = self.rng.integers
         if kind == "pjz":
-            return mutate_pjz(self.rng, self.pjz[self.rng.integers(len(self.pjz))])
+            return mutate_pjz(self.rng, self.pjz[pick(len(self.pjz))])
+        if kind == "pjz_model":
+            return mutate_pjz(self.rng, self.pjz_models[pick(len(self.pjz_models))])
+        if kind == "model" or (kind == "inspect" and self.rng.random() < 0.7):
+            tensors, metadata, outputs = self.model_files[pick(len(self.model_files))]
+            data, trusted = mutate_model(self.rng, tensors, metadata)
+            self.must_match = None if trusted or kind != "model" else outputs
+            return data
+        if kind == "inspect":
+            return mutate_pjz(self.rng, self.pjz_models[pick(len(self.pjz_models))])
+        if kind == "recipe":
+            return mutate_recipe(self.rng, self.recipes[pick(len(self.recipes))]).encode(
+                "utf-8", "surrogatepass")
         seeds = self.checkpoints[kind]
-        return mutate_checkpoint(self.rng, seeds[self.rng.integers(len(seeds))])
+        return mutate_checkpoint(self.rng, seeds[pick(len(seeds))])
 
     def run(self, kind: str, data: bytes, stats: Stats) -> None:
         self.path.write_bytes(data)
         base = _status("VmRSS") if self.track_memory and _reset_peak() else 0
         previous = signal.signal(signal.SIGALRM, _alarm)
-        signal.setitimer(signal.ITIMER_REAL, WATCHDOG_S)
+        signal.setitimer(signal.ITIMER_REAL, WATCHDOG_S + 2 * SLOW_PER_FILE_BYTE_S * len(data))
         start = time.perf_counter()
-        out, error = None, None
+        out, error, refused = None, None, False
         # A failed load leaves the model as it was, so the same one serves the next input
         # (and is checked below); a successful one may have changed it.
         model = self.models.get(kind)
         try:
             out = LOADERS[kind](self.path, model)
+            if kind == "model" and self.must_match is not None and _differs(
+                    out, self.must_match):
+                error = "forged loaded"
         except PenjingError:
+            refused = True
             if model is not None and not _unchanged(model):
                 error = "model changed"
         except Timeout:
@@ -573,11 +618,12 @@ class Fuzzer:
             self.models[kind] = mlp()
         del out
         stats.inputs[kind] += 1
-        stats.accepted[kind] += error is None and decoded > 0
+        stats.accepted[kind] += error is None and not refused
         stats.peak_memory = max(stats.peak_memory, peak)
         if seconds > stats.slowest[0]:
             stats.slowest = (seconds, kind)
-        if error is None and seconds > SLOW_S:
+        if error is None and seconds > (SLOW_S + SLOW_PER_FILE_BYTE_S * len(data)
+                                        + SLOW_PER_BYTE_S * decoded):
             error = "slow"
         if error is None and peak > MEMORY_FACTOR * decoded + MEMORY_FIXED:
             error = "memory"
@@ -639,3 +685,259 @@ def read_back(path: Path) -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors file, for a failing input saved to disk."""
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+# ---- model files (pj.save), .pjz through pj.load, inspect, recipes ---------------------
+
+X = torch.randn(4, 8, generator=torch.Generator().manual_seed(5))
+
+
+def _outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(X)
+
+
+def _differs(out: object, expected: torch.Tensor) -> bool:
+    got = _outputs(out) if isinstance(out, nn.Module) else None
+    return got is None or got.shape != expected.shape or not torch.allclose(
+        got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def model_seeds(folder: Path) -> list[tuple[dict, dict, torch.Tensor]]:
+    """(tensors, metadata, outputs) of `pj.save` files of `mlp`: channels removed, live
+    masks and shared weights, INT8 weights and activations, INT4 weights in groups."""
+    folder.mkdir(parents=True, exist_ok=True)
+    models = []
+    pruned = mlp()
+    pj.prune.apply_(pruned, [Change("0", "weight", 0, (0, 2, 3, 5)),
+                             Change("0", "bias", 0, (0, 2, 3, 5)),
+                             Change("1", "weight", 0, (0, 2, 3, 5)),
+                             Change("1", "bias", 0, (0, 2, 3, 5)),
+                             Change("1", "running_mean", 0, (0, 2, 3, 5)),
+                             Change("1", "running_var", 0, (0, 2, 3, 5)),
+                             Change("3", "weight", 1, (0, 2, 3, 5))])
+    models.append(pruned)
+    shared = mlp()
+    pj.quant.kmeans_(shared, bits=2)
+    models.append(shared)
+    calib = [torch.randn(16, 8, generator=torch.Generator().manual_seed(1))]
+    models.append(ptq(mlp().eval(), calib, make_config(bits=8, granularity="channel",
+                                                       act_bits=8)))
+    models.append(ptq(mlp().eval(), calib, make_config(bits=4, granularity="group",
+                                                       group_size=4, act_bits=None)))
+    seeds = []
+    for i, model in enumerate(models):
+        path = folder / f"model{i}.safetensors"
+        pj.save(model, path)
+        tensors, metadata = _read_safetensors(path.read_bytes())
+        seeds.append((tensors, metadata, _outputs(pj.load(path, mlp))))
+    return seeds
+
+
+def pjz_model_seeds() -> list[bytes]:
+    """.pjz files of `mlp` (weight-shared, and with channels removed) for pj.load."""
+    seeds = []
+    g = torch.Generator().manual_seed(3)
+    plain = mlp()
+    with torch.no_grad():
+        for layer in (plain[0], plain[3]):
+            layer.weight.copy_(_shared(tuple(layer.weight.shape), 7, 0.6, g))
+    seeds.append(b"".join(container._build(plain, None, container.MAX_CODEBOOK)[0]))
+    pruned = copy.deepcopy(plain)
+    pj.prune.apply_(pruned, [Change("0", "weight", 0, (1, 2, 4)), Change("0", "bias", 0, (1, 2, 4)),
+                             Change("1", "weight", 0, (1, 2, 4)), Change("1", "bias", 0, (1, 2, 4)),
+                             Change("1", "running_mean", 0, (1, 2, 4)),
+                             Change("1", "running_var", 0, (1, 2, 4)),
+                             Change("3", "weight", 1, (1, 2, 4))])
+    seeds.append(b"".join(container._build(pruned, None, container.MAX_CODEBOOK)[0]))
+    return seeds
+
+
+def _flip_key(rng: np.random.Generator, key: str) -> str:
+    i = int(rng.integers(len(key)))
+    return key[:i] + chr(ord(key[i]) ^ (1 << int(rng.integers(5)))) + key[i + 1:]
+
+
+def mutate_model(rng: np.random.Generator, tensors: dict, metadata: dict) -> tuple[bytes, bool]:
+    """A mutated `pj.save` file, and whether it is trusted: its hash was recomputed over a
+    tensor edit (a legitimately different model) or a self-consistent config edit (below).
+    An untrusted one that loads must compute what its seed does."""
+    tensors, metadata = dict(tensors), dict(metadata)
+    metadata.pop(INTEGRITY_KEY, None)
+    touched_tensors = self_consistent = False
+    for _ in range(int(rng.integers(1, 4))):
+        op = rng.integers(100)
+        if op < 45:  # the history: structure, configs, bits
+            try:
+                steps = json.loads(metadata["penjing.history"])
+                metadata["penjing.history"] = json.dumps(_walk_edit(rng, steps))
+            except (KeyError, ValueError, RecursionError):
+                metadata["penjing.history"] = _raw_text(rng, metadata.get("penjing.history",
+                                                                          "[]"))
+        elif op < 60:  # a quantization config's field, as a forger would edit it
+            try:
+                steps = json.loads(metadata["penjing.history"])
+                config = next(s["config"] for s in steps if s.get("op") == "quantize")
+                spec = config[str(rng.choice(["weight", "activation"]))] or config["weight"]
+                stored_as_nibbles = _levels(spec) <= 16
+                field_ = str(rng.choice(["bits", "bits", "signed", "symmetric", "granularity"]))
+                spec[field_] = (
+                    int(rng.choice([2, 3, 4, 5, 6, 7, 8, 16])) if field_ == "bits" else
+                    not spec[field_] if field_ != "granularity" else
+                    {"kind": str(rng.choice(["tensor", "channel", "group"])), "axis": 0,
+                     "size": int(rng.choice([1, 2, 4, 8]))})
+                metadata["penjing.history"] = json.dumps(steps)
+                # Weights of 4 bits or fewer are stored as nibbles relative to qmin, so a
+                # 16-level spec read as another one (signed for unsigned, 3 bits widened
+                # to 4) is a self-consistent file: nothing in it can tell the edit from
+                # a file saved that way. Such an edit is not counted as a silent forgery.
+                nibbles = stored_as_nibbles and _levels(spec) <= 16 and spec is config["weight"]
+                self_consistent |= nibbles and field_ in ("bits", "signed")
+            except (KeyError, ValueError, TypeError, StopIteration, AttributeError,
+                    RecursionError):
+                pass
+        elif op < 65:  # nesting, numbers and garbage where the history is
+            how = rng.integers(3)
+            metadata["penjing.history"] = (
+                "[" * int(rng.choice([17, 2000, 50000])) + "]" * 3 if how == 0 else
+                '[{"op": "quantize", "config": null}]' if how == 1 else
+                '[{"op": "compact", "layers": {"0": {}}}]')
+        elif op < 70:
+            key = str(rng.choice(sorted(metadata) + ["format"]))
+            metadata[key] = _near(rng, metadata.get(key)) if rng.random() < 0.5 else str(
+                rng.choice(["penjing.model/1", "penjing.model/2", "penjing.quantized/3", ""]))
+            metadata[key] = str(metadata[key])
+        elif tensors:
+            names = sorted(tensors)
+            name = names[rng.integers(len(names))]
+            tensors[name] = _edit_tensor(rng, tensors[name]).contiguous()
+            touched_tensors = True
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
+    roll = rng.random()
+    rehashed = roll < 0.8
+    if rehashed:
+        metadata[INTEGRITY_KEY] = checkpoint_digest(tensors, metadata)
+    elif roll < 0.9:  # the hash's key damaged, the digest still the true one
+        metadata[_flip_key(rng, INTEGRITY_KEY)] = checkpoint_digest(tensors, metadata)
+    # (else: no hash at all)
+    return safetensors_bytes(tensors, metadata=metadata), rehashed and (
+        touched_tensors or self_consistent)
+
+
+def _levels(spec: dict) -> int:
+    return 2 ** spec["bits"] if isinstance(spec.get("bits"), int) else 0
+
+
+def _pjz_amplify(rng: np.random.Generator, f: _Pjz) -> None:
+    """The amplification cases: one-symbol streams that claim many elements, and tensor
+    lists repeated a thousand-fold."""
+    tensors = f.manifest["tensors"]
+    if not tensors:
+        return
+    if rng.random() < 0.5:
+        t = int(rng.integers(len(tensors)))
+        entry = tensors[t]
+        if isinstance(entry, dict) and entry.get("encoding") == "dense":
+            numel = int(rng.choice([2**16, 2**20, 2**22, 2**24]))
+            entry["shape"], entry["nonzero"] = [numel], numel
+            code = rans.encode(np.ones(numel, dtype=np.uint16)) if rng.random() < 0.5 else (
+                bytes([rans.TAGS[15]]) + varint(2 * numel + 1) + varint(64)
+                + rans._table_bytes(np.array([0, 2**16])) + b"\x00\x00\x01\x00" * 64)
+            f.sections[t][-1] = code
+        return
+    times = int(rng.choice([100, 1000, 3000]))
+    t = int(rng.integers(len(tensors)))
+    # a thousand small tensors is the attack; a thousand large ones just a large file
+    times = min(times, 2**20 // max(1, sum(map(len, f.sections[t]))))
+    for i in range(times):
+        clone = json.loads(json.dumps(tensors[t]))
+        if isinstance(clone, dict):
+            clone["name"] = f"{clone.get('name')}.{i}"
+        tensors.append(clone)
+        f.sections.append(list(f.sections[t]))
+
+
+def mutate_pjz(rng: np.random.Generator, seed: bytes) -> bytes:
+    """A .pjz edited in its fields (`_mutate_pjz_fields`), or (one in five) an
+    amplification case."""
+    if rng.random() >= 0.2:
+        return _mutate_pjz_fields(rng, seed)
+    f = _Pjz.parse(seed)
+    _pjz_amplify(rng, f)
+    f.fix()
+    return f.pack()
+
+
+def _inspect(path: Path) -> None:
+    """`penjing inspect` as the shell runs it: 0 prints, 2 is a refusal, else a failure."""
+    import contextlib
+    import io
+
+    from penjing.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["inspect", str(path)])
+    if code == 2:
+        raise PenjingError(err.getvalue())
+    if code != 0:
+        raise RuntimeError(f"penjing inspect exited {code}: {err.getvalue()[-300:]}")
+
+
+def _recipe(path: Path) -> None:
+    from penjing import recipes
+
+    recipes.load(path)
+
+
+def recipe_seeds() -> list[str]:
+    folder = Path(__file__).resolve().parents[2] / "examples" / "recipes"
+    return [p.read_text() for p in sorted(folder.glob("*.yaml"))]
+
+
+def _bomb(rng: np.random.Generator) -> str:
+    levels, width = int(rng.integers(3, 30)), int(rng.integers(2, 10))
+    if rng.random() < 0.5:
+        lines = ["b0: &b0 [x, y]"] + [
+            f"b{i}: &b{i} [" + ", ".join([f"*b{i - 1}"] * width) + "]" for i in range(1, levels)]
+    else:
+        lines = ["b0: &b0 {k: 1}"] + [
+            f"b{i}: &b{i} {{<<: [*b{i - 1}], k{i}: *b{i - 1}, j{i}: *b{i - 1}}}"
+            for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def mutate_recipe(rng: np.random.Generator, seed: str) -> str:
+    import yaml
+
+    op = rng.integers(100)
+    if op < 40:
+        data = yaml.safe_load(seed)
+        for _ in range(int(rng.integers(1, 4))):
+            data = _walk_edit(rng, data)
+        if isinstance(data, dict):
+            data.pop("plugins", None)  # a recipe's plugins are imported: not under fuzzing
+        return yaml.safe_dump(data, sort_keys=False)
+    if op < 55:
+        return _bomb(rng) + seed
+    if op < 70:  # values no run can use
+        value = str(rng.choice(["1e400", ".inf", "-.nan", "-1", "1180591620717411303424",
+                                "0", "../../x.pjz", "/etc/x.onnx", "{}", "[]", "~"]))
+        lines = seed.splitlines()
+        at = [i for i, line in enumerate(lines) if ":" in line and not line.lstrip()
+              .startswith("#")]
+        i = int(rng.choice(at))
+        key = lines[i].split(":", 1)[0]
+        lines[i] = f"{key}: {value}"
+        return "\n".join(lines) + "\n"
+    if op < 80:  # stages reordered
+        import random
+
+        data = yaml.safe_load(seed)
+        random.Random(int(rng.integers(2**31))).shuffle(data["stages"])
+        return yaml.safe_dump(data, sort_keys=False)
+    if op < 90:
+        return _edit_bytes(rng, seed.encode()).decode("utf-8", "surrogateescape")
+    if op < 95:
+        return "a: " + "[" * int(rng.choice([65, 1000, 100000])) + "\n" + seed
+    return seed + "# " + "x" * int(rng.choice([1000, 300_000])) + "\n"

@@ -24,7 +24,9 @@ harness = importlib.util.module_from_spec(_spec)
 sys.modules["fuzz_harness"] = harness  # dataclasses look their module up there
 _spec.loader.exec_module(harness)
 
-BUDGET_S = 12  # of the 20 s this file may take in `make test`
+BUDGET_S = 10  # of the ~25 s this file may take in `make test`
+SHARES = {"pjz": 0.35, "checkpoint": 0.1, "pruned": 0.1, "quantized": 0.05, "model": 0.15,
+          "pjz_model": 0.1, "inspect": 0.07, "recipe": 0.08}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +42,11 @@ def test_seeds_load_and_pass_every_rule(fuzzer):
         fuzzer.run(kind, fuzzer.seed_bytes(kind), stats)
     assert stats.exceptions == {}
     assert dict(stats.accepted) == dict.fromkeys(harness.KINDS, 1)
+    assert set(stats.inputs) == set(SHARES) == set(harness.KINDS)
 
 
 def test_mutated_files_are_refused_with_penjing_errors_only(fuzzer):
-    stats = fuzzer.campaign(5_000, {"pjz": 0.6, "checkpoint": 0.15, "pruned": 0.2,
-                                    "quantized": 0.05}, seconds=BUDGET_S)
+    stats = fuzzer.campaign(5_000, SHARES, seconds=BUDGET_S)
     assert stats.total >= 100
     assert stats.failures == [], [(k, e) for k, e, _ in stats.failures[:10]]
     assert stats.mutator_errors == 0
@@ -70,7 +72,39 @@ def test_the_harness_catches_what_it_should(fuzzer, monkeypatch):
     monkeypatch.setitem(harness.LOADERS, "checkpoint", meddling)
     fuzzer.run("checkpoint", good, stats)
     fuzzer.models["checkpoint"] = harness.mlp()
-    assert dict(stats.exceptions) == {"IndexError": 1, "model changed": 1}
+
+    # a model file that loads although it was forged, and computes something else
+    def forged(path, model):
+        other = harness.mlp()
+        other[0].bias.data += 1
+        return other
+
+    expected = harness._outputs(harness.mlp())
+    monkeypatch.setitem(harness.LOADERS, "model", forged)
+    fuzzer.must_match = expected
+    fuzzer.run("model", good, stats)
+    fuzzer.must_match = expected
+    monkeypatch.setitem(harness.LOADERS, "model", lambda p, m: harness.mlp())  # as the seed
+    fuzzer.run("model", good, stats)
+    assert dict(stats.exceptions) == {"IndexError": 1, "model changed": 1,
+                                      "forged loaded": 1}
+
+
+def test_the_new_surfaces_are_reached(fuzzer):
+    rng = np.random.default_rng(7)
+    recipes = [harness.mutate_recipe(rng, fuzzer.recipes[0]) for _ in range(40)]
+    assert any("&b" in r for r in recipes)  # alias and merge-key bombs
+    untrusted = sum(not harness.mutate_model(rng, *fuzzer.model_files[2][:2])[1]
+                    for _ in range(40))
+    assert untrusted > 10  # forged configs are checked against the seed's outputs
+
+    def tensors(data: bytes) -> int:
+        try:
+            return len(harness._Pjz.parse(data).manifest["tensors"])
+        except Exception:  # a mutation that broke the manifest itself
+            return 0
+
+    assert max(tensors(harness.mutate_pjz(rng, fuzzer.pjz[0])) for _ in range(60)) >= 100
 
 
 # ---- property-based round trips ------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from penjing.cli import common
 
@@ -12,34 +11,39 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "inspect", formatter_class=common.HelpFormatter,
         help="per-tensor storage table of a .pjz file, or the history of a model file",
-        description="For a .pjz file: every tensor's encoding, bits and bytes. For a model "
-        "file (--out of any verb): the architecture it names, what was done to it, and its "
-        "tensors' bytes.",
+        description="For a .pjz file: every tensor's encoding, bits and bytes, after checking "
+        "every section's checksum. For a model file (--out of any verb): the architecture it "
+        "names, what was done to it, and its tensors' bytes, after checking its SHA-256 and "
+        "its history as penjing.load does. A damaged file exits 2.",
     )
     parser.add_argument("path")
     parser.set_defaults(run=run)
 
 
 def _step(step: dict) -> str:
-    op = step.get("op")
+    """One line for a record that `history.read` has checked (its shape is known)."""
+    op = step["op"]
     if op == "channels":
-        return f"channels removed: {len(step.get('changes', []))} tensors sliced"
-    if op == "heads":
-        kept = step.get("layers", {})
+        return f"channels removed: {len(step['changes'])} tensors sliced"
+    if op in ("heads", "hf_heads"):
+        kept = step["layers"]
         return "attention heads kept: " + ", ".join(f"{k} {len(v)}" for k, v in kept.items())
+    if op == "hf_ffn":
+        return "FFN neurons kept: " + ", ".join(f"{k} {len(v)}" for k, v in
+                                                step["layers"].items())
     if op == "compact":
         return "convs compacted: " + ", ".join(f"{k} ({v[0]})" for k, v in
-                                               step.get("layers", {}).items())
+                                               step["layers"].items())
+    if op == "smooth":
+        return f"activations smoothed into {len(step['layers'])} layers"
     if op == "parametrize":
-        kinds = {kind for per in step.get("layers", {}).values() for ks in per.values()
-                 for kind in ks}
-        return f"live {' and '.join(sorted(kinds))} on {len(step.get('layers', {}))} layers"
+        kinds = {kind for per in step["layers"].values() for ks in per.values() for kind in ks}
+        return f"live {' and '.join(sorted(kinds))} on {len(step['layers'])} layers"
     if op == "quantize":
-        config = step.get("config", {})
-        weight, act = config.get("weight") or {}, config.get("activation")
-        return (f"quantized: weights {weight.get('bits')} bits "
-                f"({(weight.get('granularity') or {}).get('kind')}), activations "
-                + (f"{act.get('bits')} bits" if act else "float"))
+        weight, act = step["config"]["weight"], step["config"]["activation"]
+        return (("quantized: weights " + (f"{weight['bits']} bits ("
+                 f"{weight['granularity']['kind']})" if weight else "float"))
+                + ", activations " + (f"{act['bits']} bits" if act else "float"))
     return str(op)
 
 
@@ -54,16 +58,19 @@ def run(args: argparse.Namespace) -> None:
 
         print(inspect(args.path).format())
         return
+    from penjing.core import history
     from penjing.core.checkpoint import read_checkpoint
+    from penjing.errors import FormatError
 
     tensors, metadata = read_checkpoint(args.path, "model file", "penjing.save")
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     print(f"{args.path}: {metadata.get('format', 'safetensors state dict')}, "
           f"model {metadata.get('penjing.model', '(not recorded)')}, {len(tensors)} tensors, "
           f"{size:,} bytes")
-    try:
-        steps = json.loads(metadata.get("penjing.history", "[]"))
-    except ValueError:
-        steps = []
-    for i, step in enumerate(steps if isinstance(steps, list) else [], 1):
-        print(f"  {i}. {_step(step) if isinstance(step, dict) else step}")
+    try:  # the check penjing.load makes, so both refuse the same files
+        steps = history.read(metadata.get("penjing.history", "[]"))
+    except ValueError as err:
+        raise FormatError(f"{args.path!r}: its history cannot be read ({err}); write the "
+                          "file with penjing.save") from err
+    for i, step in enumerate(steps, 1):
+        print(f"  {i}. {_step(step)}")

@@ -95,3 +95,30 @@ class Reader:
         extra = len(self.data) - self.pos
         if extra:
             raise ValueError(f"{self.what} has {extra} unexpected bytes after its end")
+
+
+class Work:
+    """What a file may cost to decode, in units of about 0.1 µs of this machine's Python:
+    decoders that loop in Python per symbol or per step (`rans`, `enumerative`) charge
+    their work here before doing it, so a small hostile file cannot buy minutes of CPU.
+    Vectorised work (Huffman, packing, gathers) costs a few ns per byte and is not counted.
+    """
+
+    def __init__(self, limit: int, why: str) -> None:
+        self.limit, self.spent, self.why = limit, 0, why
+
+    def spend(self, units: int, what: str) -> None:
+        """Charge `units` for `what`, or a ValueError when the budget would be exceeded."""
+        self.spent += units
+        if self.spent > self.limit:
+            raise ValueError(
+                f"decoding needs more work than the file's budget allows ({what} brings it "
+                f"to {self.spent:,} units, the budget is {self.limit:,}: {self.why}); the "
+                "file was not written by penjing.codec.save, or is damaged")
+
+
+def charge(work: Work | None, units: int, what: str) -> None:
+    """`work.spend(units, what)` when there is a budget."""
+    if work is not None:
+        work.spend(units, what)
+

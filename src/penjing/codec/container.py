@@ -26,6 +26,7 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,12 +34,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from penjing.codec import packed
+from penjing.codec.bitpack import Work
 from penjing.codec.encoding import (
     ENCODINGS,
     PATTERN_DTYPES,
     SECTIONS,
     check_tensor,
     decode_tensor,
+    decode_work,
     dtype_from_name,
     encode_tensor,
 )
@@ -48,7 +51,7 @@ from penjing.codec.report import CompressionReport, layer_report
 from penjing.core import history, steps
 from penjing.core.parametrize import finalize_
 from penjing.errors import FormatError
-from penjing.io import atomic_write_bytes, parse_json
+from penjing.io import atomic_write_bytes, parse_json, remove_stale_temps
 
 MAGIC = b"PJZ\x00"
 FORMAT_VERSION = 1
@@ -60,6 +63,13 @@ MAX_NUMEL = 2**48  # elements of one tensor; bounds every product before it is f
 # Budget when the machine's memory cannot be read; otherwise half of physical memory.
 FALLBACK_MEMORY = 8 * 2**30
 SCRATCH_FIXED = 16 * 2**20  # decode tables and the pointer-jumping path of short streams
+# Decode work that the elements decoded do not bound (big-integer steps of enumerative
+# streams, the fixed cost of each coded section; penjing.codec.bitpack.Work units of
+# ~0.1 µs) may cost a fixed allowance plus a share per byte of the file: a small file
+# cannot buy minutes of CPU. Everything else costs at most ~1 µs per element decoded, and
+# the elements are bounded by the memory budget (by the model, in penjing.load).
+WORK_FIXED = 2**22
+WORK_PER_BYTE = 32
 _HEADER = struct.Struct("<4sHHQI")
 _FIX = "re-create it with penjing.codec.save"
 
@@ -402,7 +412,9 @@ def _read_file(path: str | os.PathLike) -> bytes:
     p = Path(path)
     if p.is_dir():
         raise IsADirectoryError(errno.EISDIR, f"{os.fspath(path)!r} is a folder, not a .pjz file")
-    return p.read_bytes()
+    data = p.read_bytes()
+    remove_stale_temps(p)
+    return data
 
 
 def load(path: str | os.PathLike, *, max_memory: int | None = None) -> dict[str, torch.Tensor]:
@@ -416,11 +428,25 @@ def load(path: str | os.PathLike, *, max_memory: int | None = None) -> dict[str,
     return load_with_history(path, max_memory=max_memory)[0]
 
 
+def work_budget(file_size: int) -> Work:
+    """The decode-work budget of a file of `file_size` bytes (WORK_FIXED + per byte)."""
+    return Work(WORK_FIXED + WORK_PER_BYTE * file_size,
+                f"{WORK_FIXED:,} + {WORK_PER_BYTE} per byte of its {file_size:,}")
+
+
 def load_with_history(
-    path: str | os.PathLike, *, max_memory: int | None = None
+    path: str | os.PathLike,
+    *,
+    max_memory: int | None = None,
+    check: Callable[[dict[str, tuple[torch.dtype, tuple[int, ...]]], list], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list]:
     """`load`, plus the structural history the file records (empty when it has none;
-    see penjing.core.history), from one read of the file."""
+    see penjing.core.history), from one read of the file.
+
+    `check({name: (dtype, shape)}, history)` runs once the manifest is read and checked,
+    before anything is decoded: penjing.load refuses there a file whose tensors do not
+    fit the model, so a small file cannot make it decode gigabytes it will not use.
+    """
     budget = _budget(max_memory)
     data = memoryview(_read_file(path))
     head = data[: _HEADER.size]
@@ -445,6 +471,18 @@ def load_with_history(
             sections[kind] = chunk
             offset += size
         pending.append((entry, sections))
+    history = manifest.get("history", [])
+    if not isinstance(history, list):
+        raise _error(path, "its history is not a list")
+    if check is not None:
+        check({e["name"]: (dtype_from_name(e["dtype"]), tuple(e["shape"]))
+               for e in manifest["tensors"]}, history)
+    work = work_budget(len(data))
+    for entry, sections in pending:  # the whole budget, before anything is decoded
+        try:
+            work.spend(decode_work(entry, sections), f"tensor {entry['name']!r}")
+        except ValueError as err:
+            raise _error(path, str(err)) from None
     state: dict[str, torch.Tensor] = {}
     for entry, sections in pending:
         try:
@@ -456,9 +494,6 @@ def load_with_history(
                 path, f"tensor {entry['name']!r} does not fit in memory once decoded",
                 "free memory, or check that the file is the model you meant",
             ) from err
-    history = manifest.get("history", [])
-    if not isinstance(history, list):
-        raise _error(path, "its history is not a list")
     return state, history
 
 
@@ -468,10 +503,28 @@ def structure(model: nn.Module) -> list[dict]:
     return [s for s in history.steps(model) if steps.get(s["op"]).structural]
 
 
-def inspect(path: str | os.PathLike) -> CompressionReport:
-    """Per-tensor sizes and encodings read from the header and manifest only (cheap).
+def _check_sections(f, manifest: dict, path: str | os.PathLike, offset: int) -> None:
+    """Every section's CRC32, read from `f` a bounded chunk at a time."""
+    for entry in manifest["tensors"]:
+        for kind, size, section_crc in entry["sections"]:
+            crc, left = 0, size
+            while left:
+                chunk = f.read(min(left, 1 << 22))
+                crc = zlib.crc32(chunk, crc)
+                left -= len(chunk)
+            if crc != section_crc:
+                raise _error(path, f"section {kind!r} of tensor {entry['name']!r} (bytes "
+                                   f"{offset}..{offset + size}) fails its CRC32 check: the "
+                                   "file is corrupt")
+            offset += size
 
-    Section CRCs are not checked and entropies are None; `load` verifies everything.
+
+def inspect(path: str | os.PathLike, *, verify: bool = True) -> CompressionReport:
+    """Per-tensor sizes and encodings, read from the header and manifest without decoding.
+
+    With `verify` (the default) every section's CRC32 is checked too, so a damaged file
+    is a FormatError here as in `load` (the whole file is read once, 4 MiB at a time);
+    entropies are None.
     """
     if Path(path).is_dir():
         raise IsADirectoryError(errno.EISDIR, f"{os.fspath(path)!r} is a folder, not a .pjz file")
@@ -479,6 +532,8 @@ def inspect(path: str | os.PathLike) -> CompressionReport:
         size = os.fstat(f.fileno()).st_size
         length, crc = _read_header(f.read(_HEADER.size), path, size)
         manifest = _read_manifest(f.read(length), crc, path, size - _HEADER.size - length)
+        if verify:
+            _check_sections(f, manifest, path, _HEADER.size + length)
     layers = [
         layer_report(entry, dtype_from_name(entry["dtype"]).itemsize)
         for entry in manifest["tensors"]

@@ -27,6 +27,7 @@ from penjing.codec import entropy, huffman, packed, relindex
 from penjing.codec.report import LayerReport, layer_report
 
 ENCODINGS = ("raw", "dense", "sparse", "packed")
+SECTION_UNITS = 10_000  # decode work (penjing.codec.bitpack.Work) of one coded section
 SECTIONS = {
     "raw": ("raw",),
     "dense": ("codebook", "codes"),
@@ -249,8 +250,21 @@ def encode_tensor(
     return EncodedTensor(entry, best.sections, report)
 
 
-def decode_tensor(entry: dict, sections: dict[str, memoryview]) -> torch.Tensor:
-    """Rebuild a tensor from its manifest entry and section bytes; corrupt input is ValueError."""
+def decode_work(entry: dict, sections: dict[str, memoryview]) -> int:
+    """The decode work (penjing.codec.bitpack.Work units) of one checked tensor entry: the
+    fixed cost of each section of a coded tensor (stream headers, code tables, a dozen
+    numpy calls: ~0.5 ms), so thousands of tiny coded tensors are bounded by their bytes,
+    plus what its streams' headers say they need (`entropy.work`)."""
+    if entry["encoding"] in ("raw", "packed"):
+        return 0 if entry["encoding"] == "raw" else SECTION_UNITS * len(sections)
+    streams = [v for k, v in sections.items() if k != "codebook"]
+    return SECTION_UNITS * len(sections) + sum(entropy.work(s) for s in streams)
+
+
+def decode_tensor(entry: dict, sections: dict[str, memoryview],
+                  work: entropy.Work | None = None) -> torch.Tensor:
+    """Rebuild a tensor from its manifest entry and section bytes; corrupt input, or a
+    stream that would exceed the `work` budget, is a ValueError."""
     dtype = dtype_from_name(entry["dtype"])
     shape = tuple(entry["shape"])
     numel = math.prod(shape)
@@ -273,14 +287,14 @@ def decode_tensor(entry: dict, sections: dict[str, memoryview]) -> torch.Tensor:
     table = np.zeros(size + 1, dtype=np.dtype(little).newbyteorder("="))
     table[1:] = np.frombuffer(cb_bytes, dtype=little)
     if encoding == "dense":
-        codes = entropy.decode(sections["codes"], max_symbols=numel)
+        codes = entropy.decode(sections["codes"], max_symbols=numel, work=work)
         if codes.size != numel:
             raise ValueError(f"code stream has {codes.size} codes for {numel} elements")
         _check_codes(codes, size)
         out = table[codes]
     else:
-        gaps = entropy.decode(sections["gaps"], max_symbols=numel)
-        values = entropy.decode(sections["values"], max_symbols=numel)
+        gaps = entropy.decode(sections["gaps"], max_symbols=numel, work=work)
+        values = entropy.decode(sections["values"], max_symbols=numel, work=work)
         if gaps.size != values.size:
             raise ValueError(
                 f"gaps and values must pair up, got {gaps.size} gaps and {values.size} values"

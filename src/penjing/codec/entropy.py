@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from penjing.codec import enumerative, huffman, rans
-from penjing.codec.bitpack import Reader, pack_uints, packed_size, unpack_uints, varint
+from penjing.codec.bitpack import Reader, Work, pack_uints, packed_size, unpack_uints, varint
 
 FIXED_TAG = 3
 CODERS = {huffman.FORMAT_VERSION: "huffman", rans.TAG: "rans", FIXED_TAG: "fixed",
@@ -77,7 +77,7 @@ def encode(symbols: np.ndarray, *, coders: tuple[str, ...] = CODER_NAMES) -> byt
             if "huffman" not in coders:
                 raise
     arr = huffman.as_symbols(symbols)
-    if ("enumerative" in coders and arr.size <= enumerative.MAX_SYMBOLS
+    if ("enumerative" in coders and arr.size <= enumerative.ENCODE_MAX_SYMBOLS
             and (arr.size == 0 or int(arr.max()) < enumerative.MAX_ALPHABET)):
         options.append(enumerative.encode(arr))
     if not options:
@@ -95,14 +95,24 @@ def coder(data: bytes | memoryview) -> str:
     return CODERS[data[0]]
 
 
-def decode(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.ndarray:
-    """Decode a stream made by `encode`; more than `max_symbols` symbols is a ValueError."""
+def work(data: bytes | memoryview) -> int:
+    """The decode work (penjing.codec.bitpack.Work units) a stream's header says it needs
+    beyond ~1 µs per symbol: a file's whole budget is checked before anything decodes."""
+    if len(data) and data[0] == enumerative.TAG:
+        return enumerative.work(data)
+    return 0
+
+
+def decode(data: bytes | memoryview, *, max_symbols: int | None = None,
+           work: Work | None = None) -> np.ndarray:
+    """Decode a stream made by `encode`; more than `max_symbols` symbols is a ValueError,
+    and so is a stream whose decoding would exceed the `work` budget."""
     if coder(data) == "rans":
         return rans.decode(data, max_symbols=max_symbols)
     if coder(data) == "fixed":
         return decode_fixed(data, max_symbols=max_symbols)
     if coder(data) == "enumerative":
-        return enumerative.decode(data, max_symbols=max_symbols)
+        return enumerative.decode(data, max_symbols=max_symbols, work=work)
     symbols = huffman.decode(data)
     if max_symbols is not None and symbols.size > max_symbols:
         raise ValueError(f"Huffman stream has {symbols.size} symbols, at most {max_symbols} "

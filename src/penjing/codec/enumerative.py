@@ -30,11 +30,16 @@ from math import comb, prod
 
 import numpy as np
 
-from penjing.codec.bitpack import Reader, varint
+from penjing.codec.bitpack import Reader, Work, charge, varint
 from penjing.codec.huffman import as_symbols
 
 TAG = 4
 MAX_SYMBOLS = 8192  # big-integer work grows as n x coded bits: ~0.1 s at most
+# `save` codes at most this many symbols enumeratively: a stream's decode work (n times
+# its bytes / 8, charged to the file's budget) then stays within the 32 units each of
+# its bytes adds to the budget (docs/format.md). Longer streams of older files still
+# decode, charged in full.
+ENCODE_MAX_SYMBOLS = 256
 MAX_ALPHABET = 64  # each symbol also updates the counts of the symbols above it
 
 
@@ -94,8 +99,23 @@ def _width(capacity: int) -> int:
     return ((capacity - 1).bit_length() + 7) // 8
 
 
-def decode(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.ndarray:
-    """Decode a stream made by `encode`; corrupt input is a ValueError."""
+def work(data: bytes | memoryview) -> int:
+    """What `decode` will charge for this stream (0 for a header it cannot read: decoding
+    then refuses it for free)."""
+    try:
+        r = Reader(data, "enumerative stream")
+        r.u8()
+        n, _ = r.varint(), r.varint()
+    except ValueError:
+        return 0
+    return n * max(1, (len(r.data) - r.pos) // 8)
+
+
+def decode(data: bytes | memoryview, *, max_symbols: int | None = None,
+           work: Work | None = None) -> np.ndarray:
+    """Decode a stream made by `encode`; corrupt input is a ValueError. Each symbol is a
+    few operations on an integer of the stream's size: that work is charged to `work`
+    before it is done."""
     r = Reader(data, "enumerative stream")
     if r.u8() != TAG:
         raise ValueError("not an enumerative stream")
@@ -110,6 +130,8 @@ def decode(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.nd
     # one is corrupt, and is refused before its bytes become an integer.
     if width > _width((n + 1) ** max(size - 1, 0) * max(size, 1) ** n):
         raise ValueError(f"enumerative stream of {n} symbols has {width} bytes: corrupt")
+    charge(work, n * max(1, width // 8), f"an enumerative stream of {n:,} symbols in "
+           f"{width:,} bytes")
     value = int.from_bytes(bytes(r.data[r.pos:]), "big")
     r.pos = len(r.data)
     counts, rest = [], n

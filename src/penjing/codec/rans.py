@@ -33,7 +33,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from penjing.codec.bitpack import Reader, pack_uints, packed_size, unpack_uints, varint
+from penjing.codec.bitpack import (
+    Reader,
+    pack_uints,
+    packed_size,
+    unpack_uints,
+    varint,
+)
 from penjing.codec.huffman import MAX_SYMBOLS, as_symbols
 
 TAG = 2  # the first layout, read but no longer written
@@ -213,6 +219,9 @@ def decode(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.nd
 
     `max_symbols` bounds the count the header may claim before anything sized by it is
     allocated: a stream over one symbol spends no bits, so its bytes cannot bound it.
+    Such a stream is filled at once (its lanes never move). Any other costs at most one
+    step of the scalar loop per symbol (~1 µs), so its time is bounded by the elements
+    it decodes to, which the caller bounds (the model, or the memory budget).
     """
     r = Reader(data, "rANS stream")
     tag = r.u8()
@@ -260,6 +269,10 @@ def decode(data: bytes | memoryview, *, max_symbols: int | None = None) -> np.nd
     r.finish()
     if np.any(state < _LOW):
         raise ValueError("rANS final state below 2^16: corrupt stream")
+    if freq[top] == total:  # one symbol: every step keeps the state and reads nothing
+        if words or np.any(state != _LOW):
+            raise ValueError("rANS stream of one symbol has a payload or moved states: corrupt")
+        return np.full(n, top, dtype=np.uint16)
     # One table entry per slot: the symbol, its frequency and slot - cumulative frequency,
     # so a decoding step is two gathers, a multiply and an add.
     sym = np.repeat(np.arange(size, dtype=np.uint16), freq)

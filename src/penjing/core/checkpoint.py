@@ -10,9 +10,55 @@ import torch
 from torch import nn
 
 from penjing.errors import FormatError
-from penjing.io import atomic_write_bytes
+from penjing.io import atomic_write_bytes, remove_stale_temps
 
 INTEGRITY_KEY = "penjing.sha256"  # metadata entry: SHA-256 of every tensor and metadata entry
+
+
+def _canonical(data: bytes) -> bytes:
+    """safetensors bytes with the JSON header's keys in sorted order.
+
+    The safetensors writer emits the metadata in hash-map order, so one model saved twice
+    gave different files; the tensor bytes and their offsets are already in a fixed order,
+    so sorting the header's keys (and padding it to 8 bytes again, as the format asks)
+    makes the file a function of the state and metadata alone.
+    """
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    raw = text.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + length :]
+
+
+# quantized checkpoints of formats 1 and 2 carry a tensor-only hash under this key, which
+# their reader checks
+_OLD_HASH_KEY = "sha256"
+# pruned models written before the hash existed have this key alone; they still load (a
+# damaged hash key in a newer one is caught by _damaged_hash_key)
+_OLD_PRUNED_KEY = "penjing.prune.changes"
+
+
+def _needs_hash(metadata: dict[str, str]) -> bool:
+    """Whether a file's metadata says penjing wrote it: such a file must carry its hash
+    (a flipped bit in the hash's key must not turn the check off)."""
+    if _OLD_HASH_KEY in metadata:
+        return False
+    return any(k.startswith("penjing.") and k != _OLD_PRUNED_KEY for k in metadata) or str(
+        metadata.get("format", "")).startswith("penjing.")
+
+
+def _damaged_hash_key(metadata: dict[str, str]) -> str | None:
+    """A metadata key one or two characters away from INTEGRITY_KEY: the hash's own key
+    damaged, in a file that would otherwise load unchecked."""
+    for key in metadata:
+        if key != INTEGRITY_KEY and len(key) == len(INTEGRITY_KEY) and sum(
+                a != b for a, b in zip(key, INTEGRITY_KEY, strict=True)) <= 2:
+            return key
+    return None
 
 
 def checkpoint_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -44,7 +90,7 @@ def save_checkpoint(
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     metadata = dict(metadata or {})
     metadata[INTEGRITY_KEY] = checkpoint_digest(tensors, metadata)
-    data = save(tensors, metadata=metadata)
+    data = _canonical(save(tensors, metadata=metadata))
     atomic_write_bytes(path, data)
     return len(data)
 
@@ -56,8 +102,9 @@ def read_checkpoint(
     """The tensors and string metadata of the safetensors file at `path`, read once and
     never unpickled. A missing file is FileNotFoundError, a folder IsADirectoryError, and
     an unreadable or damaged one FormatError, naming `what` the file should be and the
-    `writer` that makes one. The SHA-256 penjing stores is checked when present (files
-    written before it existed, or by other tools, have none)."""
+    `writer` that makes one. The SHA-256 penjing stores is checked; a file whose metadata
+    says penjing wrote it must have one (only plain safetensors of other tools have
+    none)."""
     import errno
 
     from safetensors import SafetensorError, safe_open
@@ -68,6 +115,7 @@ def read_checkpoint(
                                 "safetensors file inside it")
     if not os.path.exists(path):
         raise FileNotFoundError(errno.ENOENT, f"{what} {str(path)!r} does not exist")
+    remove_stale_temps(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
@@ -79,6 +127,14 @@ def read_checkpoint(
             f"with {writer}"
         ) from err
     stored = metadata.get(INTEGRITY_KEY)
+    damaged = _damaged_hash_key(metadata)
+    if stored is None and (damaged is not None or _needs_hash(metadata)):
+        found = f" (a key reads {damaged!r})" if damaged else ""
+        raise FormatError(
+            f"{what} {str(path)!r} is corrupt or forged: a file penjing wrote must carry "
+            f"{INTEGRITY_KEY!r}, its SHA-256, and this one has none{found}; write it again "
+            f"with {writer}"
+        )
     if stored is not None and stored != checkpoint_digest(tensors, metadata):
         raise FormatError(
             f"{what} {str(path)!r} is corrupt: its tensors or metadata do not match their "
@@ -135,6 +191,31 @@ def tied(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def _with_ties(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the keys of tied tensors it leaves out (penjing.save stores a tie
+    once) filled from the key they are tied to."""
+    aliases = {dup: kept for dup, kept in tied(model).items()
+               if dup not in state and kept in state}
+    if aliases:
+        state = {**state, **{dup: state[kept] for dup, kept in aliases.items()}}
+    return state
+
+
+def _not_fitting(model: nn.Module, problem: str, path: str | os.PathLike) -> FormatError:
+    return FormatError(
+        f"the weights in {str(path)!r} do not fit {type(model).__name__}: tensors {problem}; "
+        "give the checkpoint of this architecture (a pruned model: finalize_ it first)"
+    )
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """The FormatError `load_state` would raise for keys or shapes that do not fit, before
+    any tensor of `state` is converted (so a forged file costs no more than its bytes)."""
+    problem = _mismatch(model, _with_ties(model, state))
+    if problem:
+        raise _not_fitting(model, problem, path)
+
+
 def load_state(
     model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike
 ) -> nn.Module:
@@ -142,11 +223,7 @@ def load_state(
     what does not fit; the model is checked first and left unchanged on failure. A key of
     a tied tensor that the file leaves out (penjing.save stores a tie once) comes from the
     key it is tied to."""
-    aliases = {dup: kept for dup, kept in tied(model).items()
-               if dup not in state and kept in state}
-    if aliases:
-        state = {**state, **{dup: state[kept] for dup, kept in aliases.items()}}
-
+    state = _with_ties(model, state)
     problem = _mismatch(model, state)
     if not problem:
         try:
@@ -154,7 +231,4 @@ def load_state(
             return model
         except RuntimeError as err:  # a dtype copy can still fail (complex into float)
             problem = str(err).strip().splitlines()[-1][:300]
-    raise FormatError(
-        f"the weights in {str(path)!r} do not fit {type(model).__name__}: tensors {problem}; "
-        "give the checkpoint of this architecture (a pruned model: finalize_ it first)"
-    )
+    raise _not_fitting(model, problem, path)

@@ -27,6 +27,8 @@ import importlib
 import json
 import os
 import pickle
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,9 +37,14 @@ from torch import nn
 
 from penjing.core import history, parametrize
 from penjing.core import steps as registry
-from penjing.core.checkpoint import load_state, read_checkpoint, save_checkpoint, tied
+from penjing.core.checkpoint import (
+    check_fits,
+    load_state,
+    read_checkpoint,
+    save_checkpoint,
+    tied,
+)
 from penjing.errors import FormatError, PenjingError
-from penjing.io import parse_json
 
 FORMAT = "penjing.model/1"
 PRUNED_KEY = "penjing.prune.changes"  # metadata of the older pruned-model files
@@ -153,15 +160,7 @@ def load(
 
 def _steps(path: str | os.PathLike, text: str | None) -> list[dict]:
     try:
-        steps = parse_json(text, "the history")
-        known = registry.ops()
-        if not isinstance(steps, list) or not all(
-                isinstance(s, dict) and s.get("op") in known for s in steps):
-            raise ValueError(f"a list of steps with an op from {known} was expected")
-        for s in steps:
-            check = registry.get(s["op"]).check
-            if check is not None:
-                check(s)
+        steps = history.read(text)
     except ValueError as err:
         raise FormatError(f"{os.fspath(path)!r}: its history cannot be read ({err}); write "
                           "the file with penjing.save") from err
@@ -201,30 +200,61 @@ def _replay(path, base: nn.Module, tensors: dict, metadata: dict) -> nn.Module:
         model = replay(base, steps, tensors)
         own = _with_state(steps)
         state = own.load_state(model, tensors, path) if own is not None else dict(tensors)
+        check_fits(model, state, path)  # before codes and masks are widened
         parametrize.unpack_(state)
     return load_state(model, state, path).eval()
 
 
 def _load_pjz(path, base: nn.Module, max_memory: int | None) -> nn.Module:
-    state, steps = _reader("pjz")(path, max_memory=max_memory)
-    with _fitting(path, base):
-        for step in steps:
-            op = step.get("op") if isinstance(step, dict) else None
-            if op not in registry.ops() or not registry.get(op).structural:
-                raise ValueError(f"a .pjz history holds structural steps only, got {step!r}")
-        model = replay(base, steps, state)
-    return load_state(model, state, path).eval()
+    built: list[nn.Module] = []
+
+    def fits(shapes: dict, steps: list) -> None:
+        """Replay the structure, then compare the file's tensors with the model's before a
+        byte is decoded: a file that claims tensors the model has no room for is refused
+        at the cost of its manifest."""
+        with _fitting(path, base):
+            for step in steps:
+                op = step.get("op") if isinstance(step, dict) else None
+                if op not in registry.ops() or not registry.get(op).structural:
+                    raise ValueError(f"a .pjz history holds structural steps only, got {step!r}")
+            history.check(steps)
+            model = replay(base, steps, {})
+        claimed = {name: torch.empty(shape, dtype=dtype, device="meta")  # no memory
+                   for name, (dtype, shape) in shapes.items()}
+        check_fits(model, claimed, path)
+        built.append(model)
+
+    state, _ = _reader("pjz")(path, max_memory=max_memory, check=fits)
+    return load_state(built[0], state, path).eval()
+
+
+def _torch_reason(err: BaseException) -> str:
+    """torch.load's reason in one whole sentence: for a pickle that would rebuild objects,
+    which one it names, and that unpickling it could run code (torch's own message is a
+    page of advice with terminal colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if "TorchScript" in text:
+        return ("it is a TorchScript archive (torch.jit.save), which holds a program, not a "
+                "state dict")
+    found = re.search(r"WeightsUnpickler error: (.+?)(?:\.\s|\.?$)", text, re.M)
+    if found:
+        return (f"{found.group(1).strip()}; rebuilding such objects means unpickling, which "
+                "can run code from the file, so penjing does not")
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first if len(first) <= 300 else first[:first.rfind(" ", 0, 300)] + " ..."
 
 
 def _load_torch(path, base: nn.Module) -> nn.Module:
     """A PyTorch state dict (optionally under "state_dict" or "model"), never unpickled."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice; the FormatError below says it
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as err:
         raise FormatError(
             f"{os.fspath(path)!r} is not a plain PyTorch state dict that loads with "
-            f"weights_only=True ({str(err).splitlines()[0][:200]}); save model.state_dict() "
-            "with torch.save, or convert the file to safetensors"
+            f"weights_only=True ({_torch_reason(err)}); save model.state_dict() with "
+            "torch.save, or convert the file to safetensors"
         ) from err
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -7,9 +7,11 @@ written (`stages[2] (prune).ratio`), the rule, and the allowed keys or values.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +27,112 @@ from penjing.recipes.schema import (
     TAGS,
     Recipe,
     RecipeError,
+    check_order,
     stage_names,
     stage_tag,
 )
 from penjing.spec import import_plugins, on_path
+
+# A recipe is a page or two of YAML. The bounds keep a hostile or mistaken file from
+# costing more than a fraction of a second: its bytes, and the nodes it stands for once
+# every alias (`*name`) and merge key (`<<`) is expanded, which is what validation walks.
+MAX_RECIPE_BYTES = 256 * 1024
+MAX_RECIPE_NODES = 100_000
+MAX_RECIPE_DEPTH = 64
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when it is installed
+
+
+@contextlib.contextmanager
+def beside(base: Path) -> Iterator[None]:
+    """Modules a recipe names ('package.module:function', plugins) are imported from the
+    recipe's folder first, then the current directory, then the Python path: the rule
+    `find` follows for files."""
+    with on_path(Path.cwd()), on_path(base):
+        yield
+
+
+def find(base: Path, name: str) -> Path:
+    """The file a recipe names by `name` (weights): itself when absolute, else beside the
+    recipe (in `base`) first, then in the current directory; a FileNotFoundError naming
+    both places when it is in neither."""
+    path = Path(name)
+    if path.is_absolute():
+        return path
+    for folder in dict.fromkeys((base.resolve(), Path.cwd().resolve())):
+        if (folder / path).exists():
+            return folder / path
+    raise FileNotFoundError(
+        f"{name!r} does not exist beside the recipe (in {str(base.resolve())!r}) nor in the "
+        f"current directory ({str(Path.cwd().resolve())!r}); relative paths in a recipe are "
+        "looked up in that order")
 
 
 def _where(path: str | os.PathLike | None) -> str:
     return Path(path).name if path is not None else "recipe"
 
 
-def _check_keys(node: yaml.Node, where: str) -> None:
-    """A RecipeError for a key written twice in one mapping (YAML would keep the last)."""
+def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key, value in node.value:
-            name = key.value if isinstance(key, yaml.ScalarNode) else None
-            if name in seen:
-                raise RecipeError(f"{where} line {key.start_mark.line + 1}: key {name!r} is "
-                                  f"written twice (first on line {seen[name]}); keep one")
-            seen[name] = key.start_mark.line + 1
-            _check_keys(value, where)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _check_keys(item, where)
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_size(root: yaml.Node, where: str) -> None:
+    """A RecipeError for a recipe that refers to itself, nests deeper than
+    MAX_RECIPE_DEPTH, or expands to more than MAX_RECIPE_NODES nodes.
+
+    An alias is the node it names, so a few hundred bytes can stand for billions of
+    nodes; each distinct node is visited once here and its expanded size summed from its
+    children's, so the check costs the file's size, not the expansion's.
+    """
+    size: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if done:
+            open_nodes.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[id(node)] > MAX_RECIPE_NODES:
+                raise RecipeError(
+                    f"{where} line {node.start_mark.line + 1}: the recipe stands for more than "
+                    f"{MAX_RECIPE_NODES:,} values once its aliases (*name) and merge keys (<<) "
+                    "are expanded; write the stages out, or share less through anchors")
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in open_nodes:
+            raise RecipeError(f"{where} line {node.start_mark.line + 1}: an alias refers to "
+                              "the value that contains it; a recipe cannot contain itself")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{where} line {node.start_mark.line + 1}: values nest more "
+                              f"than {MAX_RECIPE_DEPTH} levels deep; a recipe needs a few")
+        open_nodes.add(id(node))
+        stack.append((node, depth, True))
+        stack += [(c, depth + 1, False) for c in _children(node)]
+
+
+def _check_keys(root: yaml.Node, where: str) -> None:
+    """A RecipeError for a key written twice in one mapping (YAML would keep the last).
+    Each distinct node is checked once: an alias repeats a mapping already checked."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, _ in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name in seen:
+                    raise RecipeError(f"{where} line {key.start_mark.line + 1}: key {name!r} "
+                                      f"is written twice (first on line {seen[name]}); keep one")
+                seen[name] = key.start_mark.line + 1
+        stack += _children(node)
 
 
 def _node_at(root: yaml.Node | None, path: list) -> tuple[yaml.Node | None, yaml.Node | None]:
@@ -209,7 +293,7 @@ def _import_plugins(data: dict, root: yaml.Node | None, where: str, base: Path |
         if base is None:
             import_plugins(names)
         else:
-            with on_path(base):
+            with beside(base):
                 import_plugins(names)
     except ValueError as err:
         raise RecipeError(f"{where} line {_line(root, ['plugins'])}: plugins: {err}") from None
@@ -243,24 +327,50 @@ def _renamed(data: dict, root: yaml.Node | None, where: str) -> None:
                           f"{new}: {value!r}", PenjingWarning, stacklevel=3)
 
 
+def _check_order(data: dict, root: yaml.Node | None, where: str) -> None:
+    """The schema's stage-order rule, with the line of the stage that breaks it."""
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return
+    kinds = []
+    for stage in stages:
+        kind = stage.get("stage") if isinstance(stage, dict) else None
+        if kind == "quantize":
+            kind = f"quantize:{stage.get('method')}"
+        kinds.append(kind if isinstance(kind, str) else "")
+    try:
+        check_order(kinds)
+    except ValueError as err:
+        at = int(str(err).split("]", 1)[0].removeprefix("stages["))
+        raise RecipeError(f"{where} line {_line(root, ['stages', at])}: {err}") from None
+
+
 def parse(text: str, where: str = "recipe", base: Path | None = None) -> Recipe:
     """A `Recipe` from YAML `text`; `where` names it in errors (a file name), and `base`
     is the folder its plugins are imported from (with the current directory)."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{where}: {len(text):,} characters, more than a recipe's "
+                          f"{MAX_RECIPE_BYTES:,}; is this the recipe file?")
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_Loader)
+        if root is not None:
+            _check_size(root, where)
+            _check_keys(root, where)
+        data = yaml.load(text, Loader=_Loader)  # a safe loader: plain data only
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise RecipeError(f"{where}{line}: not valid YAML ({problem})") from err
-    if root is not None:
-        _check_keys(root, where)
+    except RecursionError:
+        raise RecipeError(f"{where}: values nest too deep to read; a recipe needs a few "
+                          "levels") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe is a mapping with at least 'model' and "
                           f"'stages', got {type(data).__name__}; see examples/recipes/")
     _import_plugins(data, root, where, base)
     _renamed(data, root, where)
+    _check_order(data, root, where)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
@@ -282,6 +392,9 @@ def load(path: str | os.PathLike) -> Recipe:
     if path.is_dir():
         raise IsADirectoryError(f"recipe {str(path)!r} is a folder; give the YAML file")
     try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path.name}: {path.stat().st_size:,} bytes, more than a "
+                              f"recipe's {MAX_RECIPE_BYTES:,}; is this the recipe file?")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist") from err

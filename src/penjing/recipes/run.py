@@ -13,6 +13,7 @@ stage covers the model, weights, data, seed, the stages up to it, and an epoch c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,10 +33,11 @@ from penjing.core.parametrize import PRUNABLE
 from penjing.errors import PenjingError
 from penjing.io import atomic_write_bytes, check_writable, parse_json
 from penjing.recipes import stages as stage_fns
+from penjing.recipes.load import beside, find
 from penjing.recipes.load import load as load_recipe
 from penjing.recipes.report import format_table, write_report
 from penjing.recipes.schema import Recipe, RecipeError
-from penjing.spec import import_object, on_path
+from penjing.spec import import_object
 from penjing.train import evaluate, seed_everything
 
 EPOCHS_ENV = "PENJING_EPOCHS"  # caps every stage's epochs (CI, smoke runs): PENJING_EPOCHS=1
@@ -139,8 +141,9 @@ def _digest(path: Path) -> str:
 def stage_hashes(recipe: Recipe, base: Path, cap: int | None) -> tuple[str, list[str]]:
     """(hash of what the input model depends on, one cumulative hash per stage)."""
     head = recipe.model_dump(mode="json", exclude={"stages"})
-    if recipe.weights is not None and (base / recipe.weights).is_file():
-        head["weights_sha256"] = _digest(base / recipe.weights)
+    if recipe.weights is not None:
+        with contextlib.suppress(OSError):
+            head["weights_sha256"] = _digest(find(base, recipe.weights))
     head["epochs_cap"] = cap
     h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     first = h.hexdigest()
@@ -185,7 +188,7 @@ def _build(recipe: Recipe, base: Path, num_classes: int) -> tuple[Callable[[], n
     """(a factory of fresh models, the input model with its weights): every error here
     names the recipe key it comes from."""
     def factory() -> nn.Module:
-        with on_path(base):
+        with beside(base):
             try:
                 return models.build(recipe.model, num_classes)
             except (PenjingError, ValueError, TypeError) as err:
@@ -197,7 +200,7 @@ def _build(recipe: Recipe, base: Path, num_classes: int) -> tuple[Callable[[], n
     model = factory()
     if recipe.weights is not None:
         try:
-            model = load(base / recipe.weights, model)
+            model = load(find(base, recipe.weights), model)
         except (OSError, PenjingError, ValueError) as err:
             raise RecipeError(f"weights: {err}") from err
     return factory, model
@@ -346,7 +349,7 @@ def run(
         check_writable(out / "state.json", "output folder")
 
     seed_everything(recipe.seed)
-    with on_path(base):
+    with beside(base):
         try:
             split = data.load(recipe.data)
         except (ValueError, TypeError) as err:

@@ -11,6 +11,7 @@ an error naming those that do.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -54,8 +55,11 @@ def _checked(check: Callable[..., Any], what: str) -> AfterValidator:
 Sparsity = Annotated[float, _checked(check_sparsity, "sparsity")]
 Ratio = Annotated[float, _checked(check_ratio, "ratio")]
 MaxRatio = Annotated[float, _checked(check_ratio, "max_ratio")]
-Epochs = Annotated[int, Field(ge=0)]
-Rate = Annotated[float, Field(gt=0)]
+# Every number has an upper bound a real run stays far below: a value past it is a typo
+# (1e400 reads as infinity, 2**70 epochs never end) and is refused with its key and line.
+Epochs = Annotated[int, Field(ge=0, le=100_000)]
+Rate = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=1, le=2**31 - 1)]  # images, batches, rounds
 Bits = Annotated[int, Field(ge=1, le=16)]
 # the names the library takes, so that the schema cannot fall behind it
 Criterion = Literal[(*CRITERIA, "taylor")]  # type: ignore[valid-type]
@@ -82,7 +86,7 @@ class _Fit(_Config):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr_schedule: Literal["constant", "cosine"] = "constant"  # fit's `schedule`
     # network slimming: λ of the L1 penalty on BatchNorm scales (0: plain loss)
-    bn_l1: Annotated[float, Field(ge=0)] = 0.0
+    bn_l1: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
 
 
 class Train(_Fit):
@@ -108,11 +112,11 @@ class _Prune(_Config):
     # penjing.prune.cuts: one-shot cuts once; iterative: `rounds` cuts of the same share of
     # what is left (Han et al.); agp: Zhu & Gupta's cubic ramp over `rounds` cuts
     schedule: Literal[SCHEDULES] = "one-shot"  # type: ignore[valid-type]
-    rounds: Annotated[int, Field(ge=1)] = 1
+    rounds: Annotated[int, Field(ge=1, le=1000)] = 1
     epochs: Epochs = 0  # fine-tuning after every cut, the last one included
     lr: Rate = 5e-4
     # BatchNorm statistics re-measured on this many batches after each cut (0: kept)
-    bn_batches: Annotated[int, Field(ge=0)] = 20
+    bn_batches: Annotated[int, Field(ge=0, le=2**31 - 1)] = 20
     layers: list[str] | None = None  # module names (default: every layer the method handles)
     skip: list[str] = []  # regexes of module names left alone, as the CLI's --skip
 
@@ -134,7 +138,7 @@ class _Calibrated(_Prune):
     # which weights go: by magnitude, or by what each layer sees on calibration data
     # (penjing.prune.SparseGPTConfig / WandaConfig, layer by layer, block by block)
     method: Literal["magnitude", "sparsegpt", "wanda"] = "magnitude"
-    calib_images: Annotated[int, Field(ge=1)] = 256  # sparsegpt / wanda: inputs they see
+    calib_images: Count = 256  # sparsegpt / wanda: inputs they see
 
     def config(self, **override: Any) -> Any:
         return by_method(super().config(**override), self.method)
@@ -146,8 +150,14 @@ class PruneWeights(_Calibrated):
 
     structure: Literal["weight"]
     sparsity: Sparsity | dict[str, Sparsity] | None = None  # one for all, or per layer
-    quality: Annotated[float, Field(ge=0)] | None = None  # Han's |w| < quality · std(w)
+    # Han's |w| < quality · std(w)
+    quality: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     scope: Literal["layer", "global"] = "layer"
+
+
+# groups of more than this many inputs are not N:M sparsity any hardware runs (2:4, 1:4,
+# 4:8, 16:32 are); 1:10**12 would keep every weight of any real layer
+MAX_NM = 256
 
 
 class PruneNM(_Calibrated):
@@ -155,8 +165,8 @@ class PruneNM(_Calibrated):
     by magnitude, SparseGPT or Wanda."""
 
     structure: Literal["nm"]
-    n: Annotated[int, Field(ge=1)] = 2
-    m: Annotated[int, Field(ge=2)] = 4
+    n: Annotated[int, Field(ge=1, le=MAX_NM)] = 2
+    m: Annotated[int, Field(ge=2, le=MAX_NM)] = 4
 
 
 class PrunePattern(_Prune):
@@ -172,10 +182,10 @@ class PruneChannels(_Prune):
     structure: Literal["group", "filter", "channel", "neuron"] = "group"
     ratio: Ratio = 0.5
     criterion: Criterion = "l1"
-    taylor_batches: Annotated[int, Field(ge=1)] = 4  # batches the taylor criterion reads
+    taylor_batches: Count = 4  # batches the taylor criterion reads
     global_ranking: bool = False
     normalize: bool = True  # global ranking: scores over their group's mean
-    round_to: Annotated[int, Field(ge=1)] = 1  # kept counts a multiple of this (8, 16, 64)
+    round_to: Count = 1  # kept counts a multiple of this (8, 16, 64)
     max_ratio: MaxRatio = 0.9  # global ranking: no group loses more
     ratios: dict[str, Ratio] | None = None  # per producing layer, per-group mode
 
@@ -247,14 +257,14 @@ class QuantPTQ(_Linear):
     granularity: Literal["channel", "tensor"] = "channel"  # of the weight scales
     observer: ObserverName = "minmax"
     reduce_range: bool = False  # 7-bit weights for x86 CPUs without VNNI
-    calib_images: Annotated[int, Field(ge=1)] = 1024  # training images the observers see
+    calib_images: Count = 1024  # training images the observers see
 
 
 class QuantQAT(QuantPTQ):
     """INT8 with quantization-aware training (`penjing.quant.qat`)."""
 
     method: Literal["qat"]  # type: ignore[assignment]
-    calib_images: Annotated[int, Field(ge=1)] = 512
+    calib_images: Count = 512
     learnable: bool = False  # LSQ: learn the scales
     epochs: Epochs = 2
     lr: Rate = 1e-4
@@ -266,15 +276,15 @@ class QuantGPTQ(_Quantize):
 
     method: Literal["gptq"]
     bits: Annotated[int, Field(ge=2, le=8)] = 4
-    group_size: Annotated[int, Field(ge=1)] | None = 128
+    group_size: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = 128
     symmetric: bool = False
     act_order: bool = True
     damp: Annotated[float, Field(gt=0, lt=1)] = 0.01
-    block_size: Annotated[int, Field(ge=1)] = 128
+    block_size: Annotated[int, Field(ge=1, le=2**31 - 1)] = 128
     rounding: Literal["gptq", "nearest"] = "gptq"
     layers: list[str] | None = None
     skip: list[str] = []  # regexes of module names left in float, as the CLI's --skip
-    calib_images: Annotated[int, Field(ge=1)] = 256
+    calib_images: Count = 256
 
     def config(self) -> Any:
         return GPTQConfig(self.bits, self.group_size, self.symmetric, self.act_order,
@@ -287,14 +297,27 @@ class QuantWeightOnly(_Linear):
 
     method: Literal["weight_only"]
     bits: Annotated[int, Field(ge=2, le=8)] = 8
-    group_size: Annotated[int, Field(ge=1)] | None = None
+    group_size: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+
+
+def _inside_out_dir(file: str) -> str:
+    """A stage's `file`, if it stays inside the output folder: relative, without `..`."""
+    parts = file.replace("\\", "/").split("/")
+    if not file or os.path.isabs(file) or file.startswith(("/", "\\")) or ".." in parts:
+        raise ValueError(f"must be a file name inside the output folder (--out-dir), got "
+                         f"{file!r}; write 'model.pjz' or 'files/model.pjz', and copy the "
+                         "file elsewhere afterwards")
+    return file
+
+
+OutFile = Annotated[str, AfterValidator(_inside_out_dir)]
 
 
 class Encode(_Config):
     """Deep Compression storage (`penjing.codec.save`): a .pjz file, re-measured from disk."""
 
     stage: Literal["encode"]
-    file: str = "model.pjz"  # relative to the output folder
+    file: OutFile = "model.pjz"  # relative to the output folder, and inside it
     index_bits: Annotated[int, Field(ge=1, le=16)] | dict[str, Annotated[int, Field(ge=1, le=16)]] \
         | None = None  # relative-index gap width: None = 8 for conv, 5 for fc
 
@@ -303,7 +326,7 @@ class Export(_Config):
     """ONNX (`penjing.export.onnx`): FP32, or QDQ INT8 after ptq / qat; run in ONNX Runtime."""
 
     stage: Literal["export"]
-    file: str = "model.onnx"  # relative to the output folder
+    file: OutFile = "model.onnx"  # relative to the output folder, and inside it
     opset: Annotated[int, Field(ge=13)] = 17
     dynamic_batch: bool = True
     check: bool = True  # measure accuracy and latency in ONNX Runtime
@@ -355,10 +378,11 @@ def stage_tag(value: Any) -> str | None:
     or None when its kind or chooser is missing or unknown."""
     if isinstance(value, BaseModel):
         value = value.model_dump()
-    if isinstance(value, dict) and value.get("stage") not in STAGES and isinstance(
-            value.get("stage"), str) and value["stage"] in steps.runnable():
+    if not isinstance(value, dict) or not isinstance(value.get("stage"), str):
+        return None  # (a mapping or list as `stage` is not a name: no membership test)
+    if value["stage"] not in STAGES and value["stage"] in steps.runnable():
         return "step"
-    if not isinstance(value, dict) or value.get("stage") not in STAGES:
+    if value["stage"] not in STAGES:
         return None
     kind = value["stage"]
     if kind not in CHOOSER:
@@ -406,7 +430,29 @@ class Recipe(_Config):
     # 'accuracy' (top-1), or 'package.module:function' (model, test_loader) -> float,
     # higher is better
     metric: str = "accuracy"
-    seed: int = 0
-    batch_size: Annotated[int, Field(ge=1)] = 64
-    latency_batch: Annotated[int, Field(ge=1)] = 1  # images per timed forward pass
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 0  # what numpy's generators take
+    batch_size: Annotated[int, Field(ge=1, le=2**20)] = 64
+    latency_batch: Annotated[int, Field(ge=1, le=2**20)] = 1  # images per timed forward pass
     stages: Annotated[list[Stage], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _stages_in_order(self):
+        check_order([s.stage if not isinstance(s, _Quantize) else f"quantize:{s.method}"
+                     for s in self.stages])
+        return self
+
+
+def check_order(kinds: list[str]) -> None:
+    """A ValueError unless the stages can run in this order: quantization is the last
+    change to the weights' structure, so no prune stage and no second quantize stage
+    follows a quantize stage (their layers are quantized ones, which they do not handle).
+    Training, distillation, encode and export may follow it."""
+    quantized = None
+    for i, kind in enumerate(kinds):
+        if quantized is not None and kind.split(":")[0] in ("prune", "quantize"):
+            raise ValueError(
+                f"stages[{i}] ({kind.split(':')[0]}) cannot follow stages[{quantized[0]}] "
+                f"(quantize, {quantized[1]}): a stage that changes the weights goes before "
+                "quantization; move it before stages[" + str(quantized[0]) + "]")
+        if kind.startswith("quantize:"):
+            quantized = (i, kind.split(":", 1)[1])

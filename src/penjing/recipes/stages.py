@@ -24,8 +24,8 @@ from penjing.prune import slimming_loss
 from penjing.quant.linear.config import make_config
 from penjing.quant.linear.fakequant import ActQuant, WeightQuant
 from penjing.recipes import schema
+from penjing.recipes.load import beside, find
 from penjing.recipes.schema import RecipeError
-from penjing.spec import on_path
 from penjing.train import cross_entropy, fit
 
 
@@ -142,10 +142,10 @@ def _teacher(ctx: Context, cfg: schema.Distill) -> tuple[nn.Module, str]:
         kinds = [s.stage for s in ctx.recipe.stages[: ctx.index]]
         first = next((i for i, k in enumerate(kinds) if k in ("prune", "quantize")), len(kinds))
         return ctx.model_after(first - 1), "the dense model"
-    with on_path(ctx.base):
+    with beside(ctx.base):
         teacher = models.build(cfg.teacher, ctx.num_classes, role="teacher")
     if cfg.teacher_weights is not None:
-        teacher = load(ctx.base / cfg.teacher_weights, teacher)
+        teacher = load(find(ctx.base, cfg.teacher_weights), teacher)
     return teacher, cfg.teacher
 
 

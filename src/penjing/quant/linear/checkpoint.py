@@ -306,6 +306,35 @@ def integer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_range(ints: torch.Tensor, spec: QuantSpec, key: str, path) -> None:
+    """A FormatError unless every stored integer lies in [qmin, qmax] of `spec`: a config
+    whose bits were changed after saving (7 for 8) would otherwise load, and compute with
+    integers its own quantizer could never have made."""
+    if ints.numel() and (int(ints.min()) < spec.qmin or int(ints.max()) > spec.qmax):
+        raise FormatError(
+            f"{str(path)!r} is corrupt or forged: integer weight {key!r} holds values in "
+            f"[{int(ints.min())}, {int(ints.max())}], outside [{spec.qmin}, {spec.qmax}] of "
+            f"its config's {spec.bits}-bit {'signed' if spec.signed else 'unsigned'} "
+            "integers; save the model again")
+
+
+def _check_qparams(module: nn.Module, tensors: dict, prefix: str, path) -> None:
+    """An activation quantizer's scales must be finite and positive, and its zero points
+    integers in [qmin, qmax] of its config's bits."""
+    scale, zero, spec = tensors[prefix + "scale"], tensors[prefix + "zero_point"], module.spec
+    bad = None
+    if not scale.is_floating_point() or not bool(torch.all(torch.isfinite(scale) & (scale > 0))):
+        bad = "scales that are not finite positive numbers"
+    elif zero.is_floating_point() or zero.is_complex() or zero.dtype == torch.bool:
+        bad = f"zero points of type {zero.dtype}, not integers"
+    elif zero.numel() and (int(zero.min()) < spec.qmin or int(zero.max()) > spec.qmax):
+        bad = (f"zero points in [{int(zero.min())}, {int(zero.max())}], outside "
+               f"[{spec.qmin}, {spec.qmax}] of its {spec.bits}-bit config")
+    if bad:
+        raise FormatError(f"{str(path)!r} is corrupt or forged: activation quantizer "
+                          f"{prefix.rstrip('.')!r} has {bad}; save the model again")
+
+
 def restore_state(q: nn.Module, tensors: dict, path: str | os.PathLike) -> dict:
     """Set the activation quantizers of `q` (a model `prepare` made) from `tensors` (as
     `integer_state` wrote them) and return the float state_dict that `q` then loads."""
@@ -321,6 +350,7 @@ def restore_state(q: nn.Module, tensors: dict, path: str | os.PathLike) -> dict:
                     "saved from a different model or config"
                 ) from err
             module.frozen = True
+            _check_qparams(module, tensors, prefix, path)
     state = {}
     integer = _integer_weights(q)
     shapes = {k: v.shape for k, v in q.state_dict().items()}
@@ -336,6 +366,11 @@ def restore_state(q: nn.Module, tensors: dict, path: str | os.PathLike) -> dict:
                 f"{type(q).__name__}: it was saved from a different model or config"
             )
         quant, shape = integer[float_key], shapes[float_key]
+        if suffix == _NIBBLE_SUFFIX and not _fits_a_nibble(quant.spec):
+            raise FormatError(
+                f"{str(path)!r} is corrupt or forged: {key!r} holds two integers to a byte, "
+                f"which only weights of 16 levels or fewer are stored as, but its config "
+                f"says {quant.spec.bits} bits; save the model again")
         if suffix == _NIBBLE_SUFFIX:
             try:
                 ints = unpack_nibbles(value, quant.spec.qmin, shape)
@@ -349,6 +384,7 @@ def restore_state(q: nn.Module, tensors: dict, path: str | os.PathLike) -> dict:
                               f"the layer needs integers of {tuple(shape)}")
         else:
             ints = value.to(torch.int32)
+        _check_range(ints, quant.spec, key, path)
         base = float_key.removesuffix("original")
         scale = _fitting(tensors, base + "0.scale", shape, path)
         zero_key = base + "0.zero_point"
