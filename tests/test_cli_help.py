@@ -1,0 +1,112 @@
+"""`penjing -h` and `--version` answer without PyTorch; Ctrl-C is one line and exit 130 at
+any moment of a verb, PyTorch's import and the cleanup after a first Ctrl-C included."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import penjing
+from penjing.cli import SUMMARIES, build_parser, main
+
+SRC = str(Path(penjing.__file__).resolve().parent.parent)
+ENV = {**os.environ, "PYTHONPATH": SRC}
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_help_and_version_do_not_import_torch():
+    done = _python(
+        "import sys\nfrom penjing.cli import main\n"
+        "for argv in (['-h'], ['--version']):\n"
+        "    try:\n        main(argv)\n    except SystemExit as stop:\n"
+        "        assert stop.code == 0, stop.code\n"
+        "print('torch' in sys.modules, 'penjing.cli.prune' in sys.modules)\n")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "False False"
+    assert f"penjing {penjing.__version__}" in lines
+    assert any(line.strip().startswith("prune ") for line in lines)  # every verb is listed
+
+
+def test_the_quick_listing_says_what_each_verb_says_of_itself():
+    (commands,) = [a for a in build_parser()._actions if a.dest == "command"]
+    summaries = {a.dest: a.help for a in commands._choices_actions}
+    assert summaries == SUMMARIES
+
+
+def test_a_verbs_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "-h"])
+    assert stop.value.code == 0
+    assert "--epochs" in capsys.readouterr().out
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_ctrl_c_while_a_verb_imports_is_one_line(monkeypatch, capsys):
+    import importlib
+
+    def interrupted(name, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["train", "lenet5", "--out", "x.safetensors"]) == 130
+    assert _one_line(capsys).startswith("penjing train: interrupted; no partial output")
+
+
+def test_a_second_ctrl_c_does_not_break_the_cleanup(monkeypatch, capsys):
+    cleaned = []
+
+    def slow_inspect(path):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler interrupts this
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while cleaning up
+            time.sleep(0.05)
+            cleaned.append(path)
+
+    monkeypatch.setattr(penjing.codec, "inspect", slow_inspect)
+    before = signal.getsignal(signal.SIGINT)
+    start = time.perf_counter()
+    assert main(["inspect", "x.pjz"]) == 130
+    assert time.perf_counter() - start < 4 and cleaned == ["x.pjz"]
+    assert "penjing inspect: interrupted" in _one_line(capsys)
+    assert signal.getsignal(signal.SIGINT) is before  # called with argv: handlers restored
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc")
+def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path):
+    command = [sys.executable, "-m", "penjing", "train", "lenet5", "--out",
+               str(tmp_path / "m.safetensors"), "--quiet"]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if "torch" in maps.read_text():  # PyTorch's libraries are loading
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("penjing train: interrupted; no partial output was written")
+    assert not (tmp_path / "m.safetensors").exists()
