@@ -3,6 +3,7 @@ any moment of a verb, PyTorch's import and the cleanup after a first Ctrl-C incl
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -110,3 +111,49 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path):
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("penjing train: interrupted; no partial output was written")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def _parsers(parser: argparse.ArgumentParser, prog: str = "penjing"):
+    yield prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, f"{prog} {name}")
+
+
+def test_every_option_says_what_it_does_and_its_default_once():
+    from penjing.cli.common import HelpFormatter
+
+    for prog, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            name = f"{prog} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help or not action.option_strings, f"{name} has no help text"
+            shown = HelpFormatter(prog)._get_help_string(action)
+            assert shown.replace("%(default)s", "").count("default") <= 1, f"{name}: {shown!r}"
+            assert "(default: None)" not in shown and "(default: False)" not in shown, name
+    text = build_parser(["prune"])._actions[-1].choices["prune"].format_help()
+    assert "(default 0.5)" in text and "(default: 0)" in text  # --ratio, --epochs
+
+
+def test_prune_batch_size_is_the_training_batch_as_everywhere(capsys):
+    assert main(["prune", "lenet300", "--data", "none", "--input-shape", "3,1,28,28",
+                 "--batch-size", "8", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "latency ms, batch 3" in out
+    assert "batch size 8 was not used: it is the fine-tuning batch" in out
+    assert main(["prune", "lenet300", "--data", "none", "--latency-batch", "2",
+                 "--input-shape", "2,1,28,28", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "latency ms, batch 2" in out and "was not used" not in out
+
+
+def test_no_progress_bars_into_a_pipe(tmp_path):
+    weights = tmp_path / "m.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "penjing", "train", "lenet300",
+         "--epochs", "1", "--out", str(weights)],
+        env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr + done.stdout and "it/s" not in done.stderr

@@ -9,7 +9,7 @@ import penjing as pj
 from penjing.cli import main
 from penjing.cli.prune import prune_command
 
-FAST = {"repeats": 2, "progress": False, "batch_size": 4}
+FAST = {"repeats": 2, "progress": False, "latency_batch": 4}
 
 
 def test_channel_pruning_quarters_the_vgg_and_saves_a_loadable_file(tmp_path):

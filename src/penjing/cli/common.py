@@ -8,13 +8,15 @@ Each option means the same thing in every verb that has it:
     --out-dir DIR    the folder a multi-file verb (demo, compress) writes into
     --epochs N       the epochs of this verb's own training; --lr, --batch-size with it
     --skip REGEX     layers left alone (full match of module names, repeatable)
-    --seed, --quiet  the random seed; no progress bars
+    --seed, --quiet  the random seed; no progress bars (none either when stderr is
+                     not a terminal)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -24,7 +26,16 @@ from penjing import data, layers, models
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default and keeps the description's line breaks."""
+    """Shows each option's default once and keeps the description's line breaks: no
+    "(default: None)" for an option that is off unless given, and none added to a help
+    text that states its default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        off = action.default is None or action.default is False or action.default == []
+        if off or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 EPOCHS_ENV = "PENJING_EPOCHS"  # caps every --epochs (CI runs the README with 1)
@@ -83,7 +94,8 @@ def add_training(parser: argparse.ArgumentParser, epochs: int, what: str,
                  lr: float = 1e-3) -> None:
     parser.add_argument("--epochs", type=int, default=epochs, help=what)
     parser.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="training images per optimizer step")
 
 
 def add_skip(parser: argparse.ArgumentParser, what: str) -> None:
@@ -92,8 +104,17 @@ def add_skip(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_run(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the data order, initial weights and random choices; the "
+                        "same seed repeats a run")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (there are none when stderr is not a terminal)")
+
+
+def progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars: not with --quiet, and not into a log or a pipe, where
+    a bar's carriage-return redraws would each become a line."""
+    return not args.quiet and sys.stderr.isatty()
 
 
 def load_data(spec: str | None, batch_size: int = 64, seed: int = 0):

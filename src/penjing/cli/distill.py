@@ -218,6 +218,6 @@ def run(args: argparse.Namespace) -> None:
         epochs=args.epochs, temperature=args.temperature, alpha=args.alpha, soft=args.soft,
         hints=tuple(args.hint) if args.hint else None, hint_epochs=args.hint_epochs, lr=args.lr,
         batch_size=args.batch_size, out=args.out, baseline=not args.no_baseline,
-        seed=args.seed, progress=not args.quiet,
+        seed=args.seed, progress=common.progress(args),
     )
     print(summary.format())

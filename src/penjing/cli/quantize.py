@@ -144,13 +144,16 @@ def add_parser(commands) -> None:
     parser.add_argument("--granularity", default="channel",
                         choices=["channel", "tensor", "group"], help="of weight scales")
     parser.add_argument("--group-size", type=int, help="with --granularity group: 32/64/128")
-    parser.add_argument("--weight-range", default="minmax", choices=["minmax", "mse"])
+    parser.add_argument("--weight-range", default="minmax", choices=["minmax", "mse"],
+                        help="each weight scale from the min / max of its channel (group), "
+                        "or from the narrower range with the least squared error")
     parser.add_argument("--observer", default="minmax",
                         choices=["minmax", "moving_average", "percentile", "entropy", "mse"],
                         help="activation calibration")
     parser.add_argument("--act-bits", type=int, default=8, help="activation bits")
     parser.add_argument("--weight-only", action="store_true", help="leave activations float")
-    parser.add_argument("--calib-images", type=int, default=256)
+    parser.add_argument("--calib-images", type=int, default=256,
+                        help="training images the activation ranges are measured on")
     common.add_skip(parser, "left in float")
     parser.add_argument("--skip-first", action="store_true", help="first layer in float")
     parser.add_argument("--skip-last", action="store_true", help="last layer in float")
@@ -178,6 +181,6 @@ def run(args: argparse.Namespace) -> None:
         args.model, args.weights, dataset=args.data, config=config,
         calib_images=args.calib_images, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, onnx_path=args.onnx, out=args.out, seed=args.seed,
-        progress=not args.quiet,
+        progress=common.progress(args),
     )
     print(summary.format())
