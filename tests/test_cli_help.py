@@ -149,11 +149,24 @@ def test_prune_batch_size_is_the_training_batch_as_everywhere(capsys):
     assert "latency ms, batch 2" in out and "was not used" not in out
 
 
+TINY_DATA = """
+import torch
+from torch.utils.data import TensorDataset
+from penjing.data import DataSplit
+
+def tiny():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(192, 1, 28, 28, generator=g), torch.randint(0, 10, (192,), generator=g)
+    return DataSplit("tiny", TensorDataset(x[:128], y[:128]), TensorDataset(x[128:], y[128:]), 10)
+"""
+
+
 def test_no_progress_bars_into_a_pipe(tmp_path):
-    weights = tmp_path / "m.safetensors"
+    (tmp_path / "tiny_data.py").write_text(TINY_DATA)
     done = subprocess.run(
-        [sys.executable, "-m", "penjing", "train", "lenet300",
-         "--epochs", "1", "--out", str(weights)],
-        env=ENV, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-m", "penjing", "train", "lenet300", "--data", "tiny_data:tiny",
+         "--epochs", "2", "--out", str(tmp_path / "m.safetensors")],
+        env={**ENV, "PYTHONPATH": f"{SRC}:{tmp_path}"}, capture_output=True, text=True,
+        timeout=120)
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr + done.stdout and "it/s" not in done.stderr
