@@ -31,8 +31,9 @@ SUMMARIES = {
     "distill": "knowledge distillation: train a small student on a teacher's soft targets",
     "quantize": "linear quantization (PTQ, or QAT with --epochs) to INT8 / INT4: per-layer "
                 "scales and SQNR, accuracy, QDQ ONNX and an integer model file",
-    "encode": "store a pruned / weight-shared model as relative-index sparse codes, codebooks "
-              "and Huffman codes in a .pjz file; checks it loads back",
+    "encode": "store a pruned / weight-shared model as a .pjz file: codebooks, and per tensor "
+              "dense codes or relative-index sparse entries, each stream entropy-coded; checks "
+              "it loads back",
     "export": "export a model file to ONNX for ONNX Runtime (QDQ when it is quantized) and "
               "check ONNX Runtime against PyTorch",
     "compress": "run a YAML recipe of stages on one model: report, plots, resume",
