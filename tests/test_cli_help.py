@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,12 +162,17 @@ def tiny():
 """
 
 
-def test_no_progress_bars_into_a_pipe(tmp_path):
+def test_train_into_a_pipe_prints_before_and_after_and_the_epoch_cap(tmp_path):
     (tmp_path / "tiny_data.py").write_text(TINY_DATA)
     done = subprocess.run(
         [sys.executable, "-m", "penjing", "train", "lenet300", "--data", "tiny_data:tiny",
-         "--epochs", "2", "--out", str(tmp_path / "m.safetensors")],
-        env={**ENV, "PYTHONPATH": f"{SRC}:{tmp_path}"}, capture_output=True, text=True,
-        timeout=120)
+         "--epochs", "3", "--out", str(tmp_path / "m.safetensors")],
+        env={**ENV, "PYTHONPATH": f"{SRC}:{tmp_path}", "PENJING_EPOCHS": "1"},
+        capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "\r" not in done.stderr + done.stdout and "it/s" not in done.stderr
+    assert "\r" not in done.stderr + done.stdout and "it/s" not in done.stderr  # no bars
+    assert done.stderr == "note: PENJING_EPOCHS=1 lowers --epochs 3 to 1\n"
+    found = re.search(r"1 epoch, test accuracy ([\d.]+)% before, ([\d.]+)% \(([+-][\d.]+) "
+                      r"points\) after", done.stdout)
+    before, after, change = map(float, found.groups())
+    assert change == pytest.approx(after - before, abs=0.011)

@@ -41,8 +41,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 EPOCHS_ENV = "PENJING_EPOCHS"  # caps every --epochs (CI runs the README with 1)
 
 
-def epochs(n: int) -> int:
-    """`n`, capped by the PENJING_EPOCHS environment variable when it is set."""
+def epochs(n: int, flag: str = "--epochs") -> int:
+    """`n`, capped by the PENJING_EPOCHS environment variable when it is set; a cap that
+    lowers `n` says so on stderr, naming `flag`."""
     cap = os.environ.get(EPOCHS_ENV)
     if not cap:
         return n
@@ -50,6 +51,8 @@ def epochs(n: int) -> int:
         limit = int(cap)
     except ValueError as err:
         raise ValueError(f"{EPOCHS_ENV} must be an int, got {cap!r}") from err
+    if n > limit:
+        print(f"note: {EPOCHS_ENV}={limit} lowers {flag} {n} to {limit}", file=sys.stderr)
     return min(n, limit)
 
 

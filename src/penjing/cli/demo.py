@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> None:
         if value is not None
     }
     recipe = replace(recipe, **changes)
-    recipe = replace(recipe, finetune_epochs=common.epochs(recipe.finetune_epochs),
-                     quant_epochs=common.epochs(recipe.quant_epochs))
+    recipe = replace(recipe,
+                     finetune_epochs=common.epochs(recipe.finetune_epochs, "--finetune-epochs"),
+                     quant_epochs=common.epochs(recipe.quant_epochs, "--quant-epochs"))
     run_demo(args.model, args.out_dir, recipe=recipe,
-             dense_epochs=common.epochs(args.dense_epochs), seed=args.seed,
+             dense_epochs=common.epochs(args.dense_epochs, "--dense-epochs"), seed=args.seed,
              progress=common.progress(args))

@@ -14,6 +14,7 @@ import argparse
 import copy
 import itertools
 import os
+import statistics
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -47,7 +48,8 @@ class Measure:
     nonzero_params: int
     macs: int
     nonzero_macs: int
-    latency_ms: float
+    latency_ms: float  # median of one eager forward pass over the batch
+    latency_spread: float  # interquartile range of those timings over their median
     accuracy: float | None
 
 
@@ -74,7 +76,8 @@ class PruneSummary:
             ("MACs / image", f"{b.macs:,}", f"{a.macs:,}", f"{a.macs / b.macs:.3f}"),
             ("non-zero MACs", f"{b.nonzero_macs:,}", f"{a.nonzero_macs:,}",
              f"{a.nonzero_macs / b.nonzero_macs:.3f}"),
-            (f"latency ms, batch {self.batch}", f"{b.latency_ms:.3f}", f"{a.latency_ms:.3f}",
+            (f"latency ms, batch {self.batch}", f"{b.latency_ms:.3f} ±{b.latency_spread / 2:.0%}",
+             f"{a.latency_ms:.3f} ±{a.latency_spread / 2:.0%}",
              f"{a.latency_ms / b.latency_ms:.3f}"),
         ]
         if b.accuracy is not None and a.accuracy is not None:
@@ -83,18 +86,37 @@ class PruneSummary:
         lines = [f"{self.model}: {self.structure} pruning, {self.detail}",
                  f"{'':<22} {'before':>14} {'after':>14} {'change':>13}"]
         lines += [f"{name:<22} {x:>14} {y:>14} {r:>13}" for name, x, y, r in rows]
+        lines.append("latency: median of eager PyTorch passes, ± half the interquartile range")
+        spread = max(b.latency_spread, a.latency_spread)
+        if spread > WIDE_SPREAD:
+            lines.append(f"warning: the latency timings spread by {spread:.0%} of their median "
+                         "(interquartile range), too wide to compare: the machine is busy or a "
+                         "pass is too short to time; rerun, or use a larger --latency-batch")
         lines += self.notes
         if self.saved_to:
             lines.append(f"pruned model written to {self.saved_to}")
         return "\n".join(lines)
 
 
+WIDE_SPREAD = 0.25  # interquartile range over median beyond which a latency says little
+
+
+def _latency(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of one forward pass on `x` and the interquartile range of the
+    `repeats` timings over that median."""
+    latency(model, x, repeats=1)  # its warm-up passes
+    times = [latency(model, x, warmup=0, repeats=1) for _ in range(max(repeats, 2))]
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median, (q3 - q1) / median if median > 0 else 0.0
+
+
 def _measure(model: nn.Module, x: torch.Tensor, test, repeats: int) -> Measure:
     one = x[:1]
+    seconds, spread = _latency(model, x, repeats)
     return Measure(
         params=count_params(model), nonzero_params=count_params(model, nonzero=True),
         macs=count_macs(model, one), nonzero_macs=count_macs(model, one, nonzero=True),
-        latency_ms=1e3 * latency(model, x, repeats=repeats),
+        latency_ms=1e3 * seconds, latency_spread=spread,
         accuracy=None if test is None else evaluate(model, test),
     )
 
