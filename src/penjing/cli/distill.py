@@ -130,7 +130,8 @@ def distill_named(
             f"give one weights file per teacher or none: {len(teachers)} teachers, "
             f"{len(teacher_weights)} weights files"
         )
-    teacher_epochs = common.epochs(teacher_epochs, "--teacher-epochs")
+    if not teacher_weights:  # only then do the teachers train
+        teacher_epochs = common.epochs(teacher_epochs, "--teacher-epochs")
     epochs = common.epochs(epochs)
     split, train, test = common.load_data(dataset, batch_size, seed)
     # every spec is checked before anything trains, so a typo fails at once
