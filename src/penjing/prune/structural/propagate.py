@@ -96,6 +96,9 @@ def _where(n: torch.fx.Node) -> str:
     return f"{name} ({n.name})" + (f" in {inside}" if inside else "")
 
 
+STATISTICS = {"mean", "var", "std"}  # reductions that a normalization divides by
+
+
 def _spelled(function: Any) -> str:
     """How a user writes a torch function: torch.cat, torch.nn.functional.group_norm (not
     torch.group_norm, a different function that F.group_norm calls)."""
@@ -413,18 +416,25 @@ class Propagator(torch.fx.Interpreter):
 
     def reduce(self, call: _Call) -> Any:
         value, labels = call.tensors()[0]
-        dims = call.arg(1, "dim", None)
+        op = _op_name(self.module, call.node)
+        dims = call.arg(2 if op in ("norm", "vector_norm") else 1, "dim", None)  # after p / ord
         if isinstance(dims, torch.Tensor):  # torch.max(a, b) is element-wise
             return self.binary(call)
         dims = range(value.dim()) if dims is None else (dims if isinstance(dims, list | tuple)
                                                        else (dims,))
         dims = sorted({_dim(d, value.dim()) for d in dims})
-        if any(labels.shape[d] > 1 for d in dims):  # summing over channels mixes them
-            self.uf.pin(labels)
+        result = call.result[0] if isinstance(call.result, tuple) else call.result
+        if any(labels.shape[d] > 1 for d in dims):
+            if (op in STATISTICS and isinstance(result, torch.Tensor)
+                    and result.dim() == value.dim()):
+                # a statistic over the channels that broadcasts back onto them (GRN's mean
+                # of the channel norms, like LayerNorm's): fewer channels change its value,
+                # not its shape, so they stay free
+                return _pinned_like(result)
+            self.uf.pin(labels)  # summing over channels mixes them
             return _pinned_like(call.result)
         out = labels
         # read keepdim off the result: std and var take `unbiased` where others take keepdim
-        result = call.result[0] if isinstance(call.result, tuple) else call.result
         if result.dim() < value.dim():
             for d in reversed(dims):
                 out = out.squeeze(d)
