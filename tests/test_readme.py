@@ -57,7 +57,8 @@ def test_readme_commands_run_as_written(tmp_path):
     assert "labels only" in out and "student written to runs/cli/student.safetensors" in out
     assert "quantized model written to runs/cli/int8.safetensors" in out
     assert "ONNX Runtime runs:" in out and "QLinearConv" in out
-    assert "1. channels removed" in out and "2. quantized: weights 8 bits" in out
+    assert "1. channels removed" in out and "2. distill" in out
+    assert "3. quantized: weights 8 bits" in out
     for path in ("lenet5.safetensors", "pruned.safetensors", "student.safetensors",
                  "int8.safetensors", "lenet5-int8.onnx", "../lenet5/model.pjz"):
         assert (tmp_path / "runs/cli" / path).stat().st_size > 0, path
