@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_.code
         raise
     finally:
-        _leave_group(0 if code is None else code)
+        try:
+            _leave_group(0 if code is None else code)
+        except KeyboardInterrupt as err:  # the first Ctrl-C came while leaving the group
+            code = _interrupted(verb, err)
         if not (as_program and interrupted):  # a program that was interrupted stays deaf
             for signum, handler in previous.items():  # to Ctrl-C until it has exited
                 signal.signal(signum, handler)
