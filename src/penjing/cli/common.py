@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from collections.abc import Callable
 
@@ -162,6 +163,24 @@ def example_input(split, input_shape: tuple[int, ...] | None, batch: int) -> tor
     if input_shape is None and split is None:
         raise ValueError("without --data give --input-shape, e.g. 32,3,224,224")
     return torch.randn(*(input_shape or (batch, *split.image_shape)))
+
+
+WIDE_SPREAD = 0.25  # interquartile range over median beyond which a latency says little
+
+
+def spread(times: list[float]) -> tuple[float, float]:
+    """(median, interquartile range over the median) of repeated timings."""
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median, (q3 - q1) / median if median > 0 else 0.0
+
+
+def spread_warning(spread: float) -> str | None:
+    """The line that says a latency is too noisy to compare, or None."""
+    if spread <= WIDE_SPREAD:
+        return None
+    return (f"warning: the latency timings spread by {spread:.0%} of their median "
+            "(interquartile range), too wide to compare: the machine is busy or a pass is too "
+            "short to time; rerun, or time a larger batch")
 
 
 def accuracy(before: float | None, after: float | None) -> str:

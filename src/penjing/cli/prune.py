@@ -14,7 +14,6 @@ import argparse
 import copy
 import itertools
 import os
-import statistics
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -87,27 +86,21 @@ class PruneSummary:
                  f"{'':<22} {'before':>14} {'after':>14} {'change':>13}"]
         lines += [f"{name:<22} {x:>14} {y:>14} {r:>13}" for name, x, y, r in rows]
         lines.append("latency: median of eager PyTorch passes, ± half the interquartile range")
-        spread = max(b.latency_spread, a.latency_spread)
-        if spread > WIDE_SPREAD:
-            lines.append(f"warning: the latency timings spread by {spread:.0%} of their median "
-                         "(interquartile range), too wide to compare: the machine is busy or a "
-                         "pass is too short to time; rerun, or use a larger --latency-batch")
+        warning = common.spread_warning(max(b.latency_spread, a.latency_spread))
+        if warning:
+            lines.append(warning + " (--latency-batch)")
         lines += self.notes
         if self.saved_to:
             lines.append(f"pruned model written to {self.saved_to}")
         return "\n".join(lines)
 
 
-WIDE_SPREAD = 0.25  # interquartile range over median beyond which a latency says little
-
-
 def _latency(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Median seconds of one forward pass on `x` and the interquartile range of the
     `repeats` timings over that median."""
     latency(model, x, repeats=1)  # its warm-up passes
-    times = [latency(model, x, warmup=0, repeats=1) for _ in range(max(repeats, 2))]
-    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return median, (q3 - q1) / median if median > 0 else 0.0
+    return common.spread([latency(model, x, warmup=0, repeats=1)
+                          for _ in range(max(repeats, 2))])
 
 
 def _measure(model: nn.Module, x: torch.Tensor, test, repeats: int) -> Measure:
