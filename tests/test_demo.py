@@ -45,6 +45,21 @@ def test_demo_writes_everything_and_measures_the_loaded_file(demo_run):
     assert "![pruned](weights_pruned.png)" in (out / "report.md").read_text()
 
 
+def test_the_demo_table_describes_the_file_on_disk(demo_run):
+    _, out = demo_run
+    size = (out / "model.pjz").stat().st_size
+    rows = json.loads((out / "metrics.json").read_text())["layers"]
+    assert rows[-1]["layer"] == "total" and rows[-1]["bytes"] == size
+    assert sum(row["bytes"] for row in rows[:-1]) == size
+    stored = {r.name: r for r in pj.codec.inspect(out / "model.pjz").layers}
+    for row in rows[:-2]:
+        assert row["bytes"] == stored[row["layer"]].total_bytes
+        assert row["stored"].split(":")[0] == stored[row["layer"]].encoding
+        assert row["paper_pq"] > row["paper_pqh"] > 0  # Huffman beats fixed-width here
+    report = (out / "report.md").read_text()
+    assert "Huff |" not in report and "| paper P+Q+H |" in report
+
+
 def test_demo_reuses_the_cached_dense_model(demo_run, capsys):
     _, out = demo_run
     cached = out / "dense-lenet300-e2-s0.safetensors"

@@ -52,15 +52,20 @@ def test_readme_commands_run_as_written(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     # each step read the file the one before it wrote, and said what it measured
-    assert "model written to lenet5.safetensors" in out
-    assert "pruned model written to pruned.safetensors" in out
-    assert "labels only" in out and "student written to student.safetensors" in out
-    assert "quantized model written to int8.safetensors" in out
+    assert "model written to runs/cli/lenet5.safetensors" in out
+    assert "pruned model written to runs/cli/pruned.safetensors" in out
+    assert "labels only" in out and "student written to runs/cli/student.safetensors" in out
+    assert "quantized model written to runs/cli/int8.safetensors" in out
     assert "ONNX Runtime runs:" in out and "QLinearConv" in out
-    assert "1. channels removed" in out and "2. quantized: weights 8 bits" in out
+    assert "1. channels removed" in out and "2. distill" in out
+    assert "3. quantized: weights 8 bits" in out
     for path in ("lenet5.safetensors", "pruned.safetensors", "student.safetensors",
-                 "int8.safetensors", "lenet5-int8.onnx", "runs/lenet5/model.pjz"):
-        assert (tmp_path / path).stat().st_size > 0, path
+                 "int8.safetensors", "lenet5-int8.onnx", "../lenet5/model.pjz"):
+        assert (tmp_path / "runs/cli" / path).stat().st_size > 0, path
+    # nothing lands beside the repository's own files: all of it is under the ignored runs/
+    assert {p.name for p in tmp_path.iterdir()} == {"examples", ".venv", "runs"}
+    on_disk = (tmp_path / "runs/cli/int8.safetensors").stat().st_size
+    assert f"{on_disk:,} bytes on disk" in out  # penjing inspect prints the file's size
     assert (tmp_path / "runs/deep-compression/metrics.json").exists()
     assert "total sparsity 90.00%" in out
     assert (tmp_path / "runs/sensitivity/sensitivity.csv").exists()

@@ -157,3 +157,32 @@ def test_a_student_that_cannot_learn_is_refused_before_the_teacher_trains(tmp_pa
         distill_named("lenet5", "mlp30", soft="l1")
     with pytest.raises(ValueError, match="give at least one teacher"):
         distill_named([], "mlp30")
+
+
+def test_a_student_worse_than_labels_only_is_named_and_can_be_left_out(tmp_path, monkeypatch,
+                                                                        capsys):
+    # an untrained teacher and alpha 1: the student learns noise, the baseline the labels
+    (tmp_path / "distill_user_models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "student.safetensors"
+    args = ["--teacher", "distill_user_models:tiny", "--teacher-epochs", "0", "--student",
+            "distill_user_models:tiny", "--epochs", "1", "--alpha", "1", "--out", str(out)]
+    code, printed, _ = run(args, capsys, baseline=True)
+    assert code == 0
+    assert accuracy_printed(printed, "student") < accuracy_printed(printed, "labels only")
+    assert "warning: distillation made the student worse than training on the labels" in printed
+    steps = pj.core.history.steps(pj.load(out, lambda: torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 10))))
+    assert [s["op"] for s in steps] == ["distill"]
+    assert steps[0]["teachers"] == ["Sequential"] and steps[0]["alpha"] == 1.0
+    assert steps[0]["epochs"] == 1 and steps[0]["temperature"] == 4.0
+    code, printed, _ = run([*args, "--keep-better"], capsys, baseline=True)
+    assert code == 0 and "(--keep-better)" in printed
+    written = pj.load(out, lambda: torch.nn.Sequential(torch.nn.Flatten(),
+                                                       torch.nn.Linear(784, 10)))
+    assert pj.core.history.steps(written) == []  # the labels-only student, not distilled
+    test = torch.utils.data.DataLoader(pj.data.mnist().test, batch_size=500)
+    assert pj.train.evaluate(written, test) == pytest.approx(
+        accuracy_printed(printed, "labels only"), abs=5e-5)
+    code, _, err = run([*args, "--keep-better"], capsys)  # with --no-baseline
+    assert code == 2 and "--keep-better compares with the student trained on the labels" in err

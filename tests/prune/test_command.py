@@ -9,7 +9,7 @@ import penjing as pj
 from penjing.cli import main
 from penjing.cli.prune import prune_command
 
-FAST = {"repeats": 2, "progress": False, "batch_size": 4}
+FAST = {"repeats": 2, "progress": False, "latency_batch": 4}
 
 
 def test_channel_pruning_quarters_the_vgg_and_saves_a_loadable_file(tmp_path):
@@ -151,3 +151,21 @@ def test_batchnorm_statistics_are_re_measured_after_pruning(tmp_path):
     assert not torch.allclose(runs[20][1][key], runs[0][1][key])
     with pytest.raises(ValueError, match="bn_batches must be an int >= 0"):
         prune_command("vgg", bn_batches=-1, **FAST)
+
+
+def test_latency_shows_its_spread_and_says_when_it_is_too_wide(monkeypatch):
+    import itertools
+
+    import penjing.cli.prune as command
+
+    # before: steady 10 ms; after: 4, 6, 8, 10 ms, whose interquartile range is 50 % of 7
+    timings = itertools.chain([0.0], [0.010] * 4, [0.0], [0.004, 0.006, 0.008, 0.010])
+    monkeypatch.setattr(command, "latency", lambda *a, **k: next(timings))
+    summary = prune_command("lenet300", dataset=None, input_shape=(2, 1, 28, 28),
+                            repeats=4, progress=False, latency_batch=2)
+    assert summary.before.latency_ms == pytest.approx(10.0)
+    assert summary.after.latency_ms == pytest.approx(7.0)
+    assert summary.after.latency_spread == pytest.approx((8.5 - 5.5) / 7)
+    text = summary.format()
+    assert "10.000 ±0%" in text and "7.000 ±21%" in text
+    assert "warning: the latency timings spread by 43% of their median" in text

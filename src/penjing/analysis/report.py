@@ -1,30 +1,30 @@
-"""The Deep Compression paper's per-layer table and the weight histograms of its figures."""
+"""The per-layer table of a Deep Compression run (what the file stores, beside the paper's
+own format) and the weight histograms of the paper's figures."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-
-def _fixed_bytes(layer) -> int:
-    """Bytes the layer would take with fixed-width codes instead of Huffman (paper's P+Q)."""
-    if layer.encoding == "raw":
-        return layer.total_bytes
-    entries = layer.weight_stream.symbols if layer.weight_stream else 0
-    bits = entries * (layer.weight_bits + (layer.index_bits or 0))
-    return math.ceil(bits / 8) + layer.codebook_bytes
+CODER_NAMES = {"huffman": "Huffman", "rans": "rANS", "fixed": "fixed-width",
+               "enumerative": "enumerative"}
 
 
-def paper_table(report, layer_names: list[str] | None = None) -> list[dict]:
-    """Rows of the paper's table from a `penjing.codec` CompressionReport.
+def paper_table(report, layer_names: list[str] | None = None, *,
+                coders: dict[str, dict[str, str]] | None = None,
+                paper: dict[str, dict] | None = None) -> list[dict]:
+    """Per-layer rows from a `penjing.codec` CompressionReport: what the file stores.
 
-    One row per weight tensor in `layer_names` (default: every coded tensor), one row
-    for all other tensors (biases, buffers), one for the total. Huffman figures are the
-    bits actually spent per stored entry, tables included.
+    One row per weight tensor in `layer_names` (default: every coded tensor), one row for
+    all other tensors (biases, buffers) with the file's header, one for the total.
+    `coders` ({tensor: {stream: coder}}, read from the file) names how each stream was
+    coded; `paper` ({tensor: {"index_bits", "pq", "pqh"}}) holds the same weights' bytes
+    in the paper's relative-index format, computed its way (`penjing.demo.paper_format`).
     """
+    coders = coders or {}
+    paper = paper or {}
     chosen = [
         r
         for r in report.layers
@@ -32,23 +32,29 @@ def paper_table(report, layer_names: list[str] | None = None) -> list[dict]:
     ]
     rows = []
     for r in chosen:
+        streams = coders.get(r.name, {})
         rows.append(
             {
                 "layer": r.name,
                 "weights": r.numel,
                 "kept": r.kept,
                 "encoding": r.encoding,
+                "stored": r.encoding + (": " + ", ".join(
+                    f"{stream} {CODER_NAMES.get(coder, coder)}"
+                    for stream, coder in streams.items()) if streams else ""),
                 "weight_bits": r.weight_bits,
+                "bits_per_weight": 8 * r.total_bytes / r.numel if r.numel else 0.0,
                 "weight_bits_coded": r.weight_stream.coded_bits if r.weight_stream else None,
                 "index_bits": r.index_bits,
                 "index_bits_coded": r.index_stream.coded_bits if r.index_stream else None,
                 "weight_entropy": r.weight_stream.entropy_bits if r.weight_stream else None,
                 "index_entropy": r.index_stream.entropy_bits if r.index_stream else None,
                 "padding": r.padding,
-                "fixed_bytes": _fixed_bytes(r),
                 "bytes": r.total_bytes,
                 "original_bytes": r.original_bytes,
                 "ratio": r.ratio,
+                **({f"paper_{k}": v for k, v in paper[r.name].items()} if r.name in paper
+                   else {}),
             }
         )
     others = [r for r in report.layers if r not in chosen]
@@ -59,23 +65,33 @@ def paper_table(report, layer_names: list[str] | None = None) -> list[dict]:
             "weights": sum(r.numel for r in others),
             "bytes": other_bytes,
             "original_bytes": sum(r.original_bytes for r in others),
-            "fixed_bytes": other_bytes,
         }
     )
     kept = sum(r.nonzero for r in chosen)
     weights = sum(r.numel for r in chosen)
-    rows.append(
-        {
-            "layer": "total",
-            "weights": weights,
-            "kept": kept / weights if weights else 1.0,
-            "fixed_bytes": sum(row["fixed_bytes"] for row in rows),
-            "bytes": report.compressed_bytes,
-            "original_bytes": report.original_bytes,
-            "ratio": report.ratio,
-        }
-    )
+    total = {
+        "layer": "total",
+        "weights": weights,
+        "kept": kept / weights if weights else 1.0,
+        "bytes": report.compressed_bytes,
+        "original_bytes": report.original_bytes,
+        "ratio": report.ratio,
+    }
+    if chosen and all(r.name in paper for r in chosen):  # the rest is stored as it is
+        for key in ("paper_pq", "paper_pqh"):
+            total[key] = sum(row[key] for row in rows[:-1]) + other_bytes
+    rows.append(total)
     return rows
+
+
+TABLE_LEGEND = (
+    "stored as: the .pjz encoding of the tensor (dense: one code per weight; sparse: the "
+    "relative-index gaps and codes) and the coder of each stream, the smallest of Huffman, "
+    "rANS, enumerative and fixed-width. code bits: fixed-width bits per codebook code. "
+    "bits/w: the tensor's bytes in the file × 8 / weights, codebook included. "
+    "paper P+Q, P+Q+H: the same weights in the paper's format (relative-index sparse with "
+    "i-bit gaps), fixed-width and Huffman-coded, codebook and Huffman tables included."
+)
 
 
 def _cell(value, fmt: str) -> str:
@@ -84,23 +100,26 @@ def _cell(value, fmt: str) -> str:
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The table as aligned text for a terminal, or as a markdown table."""
-    head = ["layer", "weights", "kept", "w bits", "w Huff", "i bits", "i Huff",
-            "bytes P+Q", "bytes P+Q+H", "ratio"]
-    body = [
-        [
+    paper = any("paper_pq" in row for row in rows)
+    head = ["layer", "weights", "kept", "code bits", "stored as", "bits/w", "bytes"]
+    head += ["i", "paper P+Q", "paper P+Q+H"] if paper else []
+    head += ["ratio"]
+    body = []
+    for row in rows:
+        cells = [
             row["layer"],
             f"{row['weights']:,}",
             _cell(row.get("kept"), ".1%"),
             _cell(row.get("weight_bits"), "d"),
-            _cell(row.get("weight_bits_coded"), ".2f"),
-            _cell(row.get("index_bits"), "d"),
-            _cell(row.get("index_bits_coded"), ".2f"),
-            f"{row['fixed_bytes']:,}",
+            row.get("stored", "-"),
+            _cell(row.get("bits_per_weight"), ".2f"),
             f"{row['bytes']:,}",
-            _cell(row.get("ratio"), ".1f") + ("×" if row.get("ratio") is not None else ""),
         ]
-        for row in rows
-    ]
+        if paper:
+            cells += [_cell(row.get("paper_index_bits"), "d"), _cell(row.get("paper_pq"), ",d"),
+                      _cell(row.get("paper_pqh"), ",d")]
+        cells.append(_cell(row.get("ratio"), ".1f") + ("×" if row.get("ratio") is not None else ""))
+        body.append(cells)
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -109,7 +128,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
     def fmt(cells: list[str]) -> str:
         pairs = enumerate(zip(cells, widths, strict=True))
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
+        return "  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in pairs)
 
     lines = [fmt(head), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     lines += [fmt(cells) for cells in body[:-1]]

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Collection
 
 from penjing.errors import PenjingError
 
@@ -21,12 +22,38 @@ EXIT_CODES = """exit codes:
 Every error is one line on stderr naming the file or option and what to do."""
 
 
-VERBS = ("train", "prune", "distill", "quantize", "encode", "export", "compress", "apply",
-         "sensitivity", "demo", "inspect")
+# each verb's one-line summary, listed by `penjing -h` without importing the verb's module
+# (and with it PyTorch); tests/test_cli_help.py checks that each module says the same
+SUMMARIES = {
+    "train": "train a model (from scratch or --weights) and write its model file",
+    "prune": "structured pruning: remove channels for real, or N:M / shape / stripe / block "
+             "masks; params, MACs, latency and accuracy before and after",
+    "distill": "knowledge distillation: train a small student on a teacher's soft targets",
+    "quantize": "linear quantization (PTQ, or QAT with --epochs) to INT8 / INT4: per-layer "
+                "scales and SQNR, accuracy, QDQ ONNX and an integer model file",
+    "encode": "store a pruned / weight-shared model as a .pjz file: codebooks, and per tensor "
+              "dense codes or relative-index sparse entries, each stream entropy-coded; checks "
+              "it loads back",
+    "export": "export a model file to ONNX for ONNX Runtime (QDQ when it is quantized) and "
+              "check ONNX Runtime against PyTorch",
+    "compress": "run a YAML recipe of stages on one model: report, plots, resume",
+    "apply": "run one step of the step registry (a method of one's own included) on a model "
+             "file, its config given as flags",
+    "sensitivity": "prune (or quantize) one layer at a time and tabulate the test accuracy; "
+                   "CSV, chart, and a per-layer plan for a budget",
+    "demo": "Deep Compression of a LeNet on the bundled MNIST subset, end to end",
+    "inspect": "per-tensor storage table of a .pjz file, or the history of a model file",
+}
+VERBS = tuple(SUMMARIES)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Collection[str] = VERBS) -> argparse.ArgumentParser:
+    """The `penjing` parser with the options of `verbs` (importing their modules, and
+    PyTorch with them); the other verbs are listed by their summaries only, so that
+    `penjing -h` and `penjing --version` answer at once."""
     import importlib
+
+    from penjing import __version__
 
     parser = argparse.ArgumentParser(
         prog="penjing",
@@ -37,9 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for verb in VERBS:
-        importlib.import_module(f"penjing.cli.{verb}").add_parser(commands)
+    for name in VERBS:
+        if name in verbs:
+            importlib.import_module(f"penjing.cli.{name}").add_parser(commands)
+        else:
+            commands.add_parser(name, help=SUMMARIES[name])
     return parser
 
 
@@ -70,22 +101,62 @@ def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(143)  # unwinds like Ctrl-C, so atomic writes remove their temp file
 
 
+def _interrupt_once(interrupted: list[int]):
+    """A SIGINT handler that raises KeyboardInterrupt the first time and only notes the
+    signals after it, so that a second Ctrl-C cannot break the cleanup the first started
+    (removing a temp file, leaving a process group) into a traceback."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        if len(interrupted) == 1:
+            raise KeyboardInterrupt
+
+    return interrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not hasattr(args, "fields"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:  # `apply`: flags that name no field of the step's config, reported by it
-        args.fields = extra
+    """Run `penjing ARGV` (sys.argv when None) and return its exit code. Ctrl-C is one line
+    and 130 at any moment after this starts: while PyTorch imports, during the work and
+    during the cleanup after it."""
+    as_program = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb = next((arg for arg in argv if not arg.startswith("-")), None)
+    verb = verb if verb in VERBS else None
+    interrupted: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
+                    signal.SIGINT: signal.signal(signal.SIGINT, _interrupt_once(interrupted))}
     code: int | str | None = 1
     try:
-        code = _run(args)
-    except SystemExit as exit_:  # SIGTERM (torchrun stopping the ranks after a failure)
+        parser = build_parser((verb,) if verb else ())
+        args, extra = parser.parse_known_args(argv)
+        if extra and not hasattr(args, "fields"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:  # `apply`: flags that name no field of the step's config, reported by it
+            args.fields = extra
+        code = _run(args, interrupted)
+    except KeyboardInterrupt as err:
+        code = _interrupted(verb, err)
+    except SystemExit as exit_:  # SIGTERM (torchrun stopping the ranks after a failure), -h
         code = exit_.code
         raise
     finally:
-        _leave_group(0 if code is None else code)
+        try:
+            _leave_group(0 if code is None else code)
+        except KeyboardInterrupt as err:  # the first Ctrl-C came while leaving the group
+            code = _interrupted(verb, err)
+        if not (as_program and interrupted):  # a program that was interrupted stays deaf
+            for signum, handler in previous.items():  # to Ctrl-C until it has exited
+                signal.signal(signum, handler)
     return code
+
+
+def _interrupted(verb: str | None, err: KeyboardInterrupt) -> int:
+    name = f"penjing {verb}" if verb else "penjing"
+    print(f"{name}: {_one_line(err) or 'interrupted'}; no partial output was written",
+          file=sys.stderr)
+    return 130
 
 
 def _leave_group(code: int | str) -> None:
@@ -101,19 +172,8 @@ def _leave_group(code: int | str) -> None:
             distributed.shutdown(wait=False)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, interrupted: list[int]) -> int:
     prefix = f"penjing {args.command}: error:"
-    in_main = threading.current_thread() is threading.main_thread()
-    interrupted: list[int] = []
-
-    def interrupt(signum: int, frame: object) -> None:
-        interrupted.append(signum)
-        raise KeyboardInterrupt
-
-    previous = {}
-    if in_main:
-        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
-                    signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
     try:
         try:
             _check_outputs(args)
@@ -125,9 +185,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise KeyboardInterrupt from None
             raise
     except KeyboardInterrupt as err:
-        print(f"penjing {args.command}: {_one_line(err) or 'interrupted'}; no partial output "
-              "was written", file=sys.stderr)
-        return 130
+        return _interrupted(args.command, err)
     except OSError as err:  # files: not found, a folder, not writable, disk full
         print(f"{prefix} {_one_line(_os_message(err))}", file=sys.stderr)
         return 2
@@ -158,9 +216,6 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     return 0
 
 

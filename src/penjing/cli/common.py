@@ -8,13 +8,16 @@ Each option means the same thing in every verb that has it:
     --out-dir DIR    the folder a multi-file verb (demo, compress) writes into
     --epochs N       the epochs of this verb's own training; --lr, --batch-size with it
     --skip REGEX     layers left alone (full match of module names, repeatable)
-    --seed, --quiet  the random seed; no progress bars
+    --seed, --quiet  the random seed; no progress bars (none either when stderr is
+                     not a terminal)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import sys
 from collections.abc import Callable
 
 import torch
@@ -24,14 +27,24 @@ from penjing import data, layers, models
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default and keeps the description's line breaks."""
+    """Shows each option's default once and keeps the description's line breaks: no
+    "(default: None)" for an option that is off unless given, and none added to a help
+    text that states its default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        off = action.default is None or action.default is False or action.default == []
+        if off or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 EPOCHS_ENV = "PENJING_EPOCHS"  # caps every --epochs (CI runs the README with 1)
 
 
-def epochs(n: int) -> int:
-    """`n`, capped by the PENJING_EPOCHS environment variable when it is set."""
+def epochs(n: int, flag: str = "--epochs") -> int:
+    """`n`, capped by the PENJING_EPOCHS environment variable when it is set; a cap that
+    lowers `n` says so on stderr, naming `flag`."""
     cap = os.environ.get(EPOCHS_ENV)
     if not cap:
         return n
@@ -39,6 +52,8 @@ def epochs(n: int) -> int:
         limit = int(cap)
     except ValueError as err:
         raise ValueError(f"{EPOCHS_ENV} must be an int, got {cap!r}") from err
+    if n > limit:
+        print(f"note: {EPOCHS_ENV}={limit} lowers {flag} {n} to {limit}", file=sys.stderr)
     return min(n, limit)
 
 
@@ -83,7 +98,8 @@ def add_training(parser: argparse.ArgumentParser, epochs: int, what: str,
                  lr: float = 1e-3) -> None:
     parser.add_argument("--epochs", type=int, default=epochs, help=what)
     parser.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="training images per optimizer step")
 
 
 def add_skip(parser: argparse.ArgumentParser, what: str) -> None:
@@ -92,8 +108,17 @@ def add_skip(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_run(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the data order, initial weights and random choices; the "
+                        "same seed repeats a run")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (there are none when stderr is not a terminal)")
+
+
+def progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars: not with --quiet, and not into a log or a pipe, where
+    a bar's carriage-return redraws would each become a line."""
+    return not args.quiet and sys.stderr.isatty()
 
 
 def load_data(spec: str | None, batch_size: int = 64, seed: int = 0):
@@ -138,6 +163,24 @@ def example_input(split, input_shape: tuple[int, ...] | None, batch: int) -> tor
     if input_shape is None and split is None:
         raise ValueError("without --data give --input-shape, e.g. 32,3,224,224")
     return torch.randn(*(input_shape or (batch, *split.image_shape)))
+
+
+WIDE_SPREAD = 0.25  # interquartile range over median beyond which a latency says little
+
+
+def spread(times: list[float]) -> tuple[float, float]:
+    """(median, interquartile range over the median) of repeated timings."""
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median, (q3 - q1) / median if median > 0 else 0.0
+
+
+def spread_warning(spread: float) -> str | None:
+    """The line that says a latency is too noisy to compare, or None."""
+    if spread <= WIDE_SPREAD:
+        return None
+    return (f"warning: the latency timings spread by {spread:.0%} of their median "
+            "(interquartile range), too wide to compare: the machine is busy or a pass is too "
+            "short to time; rerun, or time a larger batch")
 
 
 def accuracy(before: float | None, after: float | None) -> str:

@@ -33,5 +33,5 @@ def run(args: argparse.Namespace) -> None:
 
     out_dir = args.out_dir or str(Path("runs") / Path(args.recipe).stem)
     result = run_recipe(args.recipe, out_dir, resume=not args.restart,
-                        progress=not args.quiet)
+                        progress=common.progress(args))
     print(result.format())

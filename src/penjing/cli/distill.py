@@ -38,6 +38,7 @@ class DistillSummary:
     sparsity: float | None  # fraction of zeros kept in the student's prunable weights
     saved_to: str | None
     baseline: float | None = None  # the same student trained on labels alone, same epochs
+    wrote_baseline: bool = False  # keep_better wrote the labels-only student instead
 
     def format(self) -> str:
         width = max(14, *(len(name) for name, _ in self.teachers), len(self.student))
@@ -54,6 +55,13 @@ class DistillSummary:
         if self.baseline is not None:
             gain = 100 * (self.student_accuracy - self.baseline)
             lines.append(f"distillation: {gain:+.2f} points over training on the labels alone")
+            if gain < 0 and self.wrote_baseline:
+                lines.append("warning: distillation made the student worse, so the student "
+                             "trained on the labels alone was written (--keep-better)")
+            elif gain < 0:
+                lines.append("warning: distillation made the student worse than training on "
+                             "the labels alone; try another --temperature or --alpha, more "
+                             "--epochs, or --keep-better to write the better of the two")
         if self.sparsity:
             lines.append(f"student sparsity kept: {self.sparsity:.2%} of prunable weights are zero")
         if self.saved_to:
@@ -92,6 +100,7 @@ def distill_named(
     batch_size: int = 64,
     out: str | os.PathLike | None = None,
     baseline: bool = True,
+    keep_better: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> DistillSummary:
@@ -101,10 +110,15 @@ def distill_named(
     `teacher_epochs`. The student starts from `student_weights` when given (its zeros
     stay zero) and is saved to `out` as a model file (masks live). With `baseline`, a copy
     of the starting student is also trained on the labels alone for the same epochs, and
-    its accuracy printed beside the distilled one.
+    its accuracy printed beside the distilled one; with `keep_better` too, that student is
+    what `out` gets when it is the more accurate. The distilled student's model file
+    records the distillation in its history.
     """
     from penjing.core.model_file import load
 
+    if keep_better and not baseline:
+        raise ValueError("--keep-better compares with the student trained on the labels "
+                         "alone; leave out --no-baseline")
     check_temperature(temperature)
     check_weight(alpha)
     resolve_soft_loss(soft)
@@ -116,7 +130,9 @@ def distill_named(
             f"give one weights file per teacher or none: {len(teachers)} teachers, "
             f"{len(teacher_weights)} weights files"
         )
-    teacher_epochs, epochs = common.epochs(teacher_epochs), common.epochs(epochs)
+    if not teacher_weights:  # only then do the teachers train
+        teacher_epochs = common.epochs(teacher_epochs, "--teacher-epochs")
+    epochs = common.epochs(epochs)
     split, train, test = common.load_data(dataset, batch_size, seed)
     # every spec is checked before anything trains, so a typo fails at once
     teacher_factories = [common.factory(spec, split.num_classes, "teacher model")
@@ -158,17 +174,21 @@ def distill_named(
         fit(baseline_model, train, epochs=epochs, lr=lr, seed=seed, progress=progress,
             desc="labels only")
         baseline_accuracy = evaluate(baseline_model, test)
+    accuracy = evaluate(student_model, test)
+    worse = baseline_accuracy is not None and accuracy < baseline_accuracy
     if out is not None:
-        common.save_model(student_model, out, student)
+        common.save_model(baseline_model if keep_better and worse else student_model, out,
+                          student)
     return DistillSummary(
         teachers=tuple((spec, evaluate(m, test)) for spec, m in zip(teachers, teacher_models,
                                                                     strict=True)),
         student=student,
         student_before=before,
-        student_accuracy=evaluate(student_model, test),
+        student_accuracy=accuracy,
         sparsity=sparsity,
         saved_to=None if out is None else str(out),
         baseline=baseline_accuracy,
+        wrote_baseline=keep_better and worse and out is not None,
     )
 
 
@@ -206,6 +226,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--hint-epochs", type=int, default=2, help="epochs of hint training")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip training the student on the labels alone")
+    parser.add_argument("--keep-better", action="store_true",
+                        help="write the student trained on the labels alone instead when it "
+                        "is the more accurate")
     common.add_out(parser, "the student model file")
     common.add_run(parser)
     parser.set_defaults(run=run)
@@ -218,6 +241,6 @@ def run(args: argparse.Namespace) -> None:
         epochs=args.epochs, temperature=args.temperature, alpha=args.alpha, soft=args.soft,
         hints=tuple(args.hint) if args.hint else None, hint_epochs=args.hint_epochs, lr=args.lr,
         batch_size=args.batch_size, out=args.out, baseline=not args.no_baseline,
-        seed=args.seed, progress=not args.quiet,
+        keep_better=args.keep_better, seed=args.seed, progress=common.progress(args),
     )
     print(summary.format())

@@ -11,17 +11,24 @@ from penjing.train import evaluate
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "encode", formatter_class=common.HelpFormatter,
-        help="store a pruned / weight-shared model as relative-index sparse codes, "
-        "codebooks and Huffman codes in a .pjz file; checks it loads back",
+        help="store a pruned / weight-shared model as a .pjz file: codebooks, and per "
+        "tensor dense codes or relative-index sparse entries, each stream entropy-coded; "
+        "checks it loads back",
         description="Read MODEL from --weights, bake masks and shared weights in, write the "
-        ".pjz file --out and print what every tensor costs. The file is loaded back into a "
-        "fresh model (penjing.load) and its test accuracy measured against the input's.",
+        ".pjz file --out and print what every tensor costs. A tensor with few distinct values "
+        "is stored as a codebook plus codes, either one code per element (dense) or as the "
+        "relative-index sparse format of Deep Compression (gaps between non-zeros and their "
+        "codes), whichever is smaller; each stream is Huffman, rANS, enumerative or "
+        "fixed-width coded, whichever is smallest (docs/format.md). Other tensors are stored "
+        "raw. The file is loaded back into a fresh model (penjing.load) and its test "
+        "accuracy measured against the input's.",
     )
     common.add_model(parser)
     common.add_weights(parser, required=True)
     parser.add_argument("--index-bits", type=int,
-                        help="relative-index gap bits for every tensor (default 8 for convs, "
-                        "5 for the rest)")
+                        help="gap bits of the relative-index format for every tensor stored "
+                        "sparse (default 8 for convs, 5 for the rest); a tensor stored dense "
+                        "has no gaps")
     common.add_data(parser, allow_none=True)
     common.add_out(parser, "the .pjz file", required=True)
     parser.set_defaults(run=run)

@@ -42,3 +42,28 @@ def run(args: argparse.Namespace) -> None:
         print(compare_with_ort(model, path, batch).format())
     ops = optimized_ops(path)
     print("ONNX Runtime runs: " + ", ".join(f"{k}×{v}" for k, v in sorted(ops.items())))
+    inputs = batch[:32] if test is not None else x  # 30 runs of a few images: a second
+    seconds, spread = _ort_latency(path, inputs)
+    print(f"ONNX Runtime latency, batch {inputs.shape[0]}: {1e3 * seconds:.3f} ms "
+          f"±{spread / 2:.0%} (median of 30 runs, ± half the interquartile range)")
+    if warning := common.spread_warning(spread):
+        print(warning)
+
+
+def _ort_latency(path: str, inputs, repeats: int = 30) -> tuple[float, float]:
+    """Median seconds of one ONNX Runtime run of `path` on `inputs` (the kernels the file
+    runs on, integer ones for a quantized model) and the spread of the timings."""
+    import time
+
+    from penjing.export import session
+
+    sess = session(path)
+    feed = {sess.get_inputs()[0].name: inputs.numpy()}
+    for _ in range(3):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return common.spread(times)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from penjing.cli import common
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     print(f"{args.path}: {metadata.get('format', 'safetensors state dict')}, "
           f"model {metadata.get('penjing.model', '(not recorded)')}, {len(tensors)} tensors, "
-          f"{size:,} bytes")
+          f"{os.path.getsize(args.path):,} bytes on disk ({size:,} of tensor data)")
     try:  # the check penjing.load makes, so both refuse the same files
         steps = history.read(metadata.get("penjing.history", "[]"))
     except ValueError as err:

@@ -47,7 +47,8 @@ class Measure:
     nonzero_params: int
     macs: int
     nonzero_macs: int
-    latency_ms: float
+    latency_ms: float  # median of one eager forward pass over the batch
+    latency_spread: float  # interquartile range of those timings over their median
     accuracy: float | None
 
 
@@ -74,7 +75,8 @@ class PruneSummary:
             ("MACs / image", f"{b.macs:,}", f"{a.macs:,}", f"{a.macs / b.macs:.3f}"),
             ("non-zero MACs", f"{b.nonzero_macs:,}", f"{a.nonzero_macs:,}",
              f"{a.nonzero_macs / b.nonzero_macs:.3f}"),
-            (f"latency ms, batch {self.batch}", f"{b.latency_ms:.3f}", f"{a.latency_ms:.3f}",
+            (f"latency ms, batch {self.batch}", f"{b.latency_ms:.3f} ±{b.latency_spread / 2:.0%}",
+             f"{a.latency_ms:.3f} ±{a.latency_spread / 2:.0%}",
              f"{a.latency_ms / b.latency_ms:.3f}"),
         ]
         if b.accuracy is not None and a.accuracy is not None:
@@ -83,18 +85,31 @@ class PruneSummary:
         lines = [f"{self.model}: {self.structure} pruning, {self.detail}",
                  f"{'':<22} {'before':>14} {'after':>14} {'change':>13}"]
         lines += [f"{name:<22} {x:>14} {y:>14} {r:>13}" for name, x, y, r in rows]
+        lines.append("latency: median of eager PyTorch passes, ± half the interquartile range")
+        warning = common.spread_warning(max(b.latency_spread, a.latency_spread))
+        if warning:
+            lines.append(warning + " (--latency-batch)")
         lines += self.notes
         if self.saved_to:
             lines.append(f"pruned model written to {self.saved_to}")
         return "\n".join(lines)
 
 
+def _latency(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of one forward pass on `x` and the interquartile range of the
+    `repeats` timings over that median."""
+    latency(model, x, repeats=1)  # its warm-up passes
+    return common.spread([latency(model, x, warmup=0, repeats=1)
+                          for _ in range(max(repeats, 2))])
+
+
 def _measure(model: nn.Module, x: torch.Tensor, test, repeats: int) -> Measure:
     one = x[:1]
+    seconds, spread = _latency(model, x, repeats)
     return Measure(
         params=count_params(model), nonzero_params=count_params(model, nonzero=True),
         macs=count_macs(model, one), nonzero_macs=count_macs(model, one, nonzero=True),
-        latency_ms=1e3 * latency(model, x, repeats=repeats),
+        latency_ms=1e3 * seconds, latency_spread=spread,
         accuracy=None if test is None else evaluate(model, test),
     )
 
@@ -152,7 +167,8 @@ def prune_command(
     method: str = "magnitude",
     calib_images: int = 256,
     out: str | os.PathLike | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    latency_batch: int = 32,
     repeats: int = 30,
     seed: int = 0,
     progress: bool = True,
@@ -169,9 +185,10 @@ def prune_command(
     accuracy, and every BatchNorm re-measures its statistics on `bn_batches` training
     batches after pruning (0: keep the old ones); `dataset=None` measures size and speed
     only, on inputs of `input_shape` (default: the data set's image shape, batch
-    `batch_size`). Layers whose names fully match a `skip` regex keep their channels (or
-    weights). The pruned model is written to `out` as a penjing model file
-    (`penjing.load` rebuilds it; masks stay live).
+    `latency_batch`); `batch_size` (64 when None) is the batch of the fine-tuning, the
+    BatchNorm re-measuring and the calibration. Layers whose names fully match a `skip`
+    regex keep their channels (or weights). The pruned model is written to `out` as a
+    penjing model file (`penjing.load` rebuilds it; masks stay live).
     """
     # checked here, not minutes later when training is done and the pruning starts
     config = _layerwise(_config(structure, ratio, sparsity, criterion, nm, global_ranking,
@@ -181,9 +198,9 @@ def prune_command(
         raise ValueError(f"bn_batches must be an int >= 0 (0 keeps the BatchNorm statistics), "
                          f"got {bn_batches!r}")
     seed_everything(seed)
-    split, train, test = common.load_data(dataset, 64, seed)
+    split, train, test = common.load_data(dataset, batch_size or 64, seed)
     net = common.load_model(model, weights, split.num_classes if split else None)
-    x = common.example_input(split, input_shape, batch_size)
+    x = common.example_input(split, input_shape, latency_batch)
     net.eval()
     before = _measure(net, x, test, repeats)
     notes: list[str] = []
@@ -206,7 +223,7 @@ def prune_command(
         if train is None:
             raise ValueError(f"--method {method} measures every layer on training inputs; "
                              "give --data")
-        calib = list(itertools.islice(train, -(-calib_images // 64)))
+        calib = list(itertools.islice(train, -(-calib_images // (batch_size or 64))))
     done = prune_rounds_(net, cuts(config, schedule, rounds), train, example_inputs=x[:1],
                          epochs=epochs, lr=lr, lr_schedule="cosine", bn_batches=bn,
                          seed=seed, progress=progress, calib=calib)[-1]
@@ -215,6 +232,11 @@ def prune_command(
         detail += f", {schedule} ×{rounds}"
     if method != "magnitude":
         detail += f", {method} on {calib_images} training inputs"
+    trains = train is not None and bool(epochs or bn or calib or criterion == "taylor")
+    if batch_size is not None and not trains:
+        notes.append(f"batch size {batch_size} was not used: it is the fine-tuning batch, as "
+                     "in every verb, and nothing was trained here; the latency batch is "
+                     "--latency-batch")
     if bn:
         notes.append(f"BatchNorm statistics re-measured on {bn_batches} training batches "
                      "after pruning (--bn-batches 0 keeps the old ones)")
@@ -295,12 +317,16 @@ def add_parser(commands) -> None:
                         help="training inputs SparseGPT and Wanda measure each layer on")
     common.add_data(parser, allow_none=True)
     parser.add_argument("--input-shape", type=common.shape,
-                        help="e.g. 32,3,224,224 (default: --batch-size images of --data)")
+                        help="e.g. 32,3,224,224 (default: --latency-batch images of --data)")
     parser.add_argument("--epochs", type=int, default=0,
                         help="fine-tune after pruning (Adam from --lr, cosine schedule to 0)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="images per latency measurement")
+    parser.add_argument("--batch-size", type=int,
+                        help="training images per step of the fine-tuning, the BatchNorm "
+                        "re-measuring and the SparseGPT / Wanda calibration (default 64)")
+    parser.add_argument("--latency-batch", type=int, default=32,
+                        help="images per latency measurement (before 0.2 this was "
+                        "--batch-size)")
     parser.add_argument("--bn-batches", type=int, default=20,
                         help="training batches to re-measure BatchNorm statistics on after "
                         "pruning (0 keeps the old statistics)")
@@ -317,6 +343,7 @@ def run(args: argparse.Namespace) -> None:
         global_ranking=args.global_ranking, round_to=args.round_to, skip=tuple(args.skip),
         nm=args.nm, schedule=args.schedule, rounds=args.rounds, method=args.method,
         calib_images=args.calib_images, out=args.out,
-        batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+        batch_size=args.batch_size, latency_batch=args.latency_batch, seed=args.seed,
+        progress=common.progress(args),
     )
     print(summary.format())

@@ -195,7 +195,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--granularity", default="channel",
                         choices=["channel", "tensor", "group"], help="of weight scales")
     parser.add_argument("--group-size", type=int, help="with --granularity group: 32/64/128")
-    parser.add_argument("--weight-range", default="minmax", choices=["minmax", "mse"])
+    parser.add_argument("--weight-range", default="minmax", choices=["minmax", "mse"],
+                        help="each weight scale from the min / max of its channel (group), "
+                        "or from the narrower range with the least squared error")
     parser.add_argument("--observer", default="minmax",
                         choices=["minmax", "moving_average", "percentile", "entropy", "mse"],
                         help="activation calibration")
@@ -206,7 +208,9 @@ def add_parser(commands) -> None:
                         "--weight-only, GPTQ's error correction or AWQ's activation-aware "
                         "scales, layer by layer on the --calib-images (Linear layers, "
                         "asymmetric grid)")
-    parser.add_argument("--calib-images", type=int, default=256)
+    parser.add_argument("--calib-images", type=int, default=256,
+                        help="training images the activation ranges (or, with --method gptq "
+                        "or awq, the weights' errors) are measured on")
     common.add_skip(parser, "left in float")
     parser.add_argument("--skip-first", action="store_true", help="first layer in float")
     parser.add_argument("--skip-last", action="store_true", help="last layer in float")
@@ -234,6 +238,6 @@ def run(args: argparse.Namespace) -> None:
         args.model, args.weights, dataset=args.data, config=config,
         calib_images=args.calib_images, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, onnx_path=args.onnx, out=args.out, seed=args.seed,
-        progress=not args.quiet, method=args.method,
+        progress=common.progress(args), method=args.method,
     )
     print(summary.format())

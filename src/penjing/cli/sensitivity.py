@@ -58,7 +58,8 @@ def add_parser(commands) -> None:
                         help="test images each point is measured on (a fixed subset)")
     parser.add_argument("--budget", type=_budget, metavar="KIND=VALUE",
                         help=f"propose per-layer ratios: KIND one of {BUDGETS}")
-    parser.add_argument("--out-dir", default="runs/sensitivity", metavar="DIR")
+    parser.add_argument("--out-dir", default="runs/sensitivity", metavar="DIR",
+                        help="folder for the CSV table and the plot")
     common.add_run(parser)
     parser.set_defaults(run=run)
 

@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> None:
     before = evaluate(model, test)
     epochs = common.epochs(args.epochs)
     fit(model, train, epochs=epochs, lr=args.lr, schedule=args.schedule, seed=args.seed,
-        progress=not args.quiet, desc=f"train {args.model}")
+        progress=common.progress(args), desc=f"train {args.model}")
     size = common.save_model(model, args.out, args.model)
-    print(f"{args.model} on {split.name}: {epochs} epochs, test accuracy "
-          f"{common.accuracy(before, evaluate(model, test))}")
+    print(f"{args.model} on {split.name}: {epochs} epoch{'s' * (epochs != 1)}, test accuracy "
+          f"{before:.2%} before, {common.accuracy(before, evaluate(model, test))} after")
     print(f"model written to {args.out} ({size:,} bytes)")

@@ -1,7 +1,7 @@
 """What compression bought, per tensor and in total, measured on the encoded bytes.
 
-Every byte count comes from an actual encoded section (Huffman tables and sync points
-included), and the total is the size of the file on disk, headers and manifest included.
+Every byte count comes from an actual encoded section (code tables, coder states and
+sync points included), and the total is the size of the file on disk, headers and manifest included.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from penjing.codec.huffman import fixed_width_bits
 
 @dataclass(frozen=True)
 class StreamReport:
-    """One coded stream (Huffman, rANS or fixed-width, whichever was smaller): its cost against
+    """One coded stream (Huffman, rANS, enumerative or fixed-width, whichever was smallest): its
+    cost against
     the entropy floor and a fixed-width code."""
 
     symbols: int  # entries in the stream
@@ -36,7 +37,7 @@ class LayerReport:
     weight_bits: int  # fixed-width bits per code, ceil(log2(codebook + 1)); element bits if raw
     index_bits: int | None  # gap width of the sparse format, None otherwise
     codebook_bytes: int
-    index_bytes: int  # coded gap stream, its Huffman table included
+    index_bytes: int  # coded gap stream, its code table included
     weight_bytes: int  # coded value (or code) stream incl. table; the raw bytes if raw
     total_bytes: int
     original_bytes: int  # numel x element size
@@ -68,7 +69,7 @@ class CompressionReport:
     def from_layers(cls, layers: list[LayerReport], compressed_bytes: int) -> CompressionReport:
         original = sum(layer.original_bytes for layer in layers)
         # A stream over a single symbol (an all-zero tensor) needs 0 fixed-width bits, so
-        # any code loses on it; it says nothing about Huffman and is left out.
+        # any code loses on it; it says nothing about entropy coding and is left out.
         streams = [
             s
             for layer in layers

@@ -89,6 +89,7 @@ BUILTIN: dict[str, str] = {
     "smooth": "penjing.quant.linear.smooth:STEP",
     "parametrize": "penjing.core.parametrize:STEP",
     "quantize": "penjing.quant.linear.ptq:STEP",
+    "distill": "penjing.distill.kd:STEP",
 }
 
 _REGISTERED: dict[str, Step] = {}

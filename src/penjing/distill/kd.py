@@ -13,7 +13,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from penjing.core import history
 from penjing.core.modes import eval_mode
+from penjing.core.steps import Step
 from penjing.distill.cache import CachedTeacher
 from penjing.distill.ensemble import Ensemble
 from penjing.distill.hints import build_regressor, find_layer, train_hints_
@@ -173,7 +175,43 @@ def distill_(
                 teacher, student, loader, teacher_layer, student_layer, reg=reg,
                 epochs=hint_epochs, lr=lr, optimizer=optimizer, seed=seed, progress=progress,
             )
-        return fit(
+        result = fit(
             student, loader, epochs=epochs, lr=lr, optimizer=optimizer, loss_fn=loss_fn,
             test_loader=test_loader, seed=seed, progress=progress, desc="distill",
         )
+    history.record(student, {
+        "op": "distill", "teachers": _teacher_names(given),
+        "temperature": float(temperature), "alpha": float(alpha),
+        "soft": soft if isinstance(soft, str) else getattr(soft, "__name__", "custom"),
+        "epochs": int(epochs), "hints": list(hints) if hints is not None else None,
+    })
+    return result
+
+
+def _teacher_names(teachers: Sequence) -> list[str]:
+    """The class names of the teachers behind a cache or an ensemble."""
+    names = []
+    for teacher in teachers:
+        while isinstance(teacher, CachedTeacher):
+            teacher = teacher.teacher
+        if isinstance(teacher, Ensemble):
+            names += _teacher_names(list(teacher.teachers))
+        else:
+            names.append(type(teacher).__name__)
+    return names
+
+
+def _check_record(record: dict) -> None:
+    """A distill record read from a file: what it says must be readable as such."""
+    teachers = record.get("teachers")
+    if not (isinstance(teachers, list) and all(isinstance(t, str) for t in teachers)):
+        raise ValueError(f"a distill step's teachers must be a list of names, got {teachers!r}")
+    epochs = record.get("epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"a distill step's epochs must be an int >= 0, got {epochs!r}")
+
+
+# Distillation changes weights only: the record says how they were trained, and replaying
+# it on a fresh model changes nothing but the history.
+STEP = Step("distill", history.replaying(lambda model, record: None), check=_check_record,
+            help="trained by knowledge distillation (penjing.distill.distill_)")

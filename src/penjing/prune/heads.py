@@ -171,8 +171,12 @@ def heads_(
     found = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention | HeadAttention)]
     if layers is None:
         if not found:
-            raise UnsupportedLayerError(f"{type(model).__name__} has no nn.MultiheadAttention "
-                                        "or HeadAttention layer, so no heads to prune")
+            hf = any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+            raise UnsupportedLayerError(
+                f"{type(model).__name__} has no nn.MultiheadAttention or HeadAttention layer, "
+                "so no heads to prune" + ("; for a Hugging Face transformers model use "
+                                          "penjing.prune.hf_heads_ (and hf_ffn_ for the "
+                                          "feed-forward neurons)" if hf else ""))
         layers = found
     for name in layers:
         if name not in found:

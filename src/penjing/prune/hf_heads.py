@@ -228,10 +228,13 @@ def hf_heads_(
     _check(ratio, criterion, loader)
     layers = attention_layers(model)
     if not layers:
+        fused = any(name.rpartition(".")[2] in ("c_attn", "qkv", "query_key_value")
+                    for name, _ in model.named_modules())
         raise UnsupportedLayerError(
-            f"{type(model).__name__} has no attention with separate query/key/value (or "
-            "q_lin/k_lin/v_lin) Linear layers; fused QKV projections (GPT-2's c_attn) are "
-            "not supported")
+            f"{type(model).__name__} has no attention whose query, key and value are separate "
+            f"Linear layers named {' / '.join('+'.join(n) for n in _QKV)}, so no heads to "
+            "prune" + ("; fused QKV projections (GPT-2's c_attn) are not supported" if fused
+                       else ""))
     counts = {a.heads for a in layers}
     if len(counts) != 1:
         raise ValueError(f"attention layers have different head counts {sorted(counts)}; "

@@ -72,13 +72,21 @@ def trace(model: nn.Module, *, training: bool = False) -> torch.fx.GraphModule:
     was = model.training
     model.train(training)
     try:
-        return tracing.trace(
-            model, tuple(ops.LEAVES), whole=_whole,
-            advice="Structured pruning needs a forward without Python control flow on tensor "
-            "values; rewrite that part or move it outside the model",
-        )
+        return tracing.trace(model, tuple(ops.LEAVES), whole=_whole, advice=_advice(model))
     finally:
         model.train(was)
+
+
+def _advice(model: nn.Module) -> str:
+    """What to do about a forward torch.fx cannot trace."""
+    if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        return ("For a Hugging Face transformers model, prune attention heads and FFN neurons "
+                "with penjing.prune.hf_heads_ and penjing.prune.hf_ffn_, which need no trace")
+    return ("Structured pruning needs a forward without Python control flow on tensor values. "
+            "When the failing part is a module, register its class to be kept whole: "
+            "penjing.prune.register_op(TheClass, 'opaque') leaves the channels it reads and "
+            "writes as they are ('same' if it acts on each channel alone); else rewrite that "
+            "part or move it outside the model")
 
 
 def _unreached(model: nn.Module, gm: torch.fx.GraphModule) -> list[str]:

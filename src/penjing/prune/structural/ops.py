@@ -82,7 +82,8 @@ _REPLAY_FUNCTIONS = [
     torch.t,
 ]
 _REDUCE_FUNCTIONS = [torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min,
-                     torch.std, torch.var, torch.logsumexp, torch.prod]
+                     torch.std, torch.var, torch.logsumexp, torch.prod, torch.norm,
+                     torch.linalg.vector_norm]
 FUNCTION_RULES: dict[Any, str] = {
     **{f: "same" for f in _SAME_FUNCTIONS},
     **{f: "binary" for f in _BINARY_FUNCTIONS},
@@ -111,7 +112,7 @@ _REPLAY_METHODS = ["view", "reshape", "flatten", "permute", "transpose", "unsque
                    "flip", "movedim", "t", "view_as", "reshape_as", "unflatten",
                    "tensor_split", "swapaxes", "swapdims", "roll"]
 _REDUCE_METHODS = ["mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp",
-                   "prod"]
+                   "prod", "norm"]
 METHOD_RULES: dict[str, str] = {
     **{m: "same" for m in _SAME_METHODS},
     **{m: "binary" for m in _BINARY_METHODS},

@@ -8,6 +8,7 @@ expressed by removing channels *pin* their channels: those stay.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from penjing.errors import UnsupportedLayerError
+from penjing.errors import PenjingWarning, UnsupportedLayerError
 from penjing.prune.structural import labels as lab
 from penjing.prune.structural import ops
 from penjing.prune.structural.labels import Slot
@@ -95,6 +96,19 @@ def _where(n: torch.fx.Node) -> str:
     return f"{name} ({n.name})" + (f" in {inside}" if inside else "")
 
 
+STATISTICS = {"mean", "var", "std"}  # reductions that a normalization divides by
+
+
+def _spelled(function: Any) -> str:
+    """How a user writes a torch function: torch.cat, torch.nn.functional.group_norm (not
+    torch.group_norm, a different function that F.group_norm calls)."""
+    name = function.__name__
+    for prefix, space in (("torch", torch), ("torch.nn.functional", torch.nn.functional)):
+        if getattr(space, name, None) is function:
+            return f"{prefix}.{name}"
+    return ops.qualified_name(function)
+
+
 def _dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
@@ -156,10 +170,14 @@ class Propagator(torch.fx.Interpreter):
                 if isinstance(module, types):
                     return getattr(self, rule)(call, module, n.target)
             known = sorted({t.__name__ for ts, _ in ops.MODULE_RULES for t in _tuple(ts)})
+            kind = type(module)
             raise UnsupportedLayerError(
-                f"module {n.target!r} ({type(module).__name__}) is a layer the dependency "
-                "graph does not know, so it cannot tell how it couples channels; supported: "
-                f"{', '.join(known)}"
+                f"module {n.target!r} ({kind.__name__}) is a layer the dependency graph does "
+                f"not know, so it cannot tell how it couples channels (known: "
+                f"{', '.join(known)}). Teach it in one line: penjing.prune.register_op("
+                f"{kind.__module__}.{kind.__qualname__}, 'opaque') keeps the channels it reads "
+                "and writes whole; 'same' if it acts on each channel alone, 'replay' if it "
+                "only moves data"
             )
         if isinstance(n.target, type) and issubclass(n.target, tuple):
             return n.target(*call.largs, **call.lkwargs)  # a named tuple of outputs
@@ -171,7 +189,7 @@ class Propagator(torch.fx.Interpreter):
             if n.op == "call_method":
                 name, teach = n.target, repr(n.target)
             elif ops.qualified_name(n.target).startswith("torch."):
-                name, teach = n.target.__name__, f"torch.{n.target.__name__}"
+                name, teach = n.target.__name__, _spelled(n.target)
             else:
                 name = ops.qualified_name(n.target)
                 teach = repr(name)
@@ -398,18 +416,25 @@ class Propagator(torch.fx.Interpreter):
 
     def reduce(self, call: _Call) -> Any:
         value, labels = call.tensors()[0]
-        dims = call.arg(1, "dim", None)
+        op = _op_name(self.module, call.node)
+        dims = call.arg(2 if op in ("norm", "vector_norm") else 1, "dim", None)  # after p / ord
         if isinstance(dims, torch.Tensor):  # torch.max(a, b) is element-wise
             return self.binary(call)
         dims = range(value.dim()) if dims is None else (dims if isinstance(dims, list | tuple)
                                                        else (dims,))
         dims = sorted({_dim(d, value.dim()) for d in dims})
-        if any(labels.shape[d] > 1 for d in dims):  # summing over channels mixes them
-            self.uf.pin(labels)
+        result = call.result[0] if isinstance(call.result, tuple) else call.result
+        if any(labels.shape[d] > 1 for d in dims):
+            if (op in STATISTICS and isinstance(result, torch.Tensor)
+                    and result.dim() == value.dim()):
+                # a statistic over the channels that broadcasts back onto them (GRN's mean
+                # of the channel norms, like LayerNorm's): fewer channels change its value,
+                # not its shape, so they stay free
+                return _pinned_like(result)
+            self.uf.pin(labels)  # summing over channels mixes them
             return _pinned_like(call.result)
         out = labels
         # read keepdim off the result: std and var take `unbiased` where others take keepdim
-        result = call.result[0] if isinstance(call.result, tuple) else call.result
         if result.dim() < value.dim():
             for d in reversed(dims):
                 out = out.squeeze(d)
@@ -511,18 +536,48 @@ class Propagator(torch.fx.Interpreter):
             self.slot(fqn, "weight", 0, "out", out)
         if bias:
             self.slot(fqn, "bias", 0, self.dep.slots[(fqn, "weight", 0)].role, out)
+        self.extra_tensors(m, fqn, out, None if g == cin == cout else inputs)
         return lab.along(out, 1, ndim)
 
     def linear(self, call: _Call, m: nn.Linear, fqn: str) -> torch.Tensor:
         value, labels = call.tensors()[0]
         ndim = call.result.dim()
-        self.slot(fqn, "weight", 1, "in", self.channel_vector(labels, value.dim() - 1,
-                                                               m.in_features))
+        inputs = self.channel_vector(labels, value.dim() - 1, m.in_features)
+        self.slot(fqn, "weight", 1, "in", inputs)
         out = self.produce(fqn, m.out_features)
         self.slot(fqn, "weight", 0, "out", out)
         if m.bias is not None:
             self.slot(fqn, "bias", 0, "out", out)
+        self.extra_tensors(m, fqn, out, inputs)
         return lab.along(out, ndim - 1, ndim)
+
+    def extra_tensors(self, m: nn.Module, fqn: str, out: np.ndarray,
+                      inputs: np.ndarray | None) -> None:
+        """Parameters and buffers that a subclass of Conv or Linear adds to weight and bias
+        (timm's ScaledStdConv2d `gain`, one per filter). One value per output channel,
+        shaped (out,) or (out, 1, ...), is sliced with the outputs; a single value needs
+        nothing; any other shape keeps the layer's input and output channels whole, with a
+        warning naming it, since how the layer's forward reads it is unknown."""
+        role = self.dep.slots[(fqn, "weight", 0)].role
+        named = [*m.named_parameters(), *m.named_buffers()]
+        for name, tensor in named:
+            if name in ("weight", "bias") or name.startswith("parametrizations."):
+                continue
+            if tensor.numel() <= 1:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            where = f"{fqn}.{owner}" if owner else fqn
+            if tensor.shape[0] == len(out) and all(d == 1 for d in tensor.shape[1:]):
+                self.slot(where, leaf, 0, role, out)
+                continue
+            why = (f"{fqn}.{name} of {type(m).__name__}, shaped {tuple(tensor.shape)}, is "
+                   "not one value per output channel")
+            self.uf.pin(out, why)
+            if inputs is not None:
+                self.uf.pin(inputs, why)
+            warnings.warn(f"{why}: the channels of {fqn!r} stay whole. If it is per output "
+                          "channel, give it the shape (out_channels, 1, ...) to have it pruned "
+                          "with them", PenjingWarning, stacklevel=2)
 
     def batch_norm(self, call: _Call, m: nn.Module, fqn: str) -> torch.Tensor:
         value, labels = call.tensors()[0]

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from penjing.core import history
 from penjing.core.counting import count_macs
-from penjing.errors import PenjingWarning
+from penjing.core.modes import eval_mode
+from penjing.errors import PenjingWarning, UnsupportedLayerError
 from penjing.prune.structural.criteria import Criterion, resolve
 from penjing.prune.structural.explain import pinned
 from penjing.prune.structural.graph import DependencyGraph, dependency_graph
@@ -220,8 +222,39 @@ def channels_(
     if not removed and (ratio > 0 or any(ratios.values() if ratios else ())):
         _warn_nothing_removed(graph, len(scored))
     changes = plan(graph, removed)
-    apply_(model, changes)
+    _apply_checked_(model, changes, example_inputs)
     return changes
+
+
+def _apply_checked_(model: nn.Module, changes: list[Change], example_inputs: Any) -> None:
+    """Cut `changes` out of `model`, then run it once on `example_inputs`. A model that no
+    longer runs (a layer of the user's own reads a per-channel tensor penjing did not
+    slice) is put back as it was and refused with the error, never returned broken."""
+    touched = {c.fqn: model.get_submodule(c.fqn) for c in changes}
+    saved = {fqn: (dict(m._parameters), dict(m._buffers), dict(vars(m)))
+             for fqn, m in touched.items()}
+    recorded = history.steps(model)
+    apply_(model, changes)
+    inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*inputs)
+    except Exception as err:
+        for fqn, (parameters, buffers, attributes) in saved.items():
+            module = touched[fqn]
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            module.__dict__.update({k: v for k, v in attributes.items()
+                                    if k not in ("_parameters", "_buffers", "_modules")})
+        model.__dict__[history._ATTR] = recorded  # the "channels" step apply_ added goes
+        raise UnsupportedLayerError(
+            f"the model with its channels removed fails its first forward pass "
+            f"({type(err).__name__}: {str(err).strip()[:300]}), so it is left as it was. A layer "
+            "probably reads a per-channel tensor that was not cut with its channels: keep that "
+            "layer whole with ignored_layers=[...] (--skip), or give it a rule with "
+            "penjing.prune.register_op") from err
 
 
 def _warn_nothing_removed(graph: DependencyGraph, scored: int) -> None:
