@@ -176,6 +176,9 @@ def test_a_student_worse_than_labels_only_is_named_and_can_be_left_out(tmp_path,
     assert [s["op"] for s in steps] == ["distill"]
     assert steps[0]["teachers"] == ["Sequential"] and steps[0]["alpha"] == 1.0
     assert steps[0]["epochs"] == 1 and steps[0]["temperature"] == 4.0
+    assert main(["inspect", str(out)]) == 0
+    assert "1. distilled from Sequential: 1 epochs, T 4, alpha 1, kl loss" in \
+        capsys.readouterr().out
     code, printed, _ = run([*args, "--keep-better"], capsys, baseline=True)
     assert code == 0 and "(--keep-better)" in printed
     written = pj.load(out, lambda: torch.nn.Sequential(torch.nn.Flatten(),

@@ -45,6 +45,9 @@ def _step(step: dict) -> str:
         return (("quantized: weights " + (f"{weight['bits']} bits ("
                  f"{weight['granularity']['kind']})" if weight else "float"))
                 + ", activations " + (f"{act['bits']} bits" if act else "float"))
+    if op == "distill":
+        return (f"distilled from {', '.join(step['teachers'])}: {step['epochs']} epochs, "
+                f"T {step['temperature']:g}, alpha {step['alpha']:g}, {step['soft']} loss")
     return str(op)
 
 

@@ -8,6 +8,7 @@ quantization trains quantization-aware while it distils.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -209,6 +210,14 @@ def _check_record(record: dict) -> None:
     epochs = record.get("epochs")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"a distill step's epochs must be an int >= 0, got {epochs!r}")
+    for key in ("temperature", "alpha"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            raise ValueError(f"a distill step's {key} must be a finite number, got {value!r}")
+    if not isinstance(record.get("soft"), str):
+        raise ValueError(f"a distill step's soft loss must be a name, got "
+                         f"{record.get('soft')!r}")
 
 
 # Distillation changes weights only: the record says how they were trained, and replaying
