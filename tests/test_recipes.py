@@ -335,6 +335,23 @@ stages:
 """
 
 
+def test_awq_runs_as_a_recipe_stage_with_the_python_config(tmp_path, user_code):
+    text = LAYERWISE_RECIPE.replace("    method: gptq\n", "    method: awq\n    grid: 5\n")
+    text = text.replace("  - stage: prune\n    structure: nm\n    method: sparsegpt\n"
+                        "    calib_images: 256\n", "")
+    recipe = recipes.parse(text, "r.yaml")
+    assert recipe.stages[1].config() == pj.quant.AWQConfig(4, 16, grid=5)
+    result = recipes.run(write(tmp_path, text), tmp_path / "out", progress=False)
+    quantized = result.rows[-1]
+    assert quantized.detail == "weights INT4, groups of 16, AWQ"
+    model = pj.load(tmp_path / "out" / quantized.file, tiny_res)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(pj.quant.get_weight_quant(m) for m in linears)
+    test = pj.data.loaders(pj.data.digits(), seed=0)[1]
+    assert pj.train.evaluate(model, test) == pytest.approx(quantized.metric)
+    assert quantized.metric > result.rows[-2].metric - 0.1
+
+
 def test_sparsegpt_and_gptq_run_as_recipe_stages_and_their_files_load(tmp_path, user_code):
     recipe = recipes.parse(LAYERWISE_RECIPE, "r.yaml")
     assert isinstance(recipe.stages[1].config(), pj.prune.SparseGPTConfig)

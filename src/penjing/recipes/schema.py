@@ -36,6 +36,7 @@ from penjing.prune.masking.patterns import PATTERNS
 from penjing.prune.schedule import SCHEDULES, cuts
 from penjing.prune.structural.criteria import CRITERIA
 from penjing.prune.structural.structured import CHANNEL_STRUCTURES, check_ratio
+from penjing.quant.awq import AWQConfig
 from penjing.quant.gptq import GPTQConfig
 from penjing.quant.linear.observers import OBSERVERS
 from penjing.quant.sharing.kmeans import INITS
@@ -292,6 +293,25 @@ class QuantGPTQ(_Quantize):
                           chosen_layers(self.layers, self.skip))
 
 
+class QuantAWQ(_Quantize):
+    """AWQ (`penjing.quant.AWQConfig`): weight-only INT4/INT3 with activation-aware scales
+    folded into the op before each layer, measured on training inputs, block by block."""
+
+    method: Literal["awq"]
+    bits: Annotated[int, Field(ge=2, le=8)] = 4
+    group_size: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = 128
+    symmetric: bool = False
+    grid: Annotated[int, Field(ge=1, le=1000)] = 20
+    clip: bool = True
+    layers: list[str] | None = None
+    skip: list[str] = []  # regexes of module names left in float, as the CLI's --skip
+    calib_images: Count = 256
+
+    def config(self) -> Any:
+        return AWQConfig(self.bits, self.group_size, self.symmetric, self.grid, self.clip,
+                         chosen_layers(self.layers, self.skip))
+
+
 class QuantWeightOnly(_Linear):
     """Weights only (`penjing.quant.weight_only`): per channel or in groups."""
 
@@ -358,7 +378,7 @@ PRUNE = {"weight": PruneWeights, "nm": PruneNM, "head": PruneHeads}
 PRUNE |= dict.fromkeys(PATTERNS, PrunePattern)
 PRUNE |= dict.fromkeys(CHANNEL_STRUCTURES, PruneChannels)
 QUANTIZE = {"kmeans": QuantKMeans, "ptq": QuantPTQ, "qat": QuantQAT, "gptq": QuantGPTQ,
-            "weight_only": QuantWeightOnly}
+            "awq": QuantAWQ, "weight_only": QuantWeightOnly}
 STAGES: dict[str, type[_Config] | None] = {  # None: chosen by granularity / method
     "train": Train, "prune": None, "finetune": Finetune, "distill": Distill,
     "quantize": None, "encode": Encode, "export": Export,
@@ -414,6 +434,7 @@ Stage = Annotated[
     | Annotated[QuantQAT, Tag("quantize:QuantQAT")]
     | Annotated[QuantWeightOnly, Tag("quantize:QuantWeightOnly")]
     | Annotated[QuantGPTQ, Tag("quantize:QuantGPTQ")]
+    | Annotated[QuantAWQ, Tag("quantize:QuantAWQ")]
     | Annotated[StepStage, Tag("step")],
     Discriminator(stage_tag),
 ]

@@ -184,9 +184,10 @@ def quantize(ctx: Context, model: nn.Module, cfg) -> Outcome:
             **ctx.fit_options())
         bits = "per layer" if isinstance(cfg.bits, dict) else f"{cfg.bits} bits"
         return Outcome(model, f"k-means {bits}, {cfg.init} init, {cfg.epochs} epochs")
-    if isinstance(cfg, schema.QuantGPTQ):
+    if isinstance(cfg, schema.QuantGPTQ | schema.QuantAWQ):
         quant.quantize_(model, cfg.config(), calib=_calib(ctx, cfg.calib_images))
-        how = "round-to-nearest" if cfg.rounding == "nearest" else "GPTQ"
+        how = "AWQ" if isinstance(cfg, schema.QuantAWQ) else \
+            "round-to-nearest" if cfg.rounding == "nearest" else "GPTQ"
         group = f", groups of {cfg.group_size}" if cfg.group_size else ""
         return Outcome(model, f"weights INT{cfg.bits}{group}, {how}")
     config = _linear_config(cfg)
