@@ -19,13 +19,11 @@ import argparse
 import copy
 import os
 import resource
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from common import write_section
-from llm_model import describe, smollm2, wiki_tokens
+from llm_model import TABLE_INT8, describe, file_bytes, smollm2, wiki_tokens
 
 import penjing as pj
 from penjing.core.layerwise import block_linears
@@ -38,17 +36,6 @@ CALIB = 48  # 24 k tokens: what two passes a block cost fits this 2-core machine
 CALIB_BATCH = 8  # windows per forward pass of the block-by-block runner
 
 
-# the tied embedding / head table, INT8 per row (one token's vector): a quarter of the
-# model's weights, which stay float32 otherwise
-TABLE_INT8 = pj.quant.weight_only(8, embeddings=True, layers={"model.embed_tokens": True,
-                                                              "lm_head": True, ".*": False})
-
-
-def _file_bytes(model) -> int:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "m.safetensors"
-        pj.save(model, path)
-        return path.stat().st_size
 
 
 def rows(quick: bool) -> tuple[list[dict], dict]:
@@ -61,7 +48,7 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
     calib_ids = lm_windows(wiki_tokens(tokenizer, "calib"), WINDOW, count=8 if quick else CALIB)
     calib = list(calib_ids.split(CALIB_BATCH))
     float_ppl = perplexity(model, evaluation)
-    float_bytes = _file_bytes(model)
+    float_bytes = file_bytes(model)
     out = [{"row": "float32", "ppl": float_ppl, "seconds": 0.0, "bytes": float_bytes,
             "zeros": 0.0}]
     settings = [
@@ -96,7 +83,7 @@ def rows(quick: bool) -> tuple[list[dict], dict]:
         seconds = time.perf_counter() - t
         zeros = _zeros(work)
         out.append({"row": name, "ppl": perplexity(work, evaluation), "seconds": seconds,
-                    "bytes": _file_bytes(work) if kind in ("q", "e") else None,
+                    "bytes": file_bytes(work) if kind in ("q", "e") else None,
                     "zeros": zeros})
         print(f"{name}: ppl {out[-1]['ppl'].value:.2f}, {seconds:.0f} s", flush=True)
         if name == "W4 g128, GPTQ":

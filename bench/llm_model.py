@@ -48,6 +48,28 @@ INSTALL_HINT = (
 )
 
 
+def _table_int8():
+    from penjing.quant import weight_only
+
+    return weight_only(8, embeddings=True, layers={"model.embed_tokens": True, "lm_head": True,
+                                                   ".*": False})
+
+
+# SmolLM2's tied embedding / head table in INT8 per row (one token's vector): a quarter of
+# the model's weights, which stay float32 otherwise
+TABLE_INT8 = _table_int8()
+
+
+def file_bytes(model: nn.Module) -> int:
+    """The size of the model's `pj.save` file."""
+    from penjing import save
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "m.safetensors"
+        save(model, path)
+        return path.stat().st_size
+
+
 def wiki_tokens(tokenizer, split: str) -> torch.Tensor:
     """The Wikipedia articles of `split` ('calib' or 'eval') as one 1-D tensor of token ids."""
     from penjing.data import wiki_articles

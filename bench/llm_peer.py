@@ -10,6 +10,8 @@ ratio). Settings: W4 in asymmetric groups of 64 by GPTQ (activation order "stati
 and by AWQ, SparseGPT at 2:4 and Wanda at 50 %, the block Linear layers only (the head
 kept). Groups of 64, not 128: SmolLM2's 576 columns hold 4.5 groups of 128, and
 llm-compressor's forward cannot run a short last group (penjing's can; bench/llm.py uses 128).
+Beside them, penjing alone: round-to-nearest on the same grid, and the size of the GPTQ
+model file with the tied embedding / head table in INT8.
 
 Writes the `llm_peer` section of BENCHMARKS.md. Run: `make bench-llm-peer` (or
 `.venv-llmc/bin/python bench/llm_peer.py [--quick]`).
@@ -31,7 +33,7 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _BENCH] 
 
 import torch  # noqa: E402
 from common import write_section  # noqa: E402
-from llm_model import describe, smollm2, wiki_tokens  # noqa: E402
+from llm_model import TABLE_INT8, describe, file_bytes, smollm2, wiki_tokens  # noqa: E402
 
 import penjing as pj  # noqa: E402
 from penjing.data import lm_windows, perplexity, perplexity_ratio  # noqa: E402
@@ -94,9 +96,13 @@ def run(quick: bool) -> tuple[list[dict], dict]:
     data = Dataset.from_dict({"input_ids": calib_ids.tolist(),
                               "attention_mask": torch.ones_like(calib_ids).tolist()})
     float_ppl = perplexity(model, evaluation)
+    nearest = copy.deepcopy(model)  # penjing's baseline on the same grid
+    pj.quant.quantize_(nearest, pj.quant.GPTQConfig(4, GROUP, rounding="nearest"))
+    nearest_ppl = perplexity(nearest, evaluation)
+    del nearest
     recipes = _peer_recipes()
     names = list(recipes)[:2] if quick else list(recipes)
-    rows = []
+    rows, sizes = [], None
     for name in names:
         row = {"row": name}
         for tool in ("penjing", "llm-compressor"):
@@ -110,11 +116,16 @@ def run(quick: bool) -> tuple[list[dict], dict]:
                         batch_size=CALIB_BATCH, shuffle_calibration_samples=False)
             row[tool] = {"seconds": time.perf_counter() - t,
                          "ppl": perplexity(work, evaluation)}
+            if tool == "penjing" and name == "W4 g64, GPTQ":  # the file, table in INT8 too
+                pj.quant.quantize_(work, TABLE_INT8)
+                sizes = {"float": file_bytes(model), "int4": file_bytes(work),
+                         "int4_ppl": perplexity(work, evaluation)}
             print(f"{tool} {name}: ppl {row[tool]['ppl'].value:.2f}, "
                   f"{row[tool]['seconds']:.0f} s", flush=True)
             del work
         rows.append(row)
-    meta = {"float": float_ppl, "eval": len(evaluation), "calib": len(calib_ids),
+    meta = {"float": float_ppl, "nearest": nearest_ppl, "sizes": sizes,
+            "eval": len(evaluation), "calib": len(calib_ids),
             "peer": f"llm-compressor {llmcompressor.__version__} (transformers "
                     f"{transformers.__version__})"}
     return rows, meta
@@ -136,7 +147,9 @@ def report(rows: list[dict], meta: dict) -> str:
         "interval over the windows; **met** when the interval is below 1 or holds it "
         "(penjing no worse beyond noise), **missed** when above.",
         "",
-        f"Float: {f.value:.2f} ({f.low:.2f}–{f.high:.2f}).",
+        f"Float: {f.value:.2f} ({f.low:.2f}–{f.high:.2f}); penjing's round-to-nearest on "
+        f"the same W4 g64 grid: {meta['nearest'].value:.2f} ({meta['nearest'].low:.2f}–"
+        f"{meta['nearest'].high:.2f}).",
         "",
         "| setting | penjing | llm-compressor | ratio (95 % paired) | ≤ llm-compressor | "
         "seconds (penjing / llm-compressor) |",
@@ -152,6 +165,24 @@ def report(rows: list[dict], meta: dict) -> str:
                      f"{pb.value:.2f} ({pb.low:.2f}–{pb.high:.2f}) | {ratio:.3f} "
                      f"({low:.3f}–{high:.3f}) | {verdict} | {a['seconds']:.0f} / "
                      f"{b['seconds']:.0f} |")
+    gptq = next((r for r in rows if r["row"] == "W4 g64, GPTQ"), None)
+    if gptq is not None:
+        ratio, low, high = perplexity_ratio(gptq["penjing"]["ppl"], meta["nearest"])
+        lines.append(f"\npenjing GPTQ W4 g64 against its round-to-nearest: perplexity ratio "
+                     f"{ratio:.3f} ({low:.3f}–{high:.3f}).")
+    awq = next((r for r in rows if r["row"] == "W4 g64, AWQ"), None)
+    if gptq is not None and awq is not None:
+        ratio, low, high = perplexity_ratio(awq["penjing"]["ppl"], gptq["penjing"]["ppl"])
+        lines.append(f"penjing AWQ beside its GPTQ at W4 g64: perplexity ratio {ratio:.3f} "
+                     f"({low:.3f}–{high:.3f}).")
+    sizes = meta["sizes"]
+    if sizes:
+        share = sizes["int4"] / sizes["float"]
+        lines.append(f"Model file of penjing's GPTQ W4 g64 with the tied embedding / head "
+                     f"table in INT8 per row (`pj.save`): {sizes['int4'] / 1e6:.1f} MB, "
+                     f"{share:.3f}× the float file ({sizes['float'] / 1e6:.1f} MB); target "
+                     f"≤ 0.3×: {'**met**' if share <= 0.3 else '**missed**'}; perplexity "
+                     f"{sizes['int4_ppl'].value:.2f} with the table in INT8.")
     return "\n".join(lines)
 
 
