@@ -244,8 +244,20 @@ def test_user_model_through_every_stage_then_nothing_runs_again(tmp_path, user_c
     for name in ("report.md", "weights.png", "size_waterfall.png", "accuracy_vs_size.png",
                  "model.onnx"):
         assert (out / name).stat().st_size > 0
-    assert "| 1:prune |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| 1:prune |" in report
     assert "Δ vs 0:train" in result.format()
+    # the quantize row's eager time is simulated quantization, and says so; the export row
+    # is ONNX Runtime's and carries no mark
+    quantize_row = next(r for r in report.splitlines() if r.startswith("| 3:quantize"))
+    export_row = next(r for r in report.splitlines() if r.startswith("| 5:export"))
+    assert "¹" in quantize_row.split("|")[9] and "¹" not in export_row
+    assert "¹ simulated quantization in eager PyTorch" in report
+    assert "±" in quantize_row.split("|")[9]  # the spread of the timings
+    for row in result.rows:  # a file larger than the float32 weights is marked, others not
+        cells = next(r for r in report.splitlines() if r.startswith(f"| {row.label}"))
+        big = row.index is not None and row.bytes > 4 * result.rows[1].params
+        assert ("²" in cells.split("|")[8]) == big, row.label
 
     again = recipes.run(path, out, progress=False, report=False, log=None)
     assert again.ran == []

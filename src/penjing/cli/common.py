@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from collections.abc import Callable
 
@@ -170,8 +169,9 @@ WIDE_SPREAD = 0.25  # interquartile range over median beyond which a latency say
 
 def spread(times: list[float]) -> tuple[float, float]:
     """(median, interquartile range over the median) of repeated timings."""
-    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return median, (q3 - q1) / median if median > 0 else 0.0
+    from penjing.core.counting import spread as timing_spread
+
+    return timing_spread(times)
 
 
 def spread_warning(spread: float) -> str | None:

@@ -83,6 +83,21 @@ def count_macs(model: nn.Module, example_inputs: Any, *, nonzero: bool = False) 
     return total
 
 
+def spread(times: list[float]) -> tuple[float, float]:
+    """(median, interquartile range over the median) of repeated timings."""
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median, (q3 - q1) / median if median > 0 else 0.0
+
+
+def latency_spread(model: nn.Module, example_inputs: Any, *, warmup: int = 3,
+                   repeats: int = 15) -> tuple[float, float]:
+    """(median seconds of one eager forward pass, interquartile range over the median) of
+    `repeats` single timed passes after `warmup` untimed ones."""
+    latency(model, example_inputs, warmup=warmup, repeats=1)
+    return spread([latency(model, example_inputs, warmup=0, repeats=1)
+                   for _ in range(max(repeats, 2))])
+
+
 def latency(model: nn.Module, example_inputs: Any, *, warmup: int = 5, repeats: int = 30) -> float:
     """Median seconds of one eager forward pass on `example_inputs` (eval mode, no grad)."""
     if repeats < 1:

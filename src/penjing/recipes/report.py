@@ -61,9 +61,46 @@ def rows(result: CompressResult) -> tuple[list[str], list[list[str]]]:
     for r in result.rows:
         mark = "*" if r.resumed and r.index is not None else ""
         body.append([r.label + mark, r.detail, _value(result, r), _change(result, r),
-                     f"{r.params:,}", f"{r.nonzero_params:,}", f"{r.macs:,}", _bytes(r.bytes),
-                     f"{r.latency_ms:.3f}", f"{r.seconds:.1f}"])
+                     f"{r.params:,}", f"{r.nonzero_params:,}", f"{r.macs:,}",
+                     _bytes(r.bytes) + ("²" if _larger_than_dense(result, r) else ""),
+                     _latency(r), f"{r.seconds:.1f}"])
     return header, body
+
+
+def _latency(row: StageResult) -> str:
+    """'24.000 ±3%' (half the interquartile range); ¹ marks a simulated-quantization time,
+    ³ a spread too wide to compare."""
+    text = f"{row.latency_ms:.3f}"
+    spread = row.notes.get("latency_spread")
+    if spread is not None:
+        text += f" ±{spread / 2:.0%}" + ("³" if spread > WIDE_SPREAD else "")
+    return text + ("¹" if row.notes.get("latency_simulated") else "")
+
+
+def _larger_than_dense(result: CompressResult, row: StageResult) -> bool:
+    """A stage's file larger than the float32 weights of the reference model (a pruned
+    model saved with its masks, before an encode stage stores it sparse)."""
+    return bool(row.bytes) and row.index is not None and row.bytes > 4 * reference(
+        result).params
+
+
+WIDE_SPREAD = 0.25  # interquartile range over median beyond which a latency says little
+
+
+def footnotes(result: CompressResult) -> list[str]:
+    """The lines that explain the marks the table uses."""
+    notes = []
+    if any(r.notes.get("latency_simulated") for r in result.rows):
+        notes.append("¹ simulated quantization in eager PyTorch (float compute plus "
+                     "rounding): not the speed of integer kernels; an export stage times the "
+                     "written file in ONNX Runtime")
+    if any(_larger_than_dense(result, r) for r in result.rows):
+        notes.append("² larger than the float32 weights: the model file keeps pruning masks "
+                     "and dense weights; an encode stage stores it sparse")
+    if any((r.notes.get("latency_spread") or 0) > WIDE_SPREAD for r in result.rows):
+        notes.append(f"³ timings spread by more than {WIDE_SPREAD:.0%} of their median: the "
+                     "machine was busy or a pass too short to time; do not compare these")
+    return notes
 
 
 def format_table(result: CompressResult) -> str:
@@ -83,6 +120,7 @@ def format_table(result: CompressResult) -> str:
     lines += [fmt(r) for r in body]
     if any(r.resumed and r.index is not None for r in result.rows):
         lines.append("* finished in an earlier run (resumed)")
+    lines += footnotes(result)
     lines.append(summary(result))
     return "\n".join(lines)
 
@@ -145,11 +183,19 @@ def plot_weights(result: CompressResult, path: Path) -> None:
         ax.set_title(f"{name}: {stages[0].notes['histograms'][name]['size']:,} weights",
                      fontsize=8)
         ax.tick_params(labelsize=6)
-        ax.legend(fontsize=5, frameon=False)
     for k in range(len(layers), rows_ * cols):
         axes[k // cols][k % cols].set_visible(False)
+    # one legend for all panels, below them, where it covers no data
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    kept = {name: ", ".join(f"{r.label} {r.notes['histograms'][name]['kept']:.0%}"
+                            for r in stages) for name in layers}
+    for k, name in enumerate(layers):
+        axes[k // cols][k % cols].set_xlabel(f"kept: {kept[name]}", fontsize=5)
+    fig.legend(handles, [label.split(" (")[0] for label in labels], loc="lower center",
+               ncol=min(len(labels), 6), fontsize=6, frameon=False)
     fig.suptitle("non-zero weights per layer after each stage", fontsize=9)
-    fig.subplots_adjust(hspace=0.5, wspace=0.15, top=1 - 0.35 / rows_ / 2.4 * 2)
+    fig.subplots_adjust(hspace=0.7, wspace=0.15, top=1 - 0.35 / rows_ / 2.4 * 2,
+                        bottom=0.6 / (2.4 * rows_) + 0.05)
     _save(fig, path)
 
 
@@ -196,9 +242,15 @@ def plot_tradeoff(result: CompressResult, path: Path) -> None:
     scale = 100 if result.metric == "accuracy" else 1
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ax.plot([p[0] for p in points], [scale * p[1] for p in points], "o", color="#2b6f5e")
-    for x, y, label in points:
-        ax.annotate(label, (x, scale * y), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+    # points close together get their labels on alternating sides, staggered in height,
+    # so that no two labels print over each other
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    for rank, i in enumerate(order):
+        x, y, label = points[i]
+        dy = 4 + 9 * (rank % 3)
+        ax.annotate(label, (x, scale * y), fontsize=7, xytext=(4, dy if rank % 2 else -dy),
+                    textcoords="offset points", va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "#888888"})
     ax.set_xscale("log")
     ax.set_xlabel("bytes on disk")
     ax.set_ylabel("accuracy %" if result.metric == "accuracy" else result.metric)
@@ -216,8 +268,10 @@ def markdown(result: CompressResult) -> str:
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
     if any(r.resumed and r.index is not None for r in result.rows):
         lines += ["", "\\* finished in an earlier run (resumed)"]
+    lines += [""] + [f"{n}  " for n in footnotes(result)]
     lines += ["", summary(result), ""]
-    notes = [(r.label, {k: v for k, v in r.notes.items() if k != "histograms"})
+    shown = ("histograms", "latency_spread", "latency_simulated")  # plots and the table
+    notes = [(r.label, {k: v for k, v in r.notes.items() if k not in shown})
              for r in result.rows]
     notes = [(label, n) for label, n in notes if n]
     if notes:

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from penjing import data, distributed, load, models, save
-from penjing.core.counting import count_macs, count_params, latency
+from penjing.core.counting import count_macs, count_params, latency_spread
 from penjing.core.modes import eval_mode
 from penjing.core.parametrize import PRUNABLE
 from penjing.errors import PenjingError
 from penjing.io import atomic_write_bytes, check_writable, parse_json
+from penjing.quant.linear.fakequant import ActQuant, get_weight_quant
 from penjing.recipes import stages as stage_fns
 from penjing.recipes.load import beside, find
 from penjing.recipes.load import load as load_recipe
@@ -249,12 +250,21 @@ def measure(model: nn.Module, ctx: stage_fns.Context, metric: Callable, *, index
 
     notes = dict(outcome.notes) if outcome else {}
     size_of = outcome.artefact if outcome and outcome.artefact else file
-    lat = 1e3 * latency(model, ctx.example, warmup=3, repeats=15)
+    seconds_per_pass, spread = latency_spread(model, ctx.example)
+    lat = 1e3 * seconds_per_pass
+    notes["latency_spread"] = spread
+    if any(isinstance(m, ActQuant) or get_weight_quant(m) is not None
+           for m in model.modules()):
+        # fake quantization computes in float and adds rounding: slower than float, and not
+        # the speed of the integer kernels an exported file runs on
+        notes["latency_simulated"] = True
     value = metric(model, ctx.test)
     if "ort_accuracy" in notes and ctx.recipe.metric == "accuracy":
         notes["eager_accuracy"], value = value, notes["ort_accuracy"]
     if "ort_latency_ms" in notes:
         notes["eager_latency_ms"], lat = lat, notes["ort_latency_ms"]
+        notes.pop("latency_simulated", None)
+        notes.pop("latency_spread", None)
     return StageResult(
         index=index, stage=stage, detail=detail, metric=value,
         params=count_params(model), nonzero_params=count_params(model, nonzero=True),
