@@ -53,17 +53,6 @@ def run(args: argparse.Namespace) -> None:
 def _ort_latency(path: str, inputs, repeats: int = 30) -> tuple[float, float]:
     """Median seconds of one ONNX Runtime run of `path` on `inputs` (the kernels the file
     runs on, integer ones for a quantized model) and the spread of the timings."""
-    import time
+    from penjing.export.ort import ort_latency_spread
 
-    from penjing.export import session
-
-    sess = session(path)
-    feed = {sess.get_inputs()[0].name: inputs.numpy()}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return common.spread(times)
+    return ort_latency_spread(path, inputs, repeats=repeats, warmup=3)

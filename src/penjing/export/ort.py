@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -123,6 +122,20 @@ def ort_latency(
     Runs `warmup` untimed calls first (allocations, kernel selection), then `repeats`
     timed ones; the median resists the odd slow run on a shared machine.
     """
+    return ort_latency_spread(path, inputs, threads, repeats, warmup)[0]
+
+
+def ort_latency_spread(
+    path: str | os.PathLike,
+    inputs: Inputs,
+    threads: int = 2,
+    repeats: int = 50,
+    warmup: int = 5,
+) -> tuple[float, float]:
+    """(median seconds of one ONNX Runtime run, interquartile range over the median), as
+    `ort_latency` times them."""
+    from penjing.core.counting import spread
+
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
@@ -136,7 +149,7 @@ def ort_latency(
         start = time.perf_counter()
         sess.run(None, feed)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return spread(times) if len(times) > 1 else (times[0], 0.0)
 
 
 def cpu_saturates_int8() -> bool:
