@@ -163,6 +163,21 @@ class StageRecord:
     weights: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
+def reseed_loader_(loader: Iterable, seed: int) -> bool:
+    """Restart the shuffling of a DataLoader that draws from its own generator at `seed`;
+    returns whether there was one to restart.
+
+    `fit` seeds torch's global generator, but a loader built with `generator=` shuffles
+    from that one, whose state depends on every epoch run before: a dense model trained
+    in this process and one loaded from a cache would then fine-tune on different orders.
+    """
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
+        return True
+    return False
+
+
 def _snapshot(model: nn.Module, names: Iterable[str]) -> dict[str, np.ndarray]:
     modules = dict(model.named_modules())
     return {n: modules[n].weight.detach().cpu().numpy().ravel().copy() for n in names}
@@ -193,6 +208,8 @@ def deep_compression_(
             say(f"{stage:<10} accuracy {record.accuracy[stage]:.4f}")
 
     checkpoint("dense")
+    # every stage starts from the recipe's seed, whatever the loader saw before
+    reseed_loader_(train_loader, recipe.seed)
     # the prune → fine-tune loop of the CLI's prune verb and a recipe's prune stage
     sparsity = MagnitudeConfig(sparsity={n: p.sparsity for n, p in recipe.layers.items()})
     prune_rounds_(model, cuts(sparsity, "iterative", recipe.prune_rounds), train_loader,
@@ -202,6 +219,7 @@ def deep_compression_(
     bits = {name: plan.bits for name, plan in recipe.layers.items()}
     quantize_(model, KMeansConfig(bits, recipe.init, seed=recipe.seed))
     checkpoint("shared")
+    reseed_loader_(train_loader, recipe.seed + recipe.prune_rounds)
     fit(
         model,
         train_loader,
