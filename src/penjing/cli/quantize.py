@@ -12,7 +12,7 @@ import torch
 from penjing.cli import common
 from penjing.core.parametrize import finalize_
 from penjing.quant.linear.config import QuantConfig, make_config
-from penjing.quant.linear.ptq import ptq, qat
+from penjing.quant.linear.ptq import ptq, ptq_guarded, qat
 from penjing.quant.linear.report import LayerStats, describe, format_layers, layer_report
 from penjing.train import evaluate, seed_everything
 
@@ -33,9 +33,12 @@ class QuantizeSummary:
     checkpoint_path: str | None
     checkpoint_bytes: int | None
     fp32_bytes: int
+    guard: str | None = None  # Guarded.format() when --max-drop ran the accuracy guard
 
     def format(self) -> str:
         lines = [f"{self.model}: {self.setting}", "", format_layers(self.layers), ""]
+        if self.guard:
+            lines += [self.guard, ""]
         lines.append(f"test accuracy: FP32 {self.fp32_accuracy:.2%}, quantized "
                      f"{common.accuracy(self.fp32_accuracy, self.accuracy)}")
         if self.onnx_path:
@@ -69,17 +72,25 @@ def quantize_command(
     out: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
+    max_drop: float | None = None,
+    guard_images: int = 1000,
 ) -> QuantizeSummary:
     """Quantize `model` (a penjing model name or module:function) from the model file
     `weights` by `config`, calibrated on `calib_images` training images of `dataset`
     (then trained with fake quantization for `epochs` at `lr` when epochs > 0: QAT);
     measure it on the test split; write `onnx_path` (QDQ) and/or `out` (a penjing model
-    file with integer weights) when given. Masks and shared weights are baked in first."""
+    file with integer weights) when given. Masks and shared weights are baked in first.
+
+    `max_drop` (a fraction: 0.01 is one accuracy point) runs PTQ's accuracy guard
+    (`penjing.quant.ptq_guarded`), measured on the last `guard_images` training images so
+    that the test figures stay out of the choice."""
     from penjing.export import compare_with_ort, optimized_ops, ort_accuracy
     from penjing.export import onnx as export_onnx
 
     if calib_images < 1:
         raise ValueError(f"calib_images must be >= 1, got {calib_images}")
+    if max_drop is not None and epochs:
+        raise ValueError("max_drop guards PTQ; with QAT (epochs > 0) leave it out")
     config = config or make_config()
     split, train, test = common.load_data(dataset, batch_size, seed)
     seed_everything(seed)
@@ -89,9 +100,15 @@ def quantize_command(
     images = torch.cat([x for x, _ in itertools.islice(train, -(-calib_images // batch_size))])
     calib = list(images[:calib_images].split(batch_size))
     epochs = common.epochs(epochs)
+    guard = None
     if epochs:
         quantized = qat(float_model, train, config, epochs=epochs, lr=lr,
                         calib_batches=len(calib), progress=progress, desc="QAT")
+    elif max_drop is not None:
+        held_out = _guard_loader(split, guard_images, batch_size)
+        guarded = ptq_guarded(float_model, calib, config, max_drop=max_drop,
+                              evaluate=lambda m: evaluate(m, held_out))
+        quantized, guard = guarded.model, guarded.format()
     else:
         quantized = ptq(float_model, calib, config)
     summary = dict(
@@ -101,7 +118,7 @@ def quantize_command(
         accuracy=evaluate(quantized, test),
         layers=layer_report(float_model, quantized, calib[0]),
         onnx_path=None, ort_accuracy=None, agreement=None, ops=None,
-        checkpoint_path=None, checkpoint_bytes=None,
+        checkpoint_path=None, checkpoint_bytes=None, guard=guard,
         fp32_bytes=sum(t.numel() * t.element_size() for t in float_model.state_dict().values()),
     )
     if onnx_path is not None:
@@ -114,6 +131,17 @@ def quantize_command(
         size = common.save_model(quantized, out, model)
         summary.update(checkpoint_path=str(out), checkpoint_bytes=size)
     return QuantizeSummary(**summary)
+
+
+def _guard_loader(split, images: int, batch_size: int):
+    """The last `images` training images (calibration reads the first ones)."""
+    from torch.utils.data import DataLoader, Subset
+
+    if images < 1:
+        raise ValueError(f"guard_images must be >= 1, got {images}")
+    n = len(split.train)
+    picked = Subset(split.train, range(max(0, n - images), n))
+    return DataLoader(picked, batch_size=max(batch_size, 256))
 
 
 def _setting(config: QuantConfig, calib_images: int) -> str:
@@ -160,10 +188,24 @@ def add_parser(commands) -> None:
                         help="QAT (--epochs > 0): learn the scales (LSQ)")
     common.add_data(parser)
     common.add_training(parser, 0, "QAT epochs after calibration (0: PTQ only)", lr=1e-4)
+    parser.add_argument("--max-drop", type=float, metavar="POINTS",
+                        help="accuracy guard: leave the most sensitive layers in float, one "
+                        "at a time, until the accuracy is within POINTS percentage points of "
+                        "FP32 (measured on --guard-images training images)")
+    parser.add_argument("--guard-images", type=int, default=1000,
+                        help="last training images the --max-drop guard measures on")
     parser.add_argument("--onnx", metavar="FILE", help="write QDQ ONNX here")
     common.add_out(parser, "the quantized model file (integer weights)")
     common.add_run(parser)
     parser.set_defaults(run=run)
+
+
+def _points(value: float) -> float:
+    """--max-drop in percentage points as the fraction the library takes."""
+    if not 0 <= value <= 100:
+        raise ValueError(f"--max-drop is in accuracy points, between 0 and 100 (1 = one "
+                         f"percentage point), got {value}")
+    return value / 100
 
 
 def run(args: argparse.Namespace) -> None:
@@ -178,6 +220,7 @@ def run(args: argparse.Namespace) -> None:
         args.model, args.weights, dataset=args.data, config=config,
         calib_images=args.calib_images, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, onnx_path=args.onnx, out=args.out, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet, guard_images=args.guard_images,
+        max_drop=None if args.max_drop is None else _points(args.max_drop),
     )
     print(summary.format())
