@@ -309,6 +309,8 @@ def compress_to_size(
     guard_loader: Iterable | None = None,
     stages: dict | None = None,
     tries: int = 4,
+    sparsities: Iterable[float] = SWEEP_SPARSITIES,
+    bits: Iterable[int] = SWEEP_BITS,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> SizeResult:
@@ -323,7 +325,8 @@ def compress_to_size(
     `tries` times. The accuracy guard checks the drop on the guard images; a goal that
     cannot be reached within it is an AccuracyGuardError naming the best found, and
     nothing is left at `path`. `stages` overrides the recipe's training budget
-    (prune_rounds, finetune_epochs, quant_epochs, seed, ...).
+    (prune_rounds, finetune_epochs, quant_epochs, seed, ...); `sparsities` and `bits` are
+    the sweeps' points (fewer are faster, and the plan never goes past them).
     """
     say = log or (lambda _msg: None)
     if not ratio > 1:
@@ -349,8 +352,8 @@ def compress_to_size(
     baseline_guard = guard(model)
     say(f"sensitivity of {len(layers)} layers to pruning and to k-means bits")
     work = copy.deepcopy(model)
-    table = sensitivity(work, guard, ratios=list(SWEEP_SPARSITIES))
-    bits_table = sensitivity(work, guard, bits=list(SWEEP_BITS))
+    table = sensitivity(work, guard, ratios=list(sparsities))
+    bits_table = sensitivity(work, guard, bits=list(bits))
     budget = original / ratio - rest - HEADER_BYTES
     if budget < 1:
         raise AccuracyGuardError(
