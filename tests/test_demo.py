@@ -79,6 +79,7 @@ def test_unknown_demo_model_names_the_choices(tmp_path):
         run_demo("vgg", tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_a_rerun_from_the_cached_dense_model_gives_the_same_figures(tmp_path):
     # the dense training must not leave the fine-tuning's shuffles different from a
     # run that loads the cached model

@@ -86,6 +86,7 @@ def test_a_model_with_nothing_to_compress(tmp_path):
                          max_drop=0.01)
 
 
+@pytest.mark.slow
 def test_command_writes_the_model_plan_and_report(trained, tmp_path, capsys):
     _, _, _, weights = trained
     out = tmp_path / "run"
