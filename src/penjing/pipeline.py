@@ -321,10 +321,11 @@ def compress_to_size(
     test loader when None; better a held-out part of the training data), a byte budget
     is planned from the curves (`penjing.analysis.plan_budget`), and the pipeline runs
     with that plan. The file is measured; when it is larger than the goal, the budget
-    shrinks by what was missed and the pipeline runs again from the input model, up to
-    `tries` times. The accuracy guard checks the drop on the guard images; a goal that
-    cannot be reached within it is an AccuracyGuardError naming the best found, and
-    nothing is left at `path`. `stages` overrides the recipe's training budget
+    shrinks by what was missed, and when it beats the goal but breaks the guard, the
+    budget grows by the overshoot (backing off), and the pipeline runs again from the
+    input model, up to `tries` times. The accuracy guard checks the drop on the guard
+    images; a goal that cannot be reached within it is an AccuracyGuardError naming the
+    best found, and nothing is left at `path`. `stages` overrides the recipe's training budget
     (prune_rounds, finetune_epochs, quant_epochs, seed, ...); `sparsities` and `bits` are
     the sweeps' points (fewer are faster, and the plan never goes past them).
     """
@@ -384,17 +385,25 @@ def compress_to_size(
                 budget *= saved.ratio / ratio * 0.98
                 continue
             if drop > max_drop:
-                raise AccuracyGuardError(
-                    f"size={ratio:g}x cannot be kept within a drop of {max_drop:g}: the file "
-                    f"reached {saved.ratio:.1f}× but the accuracy fell {drop:.4f} on the guard "
-                    "images; allow a larger drop, more fine-tuning (stages) or a smaller ratio"
-                )
+                if saved.ratio > 1.02 * ratio:  # back off: spend the overshoot on accuracy
+                    budget *= saved.ratio / ratio * 0.99
+                    continue
+                break
             os.replace(tmp, path)
             written = (plan, recipe, saved, drop)
             break
     finally:
         tmp.unlink(missing_ok=True)
     if written is None:
+        kept = [t for t in tries_done if t.get("ratio", 0.0) >= ratio]
+        if kept:  # the size was reached, the guard was not
+            best = min(kept, key=lambda t: t["guard_drop"])
+            raise AccuracyGuardError(
+                f"size={ratio:g}x cannot be kept within a drop of {max_drop:g}: the best file "
+                f"at the goal, {best['ratio']:.1f}×, lost {best['guard_drop']:.4f} on the guard "
+                f"images ({len(tries_done)} tr{'y' if len(tries_done) == 1 else 'ies'}); allow "
+                "a larger drop, more fine-tuning (stages) or a smaller ratio"
+            )
         made = [t["ratio"] for t in tries_done if "ratio" in t]
         reasons = "; ".join(t["error"] for t in tries_done if "error" in t)
         best = (f"the best file was {max(made):.1f}× after {len(made)} "
