@@ -27,7 +27,18 @@ demo: $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist: installed here when root can
+# run apt-get; otherwise bench/fashion.py says how and skips.
+FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
 bench: $(TEST_STAMP)
+	@if [ ! -f $(FASHION) ] && [ -z "$$PENJING_FASHION_MNIST" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q dataset-fashion-mnist || echo "could not install dataset-fashion-mnist"; \
+	  else \
+	    echo "Fashion-MNIST is not installed: run 'apt-get install dataset-fashion-mnist' as root"; \
+	  fi; \
+	fi
 	$(PY) bench/deep_compression.py
 	$(PY) bench/quantization.py
 	$(PY) bench/structured.py
@@ -35,6 +46,7 @@ bench: $(TEST_STAMP)
 	$(PY) bench/sensitivity.py
 	$(PY) bench/recipes.py
 	$(PY) bench/distributed.py
+	$(PY) bench/fashion.py
 	$(PIP) install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) bench/pretrained.py
 	$(PY) bench/lowbit.py

@@ -92,3 +92,19 @@ def test_unknown_demo_model_names_the_choices(tmp_path):
 
     with pytest.raises(ValueError, match=r"the demo runs \['lenet300', 'lenet5'\], got 'vgg'"):
         run_demo("vgg", tmp_path, progress=False)
+
+
+@pytest.mark.slow
+def test_a_rerun_from_the_cached_dense_model_gives_the_same_figures(tmp_path):
+    # the dense training must not leave the fine-tuning's shuffles different from a
+    # run that loads the cached model
+    args = ["demo", "--out", str(tmp_path), "--dense-epochs", "1", "--rounds", "1",
+            "--finetune-epochs", "1", "--quant-epochs", "1", "--quiet"]
+    assert main(args) == 0
+    fresh = json.loads((tmp_path / "metrics.json").read_text())
+    fresh_file = (tmp_path / "model.pjz").read_bytes()
+    assert main(args) == 0
+    cached = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("dense_accuracy", "compressed_accuracy", "stage_accuracy", "compressed_bytes"):
+        assert cached[key] == fresh[key], key
+    assert (tmp_path / "model.pjz").read_bytes() == fresh_file

@@ -19,6 +19,11 @@ class MissingDependencyError(PenjingError, ImportError):
     """An optional package that a feature needs is not installed."""
 
 
+class AccuracyGuardError(PenjingError, ValueError):
+    """A compression cannot keep the metric within the drop it was given; the message
+    says the best it found."""
+
+
 class PenjingWarning(UserWarning):
     """A call that did less than asked (a BatchNorm left unfolded, a group left whole),
     with the reason."""

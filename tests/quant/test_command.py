@@ -45,6 +45,22 @@ def test_quantize_prints_the_layer_table_and_writes_both_files(
     assert out.stat().st_size < 0.3 * weights.stat().st_size
 
 
+def test_max_drop_keeps_sensitive_layers_in_float(weights, capsys):
+    rc = main(["quantize", "lenet5", "--weights", str(weights), "--bits", "2",
+               "--calib-images", "128", "--max-drop", "1", "--guard-images", "500", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    float_acc, quant_acc, allowed = (float(v) for v in re.search(
+        r"accuracy guard: float ([\d.]+), quantized ([\d.]+) \(drop [-+\d.]+, allowed "
+        r"([\d.]+)\)", text).groups())
+    assert allowed == 0.01 and float_acc - quant_acc <= 0.01
+    kept = re.findall(r"kept in float: (\w+) \(quantized alone it cost", text)
+    assert kept and set(kept) < {"conv1", "conv2", "fc1", "fc2"}
+    rows = {line.split()[0]: line.split()[2] for line in text.splitlines()
+            if line.split() and line.split()[0] in {"conv1", "conv2", "fc1", "fc2"}}
+    assert all(rows[name] == "float" for name in kept if name in rows)
+
+
 def test_int4_groups_weight_only(tmp_path, weights, capsys):
     rc = main(["quantize", "lenet5", "--weights", str(weights), "--bits", "4",
                "--granularity", "group", "--group-size", "32", "--weight-only"])
@@ -89,7 +105,10 @@ def test_gptq_and_awq_quantize_the_linear_layers_and_say_the_convs_stay_float(
      (["--group-size", "32"], "group_size goes with granularity 'group'"),
      (["--calib-images", "0"], "calib_images must be >= 1, got 0"),
      (["--skip", "conv9"], "layers pattern 'conv9' matches no module"),
-     (["--skip", "conv["], "layers pattern 'conv[' is not a regular expression")],
+     (["--skip", "conv["], "layers pattern 'conv[' is not a regular expression"),
+     (["--max-drop", "150"], "--max-drop is in accuracy points, between 0 and 100"),
+     (["--max-drop", "1", "--epochs", "1"], "max_drop guards PTQ; with QAT"),
+     (["--max-drop", "1", "--guard-images", "0"], "guard_images must be >= 1, got 0")],
 )
 def test_bad_options_are_clear_errors(weights, capsys, argv, message):
     assert main(["quantize", "lenet5", "--weights", str(weights), *argv]) == 2

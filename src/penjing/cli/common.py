@@ -82,7 +82,7 @@ def add_weights(parser: argparse.ArgumentParser, required: bool = False,
 
 
 def add_data(parser: argparse.ArgumentParser, allow_none: bool = False) -> None:
-    choices = "mnist, digits" + (", none" if allow_none else "")
+    choices = "mnist, digits, fashion-mnist" + (", none" if allow_none else "")
     parser.add_argument("--data", default="mnist",
                         help=f"{choices} or package.module:function returning a "
                         "penjing.data.DataSplit")

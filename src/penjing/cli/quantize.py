@@ -17,7 +17,7 @@ from penjing.core.parametrize import finalize_
 from penjing.errors import PenjingWarning, UnsupportedLayerError
 from penjing.quant.linear.config import QuantConfig, make_config, select
 from penjing.quant.linear.primitives import PerChannel, PerGroup
-from penjing.quant.linear.ptq import ptq, qat
+from penjing.quant.linear.ptq import ptq, ptq_guarded, qat
 from penjing.quant.linear.report import LayerStats, describe, format_layers, layer_report
 from penjing.train import evaluate, seed_everything
 
@@ -38,9 +38,12 @@ class QuantizeSummary:
     checkpoint_path: str | None
     checkpoint_bytes: int | None
     fp32_bytes: int
+    guard: str | None = None  # Guarded.format() when --max-drop ran the accuracy guard
 
     def format(self) -> str:
         lines = [f"{self.model}: {self.setting}", "", format_layers(self.layers), ""]
+        if self.guard:
+            lines += [self.guard, ""]
         lines.append(f"test accuracy: FP32 {self.fp32_accuracy:.2%}, quantized "
                      f"{common.accuracy(self.fp32_accuracy, self.accuracy)}")
         if self.onnx_path:
@@ -75,6 +78,8 @@ def quantize_command(
     seed: int = 0,
     progress: bool = True,
     method: str = "nearest",
+    max_drop: float | None = None,
+    guard_images: int = 1000,
 ) -> QuantizeSummary:
     """Quantize `model` (a penjing model name or module:function) from the model file
     `weights` by `config`, calibrated on `calib_images` training images of `dataset`
@@ -84,7 +89,11 @@ def quantize_command(
 
     `method` 'gptq' or 'awq' quantizes the weights of the Linear layers `config` picks
     layer by layer on the calibration images instead (weights only, asymmetric, `config`'s
-    bits and groups); 'nearest' rounds every weight to its grid."""
+    bits and groups); 'nearest' rounds every weight to its grid.
+
+    `max_drop` (a fraction: 0.01 is one accuracy point) runs PTQ's accuracy guard
+    (`penjing.quant.ptq_guarded`), measured on the last `guard_images` training images so
+    that the test figures stay out of the choice."""
     from penjing.export import compare_with_ort, optimized_ops, ort_accuracy
     from penjing.export import onnx as export_onnx
 
@@ -92,6 +101,11 @@ def quantize_command(
         raise ValueError(f"calib_images must be >= 1, got {calib_images}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if max_drop is not None and epochs:
+        raise ValueError("max_drop guards PTQ; with QAT (epochs > 0) leave it out")
+    if max_drop is not None and method != "nearest":
+        raise ValueError(f"max_drop guards PTQ's rounding to nearest; with {method.upper()} "
+                         "leave it out")
     config = config or make_config()
     if method != "nearest" and (config.activation is not None or epochs):
         raise ValueError(f"{method.upper()} quantizes weights only, once: give it with "
@@ -105,11 +119,17 @@ def quantize_command(
     calib = list(images[:calib_images].split(batch_size))
     epochs = common.epochs(epochs)
     setting = _setting(config, calib_images) + (f", QAT {epochs} epochs" if epochs else "")
+    guard = None
     if method != "nearest":
         quantized, setting = _layerwise(float_model, calib, config, method, calib_images)
     elif epochs:
         quantized = qat(float_model, train, config, epochs=epochs, lr=lr,
                         calib_batches=len(calib), progress=progress, desc="QAT")
+    elif max_drop is not None:
+        held_out = _guard_loader(split, guard_images, batch_size)
+        guarded = ptq_guarded(float_model, calib, config, max_drop=max_drop,
+                              evaluate=lambda m: evaluate(m, held_out))
+        quantized, guard = guarded.model, guarded.format()
     else:
         quantized = ptq(float_model, calib, config)
     summary = dict(
@@ -119,7 +139,7 @@ def quantize_command(
         accuracy=evaluate(quantized, test),
         layers=layer_report(float_model, quantized, calib[0]),
         onnx_path=None, ort_accuracy=None, agreement=None, ops=None,
-        checkpoint_path=None, checkpoint_bytes=None,
+        checkpoint_path=None, checkpoint_bytes=None, guard=guard,
         fp32_bytes=sum(t.numel() * t.element_size() for t in float_model.state_dict().values()),
     )
     if onnx_path is not None:
@@ -165,6 +185,17 @@ def _layerwise(float_model: nn.Module, calib: list[torch.Tensor], config: QuantC
     grid = f"int{spec.bits}" + (f" in groups of {group}" if group else " per row")
     return quantized, (f"weights {grid}, asymmetric, by {method.upper()} on {calib_images} "
                        f"calibration images ({len(linears)} Linear layers), activations float")
+
+
+def _guard_loader(split, images: int, batch_size: int):
+    """The last `images` training images (calibration reads the first ones)."""
+    from torch.utils.data import DataLoader, Subset
+
+    if images < 1:
+        raise ValueError(f"guard_images must be >= 1, got {images}")
+    n = len(split.train)
+    picked = Subset(split.train, range(max(0, n - images), n))
+    return DataLoader(picked, batch_size=max(batch_size, 256))
 
 
 def _setting(config: QuantConfig, calib_images: int) -> str:
@@ -220,10 +251,24 @@ def add_parser(commands) -> None:
                         help="QAT (--epochs > 0): learn the scales (LSQ)")
     common.add_data(parser)
     common.add_training(parser, 0, "QAT epochs after calibration (0: PTQ only)", lr=1e-4)
+    parser.add_argument("--max-drop", type=float, metavar="POINTS",
+                        help="accuracy guard: leave the most sensitive layers in float, one "
+                        "at a time, until the accuracy is within POINTS percentage points of "
+                        "FP32 (measured on --guard-images training images)")
+    parser.add_argument("--guard-images", type=int, default=1000,
+                        help="last training images the --max-drop guard measures on")
     parser.add_argument("--onnx", metavar="FILE", help="write QDQ ONNX here")
     common.add_out(parser, "the quantized model file (integer weights)")
     common.add_run(parser)
     parser.set_defaults(run=run)
+
+
+def _points(value: float) -> float:
+    """--max-drop in percentage points as the fraction the library takes."""
+    if not 0 <= value <= 100:
+        raise ValueError(f"--max-drop is in accuracy points, between 0 and 100 (1 = one "
+                         f"percentage point), got {value}")
+    return value / 100
 
 
 def run(args: argparse.Namespace) -> None:
@@ -238,6 +283,7 @@ def run(args: argparse.Namespace) -> None:
         args.model, args.weights, dataset=args.data, config=config,
         calib_images=args.calib_images, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, onnx_path=args.onnx, out=args.out, seed=args.seed,
-        progress=common.progress(args), method=args.method,
+        progress=common.progress(args), method=args.method, guard_images=args.guard_images,
+        max_drop=None if args.max_drop is None else _points(args.max_drop),
     )
     print(summary.format())

@@ -58,7 +58,9 @@ class SharedWeights(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         table = torch.cat([self.centroids.new_zeros(1), self.centroids])
-        return table[self.codes].to(weight.dtype)
+        # an embedding lookup, not table[codes]: the backward of indexing sums a cluster's
+        # gradients in an order that varies between runs on several threads
+        return nn.functional.embedding(self.codes, table[:, None]).squeeze(-1).to(weight.dtype)
 
 
 def select_layers(

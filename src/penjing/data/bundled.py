@@ -103,11 +103,19 @@ def digits() -> DataSplit:
     return _to_split("digits", x, np.asarray(bunch.target), test_per_class=36, num_classes=10)
 
 
-DATASETS: dict[str, Callable[[], DataSplit]] = {"mnist": mnist, "digits": digits}
+def _fashion_mnist() -> DataSplit:
+    from penjing.data.fashion import fashion_mnist  # imports this module for DataSplit
+
+    return fashion_mnist()
+
+
+DATASETS: dict[str, Callable[[], DataSplit]] = {
+    "mnist": mnist, "digits": digits, "fashion-mnist": _fashion_mnist,
+}
 
 
 def load(spec: str) -> DataSplit:
-    """A bundled data set by name (one of DATASETS), or the `DataSplit` that a user's
+    """A data set by name (one of DATASETS), or the `DataSplit` that a user's
     'package.module:function' returns."""
     if ":" not in spec:
         if spec not in DATASETS:

@@ -36,11 +36,13 @@ from penjing.quant.linear.primitives import (
     sqnr,
 )
 from penjing.quant.linear.ptq import (
+    Guarded,
     activation_quantizers,
     calibrate_,
     freeze_,
     prepare,
     ptq,
+    ptq_guarded,
     qat,
 )
 from penjing.quant.linear.report import layer_report
@@ -78,6 +80,8 @@ __all__ = [
     "gptq_",
     # static INT8: calibrate and return a traced copy
     "ptq",
+    "ptq_guarded",
+    "Guarded",
     "qat",
     "prepare",
     "calibrate_",

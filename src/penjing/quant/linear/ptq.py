@@ -6,14 +6,19 @@
   calibrate, freeze. Returns a quantized copy; the input model is left as it was.
 - `qat(model, train_loader, config, epochs=...)`: the same copy, trained with fake
   quantization in the loop (straight-through estimator; LSQ scales when learnable).
+- `ptq_guarded(model, calib_loader, config, evaluate=..., max_drop=...)`: PTQ that keeps
+  the metric within `max_drop` of the float model's by leaving the most sensitive layers
+  in float, one at a time (`ptq(..., max_drop=, evaluate=)` returns just the model).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable
-from dataclasses import replace
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -22,6 +27,7 @@ from torch.nn.utils import parametrize
 from penjing import distributed, inputs
 from penjing.core import history
 from penjing.core.steps import Step
+from penjing.errors import AccuracyGuardError, PenjingWarning
 from penjing.hf import is_hf
 from penjing.quant.linear import eager
 from penjing.quant.linear.checkpoint import (
@@ -154,6 +160,8 @@ def ptq(
     config: QuantConfig | None = None,
     *,
     batches: int | None = None,
+    max_drop: float | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
 ) -> nn.Module:
     """Post-training quantization: a quantized copy of `model`, calibrated on `calib_loader`.
 
@@ -166,8 +174,24 @@ def ptq(
     Either one is what `pj.save` / `pj.load`, `pj.export.onnx`, `calibrate_` and
     `layer_report` take.
 
+    With `max_drop` and `evaluate` (a function model -> metric, higher is better, e.g.
+    accuracy on held-out images), the accuracy guard of `ptq_guarded` runs: the most
+    sensitive layers stay in float until the metric is within `max_drop` of the float
+    model's, with a PenjingWarning naming them.
+
     >>> q = pj.quant.ptq(model, calib_loader, pj.quant.int8(observer="entropy"))
+    >>> q = pj.quant.ptq(model, calib_loader, max_drop=0.01, evaluate=val_accuracy)
     """
+    if max_drop is not None or evaluate is not None:
+        guarded = ptq_guarded(model, calib_loader, config, evaluate=evaluate,
+                              max_drop=max_drop, batches=batches)
+        if guarded.float_layers:
+            warnings.warn(f"PTQ kept {len(guarded.float_layers)} layer(s) in float to hold "
+                          f"the drop within {max_drop:g}: "
+                          + "; ".join(f"{n} ({guarded.reasons[n]})"
+                                      for n in guarded.float_layers),
+                          PenjingWarning, stacklevel=2)
+        return guarded.model
     config = config or QuantConfig()
     _check_config(config)
     if config.activation is not None and calib_loader is None:
@@ -180,6 +204,106 @@ def ptq(
         calibrate_(q, calib_loader, batches)
         freeze_(q)
     return q
+
+
+@dataclass
+class Guarded:
+    """What `ptq_guarded` chose, and why."""
+
+    model: nn.Module  # the quantized copy
+    baseline: float  # the float model's metric
+    metric: float  # the quantized copy's
+    max_drop: float
+    float_layers: list[str] = field(default_factory=list)  # left in float, in the order given up
+    reasons: dict[str, str] = field(default_factory=dict)  # layer -> why it was given up
+    single_drops: dict[str, float] = field(default_factory=dict)  # each layer quantized alone
+    tried: list[tuple[int, float]] = field(default_factory=list)  # (layers in float, metric)
+
+    @property
+    def drop(self) -> float:
+        return self.baseline - self.metric
+
+    def format(self) -> str:
+        lines = [f"accuracy guard: float {self.baseline:.4f}, quantized {self.metric:.4f} "
+                 f"(drop {self.drop:+.4f}, allowed {self.max_drop:g})"]
+        if not self.float_layers:
+            lines.append("every chosen layer quantized")
+        for name in self.float_layers:
+            lines.append(f"  kept in float: {name} ({self.reasons[name]})")
+        return "\n".join(lines)
+
+
+def _only(config: QuantConfig, floats: Iterable[str]) -> QuantConfig:
+    """`config` with the layers `floats` left in float, ahead of its own layer patterns."""
+    layers = {f"{re.escape(n)}": False for n in floats}
+    layers.update(config.layers)
+    return replace(config, layers=layers)
+
+
+def ptq_guarded(
+    model: nn.Module,
+    calib_loader: Iterable | None,
+    config: QuantConfig | None = None,
+    *,
+    evaluate: Callable[[nn.Module], float] | None,
+    max_drop: float | None,
+    batches: int | None = None,
+) -> Guarded:
+    """PTQ within an accuracy budget: quantize; while `evaluate` says the metric fell by
+    more than `max_drop` below the float model's, leave one more layer in float, the most
+    sensitive first, and quantize again.
+
+    Sensitivity is measured, not guessed: each chosen layer is quantized alone and the
+    model evaluated, so the guard costs one calibration and evaluation per layer, plus
+    one per layer given up. `evaluate(model) -> float` (higher is better) should measure
+    on images other than the test set that the result is reported on. When the drop
+    holds only with every layer in float, an AccuracyGuardError says the best found.
+    """
+    if evaluate is None or not callable(evaluate):
+        raise TypeError("the accuracy guard needs evaluate=, a function model -> metric "
+                        f"(higher is better), got {evaluate!r}")
+    if max_drop is None or isinstance(max_drop, bool) or not max_drop >= 0:
+        raise ValueError(f"max_drop must be a number >= 0 (in evaluate's units, e.g. 0.01 "
+                         f"for one accuracy point), got {max_drop!r}")
+    config = config or QuantConfig()
+    _check_config(config)
+    resolved = resolve_filter(config, model)
+    with torch.no_grad():
+        baseline = float(evaluate(model))
+    q = ptq(model, calib_loader, resolved, batches=batches)
+    metric = float(evaluate(q))
+    result = Guarded(q, baseline, metric, float(max_drop), tried=[(0, metric)])
+    if baseline - metric <= max_drop:
+        return result
+    folded = copy.deepcopy(model).eval()
+    fold_bn_(folded)
+    order = layer_order(folded, resolved) if resolved.activation is not None else None
+    chosen = list(select(folded, resolved, order))
+    for name in chosen:
+        alone = ptq(model, calib_loader, _only(resolved, [n for n in chosen if n != name]),
+                    batches=batches)
+        result.single_drops[name] = baseline - float(evaluate(alone))
+    ranking = sorted(chosen, key=lambda n: -result.single_drops[n])
+    best = (metric, 0)
+    for k in range(1, len(ranking)):
+        floats = ranking[:k]
+        q = ptq(model, calib_loader, _only(resolved, floats), batches=batches)
+        metric = float(evaluate(q))
+        result.tried.append((k, metric))
+        best = max(best, (metric, k))
+        if baseline - metric <= max_drop:
+            result.model, result.metric, result.float_layers = q, metric, floats
+            result.reasons = {n: f"quantized alone it cost {result.single_drops[n]:.4f}"
+                              for n in floats}
+            return result
+    metric, k = best
+    raise AccuracyGuardError(
+        f"PTQ cannot keep the drop within {max_drop:g}: the float model scores "
+        f"{baseline:.4f}; the best found, with {k} of {len(chosen)} layers in float "
+        f"({', '.join(ranking[:k]) or 'none'}), scores {metric:.4f} (drop "
+        f"{baseline - metric:.4f}); allow a larger drop, calibrate on more images, try "
+        "another observer, or train with QAT"
+    )
 
 
 def qat(
