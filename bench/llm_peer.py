@@ -108,12 +108,18 @@ def run(quick: bool) -> tuple[list[dict], dict]:
         for tool in ("penjing", "llm-compressor"):
             work = copy.deepcopy(model)
             t = time.perf_counter()
-            if tool == "penjing":
-                _ours(name, work, calib)
-            else:
-                oneshot(model=work, dataset=data, recipe=recipes[name],
-                        num_calibration_samples=len(calib_ids), max_seq_length=WINDOW,
-                        batch_size=CALIB_BATCH, shuffle_calibration_samples=False)
+            try:
+                if tool == "penjing":
+                    _ours(name, work, calib)
+                else:
+                    oneshot(model=work, dataset=data, recipe=recipes[name],
+                            num_calibration_samples=len(calib_ids), max_seq_length=WINDOW,
+                            batch_size=CALIB_BATCH, shuffle_calibration_samples=False)
+            except Exception as err:  # noqa: BLE001 - one tool's failure is a result too
+                row[tool] = {"failed": f"{type(err).__name__}: {err}"[:200]}
+                print(f"{tool} {name}: failed: {row[tool]['failed']}", flush=True)
+                del work
+                continue
             row[tool] = {"seconds": time.perf_counter() - t,
                          "ppl": perplexity(work, evaluation)}
             if tool == "penjing" and name == "W4 g64, GPTQ":  # the file, table in INT8 too
@@ -157,6 +163,11 @@ def report(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         a, b = r["penjing"], r["llm-compressor"]
+        failed = [f"{tool}: {r[tool]['failed']}" for tool in ("penjing", "llm-compressor")
+                  if "failed" in r[tool]]
+        if failed:
+            lines.append(f"| {r['row']} | failed | | | | {'; '.join(failed)} |")
+            continue
         ratio, low, high = perplexity_ratio(a["ppl"], b["ppl"])
         verdict = "**met**, lower" if high < 1 else "**missed**" if low > 1 \
             else "**met** within noise"
@@ -165,6 +176,7 @@ def report(rows: list[dict], meta: dict) -> str:
                      f"{pb.value:.2f} ({pb.low:.2f}–{pb.high:.2f}) | {ratio:.3f} "
                      f"({low:.3f}–{high:.3f}) | {verdict} | {a['seconds']:.0f} / "
                      f"{b['seconds']:.0f} |")
+    rows = [r for r in rows if "failed" not in r["penjing"]]
     gptq = next((r for r in rows if r["row"] == "W4 g64, GPTQ"), None)
     if gptq is not None:
         ratio, low, high = perplexity_ratio(gptq["penjing"]["ppl"], meta["nearest"])
