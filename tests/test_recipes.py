@@ -115,7 +115,7 @@ def test_unknown_method_and_missing_keys():
     msg = problem("stages:\n  - stage: quantize\n    method: int3\n")
     assert "recipe: missing key 'model'" in msg
     assert "line 3: stages[0] (quantize).method: unknown quantize method 'int3'" in msg
-    assert "allowed: kmeans, ptq, qat, gptq, weight_only" in msg
+    assert "allowed: kmeans, ptq, qat, gptq, awq, weight_only" in msg
 
 
 def test_per_layer_values_are_checked_by_layer():

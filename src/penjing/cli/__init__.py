@@ -36,7 +36,8 @@ SUMMARIES = {
               "it loads back",
     "export": "export a model file to ONNX for ONNX Runtime (QDQ when it is quantized) and "
               "check ONNX Runtime against PyTorch",
-    "compress": "run a YAML recipe of stages on one model: report, plots, resume",
+    "compress": "run a YAML recipe of stages on one model, or reach a --target size under "
+                "--max-drop",
     "apply": "run one step of the step registry (a method of one's own included) on a model "
              "file, its config given as flags",
     "sensitivity": "prune (or quantize) one layer at a time and tabulate the test accuracy; "

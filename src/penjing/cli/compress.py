@@ -47,9 +47,9 @@ def add_parser(commands) -> None:
     target.add_argument("--finetune-epochs", type=int, default=4, help="epochs per round")
     target.add_argument("--quant-epochs", type=int, default=3,
                         help="epochs of centroid training")
-    target.add_argument("--batch-size", type=int, default=64)
-    target.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    target.add_argument("--batch-size", type=int, default=64,
+                        help="images per training and measuring batch")
+    common.add_run(parser)
     parser.set_defaults(run=run)
 
 
