@@ -94,18 +94,20 @@ def _producers(chosen: dict[str, nn.Module], run: Callable[..., None], root: nn.
     """For each chosen layer whose input can take a per-channel division, the module that
     produces that input, as (name, module)."""
     names = {id(m): n for n, m in root.named_modules()}
-    events: list[tuple[str, int, int]] = []  # (kind, module id, data pointer) in call order
+    # (kind, module id, tensor) in call order; holding the tensors keeps their ids unique
+    # while the block runs, so a tensor is matched by identity, never by a reused address
+    events: list[tuple[str, int, torch.Tensor]] = []
     handles = []
     for module in root.modules():
         weight = getattr(module, "weight", None)
         if "norm" in type(module).__name__.lower() and isinstance(weight, nn.Parameter) \
                 and weight.dim() == 1 and not list(module.children()):
             handles.append(module.register_forward_hook(
-                lambda m, _a, out: events.append(("norm", id(m), out.data_ptr()))
+                lambda m, _a, out: events.append(("norm", id(m), out))
                 if isinstance(out, torch.Tensor) else None))
         if is_linear(module):  # every Linear: one left out must not see a changed input
             handles.append(module.register_forward_pre_hook(
-                lambda m, args: events.append(("layer", id(m), args[0].data_ptr()))))
+                lambda m, args: events.append(("layer", id(m), args[0]))))
     try:
         run(1)
     finally:
@@ -114,16 +116,16 @@ def _producers(chosen: dict[str, nn.Module], run: Callable[..., None], root: nn.
     found: dict[str, tuple[str, nn.Module]] = {}
     by_id = {id(m): (n, m) for n, m in root.named_modules()}
     chosen_ids = {id(m) for m in chosen.values()}
-    latest: dict[int, int] = {}  # data pointer -> the norm that wrote it last
+    written: dict[int, int] = {}  # id of a norm's output tensor -> that norm's id
     unsafe = set()  # norms read by a Linear that is not quantized here
-    for kind, who, ptr in events:
+    for kind, who, tensor in events:
         if kind == "norm":
-            latest[ptr] = who
-        elif ptr in latest:
+            written[id(tensor)] = who
+        elif id(tensor) in written:
             if who in chosen_ids:
-                found.setdefault(names[who], by_id[latest[ptr]])
+                found.setdefault(names[who], by_id[written[id(tensor)]])
             else:
-                unsafe.add(latest[ptr])
+                unsafe.add(written[id(tensor)])
     found = {n: p for n, p in found.items() if id(p[1]) not in unsafe}
     for name, layer in chosen.items():  # a gated MLP: down(act(gate(x)) * up(x))
         parent = root.get_submodule(names[id(layer)].rpartition(".")[0]) \
