@@ -150,8 +150,8 @@ def report(rows: list[dict], meta: dict) -> str:
         "windows), so that both tools fit in one run on 2 cores. Groups of 64: SmolLM2's "
         "576 columns hold 4.5 groups of 128, which llm-compressor's forward cannot run. "
         "Ratio: penjing's perplexity over llm-compressor's with a 95 % paired bootstrap "
-        "interval over the windows; **met** when the interval is below 1 or holds it "
-        "(penjing no worse beyond noise), **missed** when above.",
+        "interval over the windows; **met** when the interval is below 1, **within noise** "
+        "when it holds 1 (no difference shown either way), **missed** when above.",
         "",
         f"Float: {f.value:.2f} ({f.low:.2f}–{f.high:.2f}); penjing's round-to-nearest on "
         f"the same W4 g64 grid: {meta['nearest'].value:.2f} ({meta['nearest'].low:.2f}–"
@@ -170,7 +170,7 @@ def report(rows: list[dict], meta: dict) -> str:
             continue
         ratio, low, high = perplexity_ratio(a["ppl"], b["ppl"])
         verdict = "**met**, lower" if high < 1 else "**missed**" if low > 1 \
-            else "**met** within noise"
+            else "**within noise**"
         pa, pb = a["ppl"], b["ppl"]
         lines.append(f"| {r['row']} | {pa.value:.2f} ({pa.low:.2f}–{pa.high:.2f}) | "
                      f"{pb.value:.2f} ({pb.low:.2f}–{pb.high:.2f}) | {ratio:.3f} "
