@@ -8,6 +8,7 @@ iterations cost nothing next to the sort, and we can run Lloyd to convergence.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ class KMeansResult:
     """Sorted centroids, each value's cluster label, and how the run went."""
 
     centroids: np.ndarray  # (k,) float64, ascending
-    labels: np.ndarray  # (n,) int64 into centroids, in the order the values were given
+    labels: np.ndarray  # (n,) int32 into centroids, in the order the values were given
     iterations: int
 
 
@@ -46,7 +47,7 @@ def initial_centroids(
     """
     n = sorted_values.size
     if init == "linear":
-        return np.linspace(sorted_values[0], sorted_values[-1], k)
+        return np.linspace(float(sorted_values[0]), float(sorted_values[-1]), k)
     if init == "density":
         return sorted_values[((np.arange(k) + 0.5) / k * n).astype(np.int64).clip(0, n - 1)]
     if init == "forgy":
@@ -90,22 +91,24 @@ def kmeans_1d(
     if init not in INITS:
         raise ValueError(f"unknown k-means init {init!r}; choose one of {INITS}")
 
-    # float64 once: searchsorted would otherwise cast the whole array at every step.
-    xs = np.sort(values).astype(np.float64, copy=False)
-    is_new = np.concatenate(([True], xs[1:] != xs[:-1]))
-    if np.count_nonzero(is_new) <= k:
-        centroids = xs[is_new].astype(np.float64)
+    xs = np.sort(values)
+    if np.count_nonzero(xs[1:] != xs[:-1]) < k:
+        centroids = np.unique(xs).astype(np.float64)
         labels = np.searchsorted(centroids, values.astype(np.float64))
-        return KMeansResult(centroids, labels.astype(np.int64), 0)
+        return KMeansResult(centroids, labels.astype(np.int32), 0)
 
-    prefix = np.concatenate(([0.0], np.cumsum(xs)))
+    # Prefix sums in float64 give every cluster's mean in O(1); the sorted values stay in
+    # their own dtype (a float64 copy of 10 M values costs more than the whole search).
+    prefix = np.empty(xs.size + 1)
+    prefix[0] = 0.0
+    np.cumsum(xs, dtype=np.float64, out=prefix[1:])
     mean = prefix[-1] / xs.size
-    threshold = tol * max(float(np.dot(xs, xs)) / xs.size - mean * mean, 0.0)
+    threshold = tol * max(_sum_of_squares(xs) / xs.size - mean * mean, 0.0)
     centroids = np.sort(initial_centroids(xs, k, init, seed).astype(np.float64))
     cuts = None
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 - reported after the loop
-        new_cuts = np.searchsorted(xs, (centroids[:-1] + centroids[1:]) / 2.0)
+        new_cuts = count_below(xs, (centroids[:-1] + centroids[1:]) / 2.0)
         if cuts is not None and np.array_equal(new_cuts, cuts):
             break
         cuts = new_cuts
@@ -121,10 +124,98 @@ def kmeans_1d(
         if shift <= threshold:
             break
 
-    # Nearest centroid = number of midpoints at or below the value. torch's bucketize is
-    # several times faster than numpy's searchsorted on unsorted values; the midpoints are
+    # Nearest centroid = number of midpoints at or below the value; the midpoints are
     # rounded to the values' dtype, which can only flip a value within one ulp of a tie.
-    boundaries = torch.from_numpy((centroids[:-1] + centroids[1:]) / 2.0)
-    values_t = torch.from_numpy(np.ascontiguousarray(values))
-    labels = torch.bucketize(values_t, boundaries.to(values_t.dtype), right=True)
-    return KMeansResult(centroids, labels.numpy().astype(np.int64, copy=False), iterations)
+    labels = bucketize(values, ((centroids[:-1] + centroids[1:]) / 2.0).astype(values.dtype))
+    return KMeansResult(centroids, labels, iterations)
+
+
+def _sum_of_squares(xs: np.ndarray, chunk: int = 1 << 16) -> float:
+    """sum(xs**2): each chunk's dot product in the values' dtype, chunks added in float64
+    (no float64 copy of xs; a float32 sum over 10 M values would drift)."""
+    return float(sum(float(np.dot(c, c)) for c in (
+        xs[i:i + chunk] for i in range(0, xs.size, chunk))))
+
+
+def count_below(sorted_values: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """For each float64 point, how many of the sorted values lie strictly below it, exactly,
+    whatever the values' dtype.
+
+    Rounded to a float32 `sorted_values`, a point p becomes q. No float32 lies strictly
+    between p and q, so x < p is x < q when q >= p, and x <= q when q < p.
+    """
+    if sorted_values.dtype == points.dtype:
+        return np.searchsorted(sorted_values, points)
+    q = points.astype(sorted_values.dtype)
+    return np.where(q < points, np.searchsorted(sorted_values, q, side="right"),
+                    np.searchsorted(sorted_values, q, side="left"))
+
+
+_MAX_CELLS = 1 << 20
+
+
+def bucketize(values: np.ndarray, boundaries: np.ndarray) -> np.ndarray:
+    """How many of the ascending `boundaries` are <= each value (int32), as
+    `torch.bucketize(values, boundaries, right=True)` gives, in a few passes over the
+    values instead of a binary search per value.
+
+    A uniform grid of M cells spans the boundaries. A value's cell, computed in its own
+    dtype, is off by at most one, so each cell keeps the count of boundaries below its
+    left neighbour and the one boundary (if any) in it and its two neighbours: the label
+    is that count plus one comparison. Boundaries too close together for such a grid go
+    to torch's binary search instead.
+    """
+    n_bounds = boundaries.size
+    if n_bounds == 0:
+        return np.zeros(values.size, dtype=np.int32)
+    lo, hi = float(boundaries[0]), float(boundaries[-1])
+    gaps = np.diff(boundaries.astype(np.float64))
+    cells = _MAX_CELLS + 1
+    if hi > lo and np.all(gaps > 0):
+        cells = max(1024, 4 * int(np.ceil((hi - lo) / gaps.min())))
+    if cells > _MAX_CELLS:
+        found = torch.bucketize(torch.from_numpy(values), torch.from_numpy(boundaries),
+                                right=True)
+        return found.numpy().astype(np.int32)
+    width = (hi - lo) / cells
+    # Cell c spans [lo + c*width, lo + (c+1)*width); cell -1 holds everything below lo and
+    # cell `cells` everything from hi up. A value in computed cell c lies in c-1..c+1.
+    c = np.arange(-1, cells + 1, dtype=np.float64)
+    window_lo = np.where(c <= 0, -np.inf, lo + (c - 1) * width)
+    window_hi = np.where(c >= cells - 1, np.inf, lo + (c + 2) * width)
+    bounds = boundaries.astype(np.float64)
+    below = np.searchsorted(bounds, window_lo, side="left")
+    inside = np.searchsorted(bounds, window_hi, side="left") - below
+    if inside.max() > 1:  # cannot happen with cells >= 4 (hi - lo) / min gap
+        raise AssertionError("bucketize grid is too coarse")
+    only = np.where(inside == 1, bounds[np.minimum(below, n_bounds - 1)], np.inf)
+    # Tables indexed by cell + 1 are rolled so that cell -1 sits last: index -1.
+    base = np.roll(below, -1).astype(np.int32)
+    threshold = np.roll(only, -1).astype(values.dtype)
+    lo_, scale = values.dtype.type(lo), values.dtype.type(cells / (hi - lo))
+
+    def label(part: np.ndarray, out: np.ndarray) -> None:
+        with np.errstate(over="ignore"):  # values far outside the grid: inf, then clipped
+            cell = np.subtract(part, lo_)
+            cell *= scale
+        np.clip(cell, -1, cells, out=cell)
+        index = cell.astype(np.int32)
+        np.take(base, index, out=out)
+        out += part >= np.take(threshold, index)
+
+    labels = np.empty(values.size, dtype=np.int32)
+    _in_parallel(label, values, labels)
+    return labels
+
+
+def _in_parallel(fn, values: np.ndarray, out: np.ndarray, chunk: int = 1 << 20) -> None:
+    """fn(values[a:b], out[a:b]) over chunks, on torch's thread count (numpy releases the
+    GIL inside each call)."""
+    spans = [(a, min(a + chunk, values.size)) for a in range(0, values.size, chunk)]
+    workers = min(torch.get_num_threads(), len(spans))
+    if workers <= 1:
+        for a, b in spans:
+            fn(values[a:b], out[a:b])
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda span: fn(values[span[0]:span[1]], out[span[0]:span[1]]), spans))

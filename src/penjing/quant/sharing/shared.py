@@ -115,7 +115,7 @@ def kmeans_(
                 result = kmeans_1d(survivors, k, init=init, seed=seed)
                 centroids = torch.from_numpy(result.centroids).to(weight.dtype)
                 labels = torch.from_numpy(result.labels)
-                codes[alive] = labels + 1
+                codes[alive] = labels.long() + 1
                 iterations = result.iterations
                 mse = float((survivors - centroids[labels]).double().square().mean())
         # The original weight keeps requires_grad: it gets no gradient while shared (the
