@@ -93,6 +93,23 @@ def test_many_lane_streams_come_within_half_a_percent_of_the_entropy(keep: float
     assert floor <= coded <= 1.005 * floor
 
 
+@pytest.mark.parametrize("keep", [0.002, 0.08])
+def test_a_long_sparse_stream_decodes_in_bounded_steps_for_little(keep: float) -> None:
+    # Lockstep decoding costs per step; a sparse stream gets lanes enough for at most
+    # 6,144 steps while each lane carries at least 1,024 payload bits.
+    s = _skewed(2_000_000, seed=3, keep=keep)
+    floor = huffman.entropy_bits(s) * s.size
+    data = rans.encode(s)
+    lanes = rans.default_lanes(s.size, floor)
+    assert lanes == max(-(-s.size // 8192), min(-(-s.size // 6144), int(floor // 1024)))
+    if keep == 0.08:  # ~0.8 bits a symbol: the extra lanes cost about a tenth of a percent
+        assert -(-s.size // lanes) <= 6144
+        assert 8 * len(data) <= 1.01 * floor
+    else:  # too few bits to pay for more lanes than 8,192 steps need
+        assert lanes == -(-s.size // 8192)
+    assert np.array_equal(rans.decode(data), s)
+
+
 def test_payload_alone_is_within_a_tenth_of_a_percent() -> None:
     s = _skewed(60_000, seed=2, keep=0.3)
     floor = huffman.entropy_bits(s) * s.size

@@ -57,8 +57,13 @@ SCALAR_LIMIT = 1 << 20
 _LOW = 1 << 16  # states live in [2^16, 2^32) between symbols
 # A lane costs ~24 bits: a 32-bit final state of which 16 bits repeat the initial state.
 # Long streams (at least _MANY symbols) get one lane per this many payload bits (~0.3 %
-# overhead), which is what lockstep decoding needs to pass 50 M symbols/s.
+# overhead), and at least one per _LONG_STEPS symbols (0.004 bits a symbol) as long as
+# each carries _FEWEST_BITS of payload (2.3 %): a sparse stream spends few bits, and with
+# one lane per 8192 bits its ~8,000 lockstep steps of a few lanes each decoded 47 M
+# symbols/s; at most 6,144 steps pass 50 M/s.
 _BITS_PER_LANE = 8192
+_LONG_STEPS = 6144
+_FEWEST_BITS = 1024
 _MANY = 1 << 20
 _LOCKSTEP_LANES = 32  # from this many lanes numpy steps beat a Python loop over symbols
 
@@ -134,7 +139,8 @@ def default_lanes(n: int, payload_bits: float) -> int:
     enough for fast lockstep decoding while they stay ~0.3 % of the payload."""
     lanes = min_lanes(n)
     if n >= _MANY:
-        lanes = max(lanes, int(payload_bits // _BITS_PER_LANE))
+        fast = min(-(-n // _LONG_STEPS), int(payload_bits // _FEWEST_BITS))
+        lanes = max(lanes, int(payload_bits // _BITS_PER_LANE), fast)
     return min(lanes, MAX_LANES, max(n, 1))
 
 
