@@ -12,20 +12,23 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# One pip run per environment: torch (pinned to the CPU wheel) and the package together.
 $(STAMP): $(PY) pyproject.toml constraints.txt
-	$(PIP) install --quiet -c constraints.txt torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e .
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0 -e .
 	touch $@
 
-$(TEST_STAMP): $(STAMP)
-	$(PIP) install --quiet -c constraints.txt -e ".[test]"
-	touch $@
+$(TEST_STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0 -e ".[test]"
+	touch $(STAMP) $@
 
 demo: $(STAMP)
 	$(VENV)/bin/penjing demo --model lenet300 --out-dir runs/demo
 
+# One pytest-xdist worker per core (each on one thread); the long end-to-end checks
+# (marked slow) start first. `make test TEST_ARGS="-n 0"` runs in one process.
+TEST_ARGS ?= -n auto --dist worksteal
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(TEST_ARGS)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist: installed here when root can
 # run apt-get; otherwise bench/fashion.py says how and skips.
