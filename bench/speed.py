@@ -1,0 +1,243 @@
+"""How long penjing's own tools take: graph + prune of large models, rANS decoding, 1-D
+k-means against scikit-learn, and the command line's help.
+
+Writes the `speed` section of BENCHMARKS.md. Run on a quiet machine:
+`.venv/bin/python bench/speed.py` (`--quick`: small sizes, prints only). Ratios against
+scikit-learn are medians of rounds that alternate the two tools, so both see the same load.
+The graph + prune rows need torchvision (`make zoo` builds `.venv-zoo`, which has it; run
+this script there to measure them: `.venv-zoo/bin/python bench/speed.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import ROOT, write_section
+from sensitivity import coder_section
+
+from penjing.quant import kmeans_1d
+
+KMEANS_TARGETS = {32: 100, 256: 30}  # scikit-learn's time / ours, same stopping rule
+PRUNE_TARGET_S = 5.0  # graph + prune of regnet_y_128gf
+HELP_TARGET_S = 1.0
+
+
+def alternating(timers: list, rounds: int) -> list[list[float]]:
+    """Each timer's results over `rounds` rounds that take turns."""
+    results: list[list[float]] = [[] for _ in timers]
+    for _ in range(rounds):
+        for k, timer in enumerate(timers):
+            results[k].append(timer())
+    return results
+
+
+def kmeans_section(n: int, rounds: int) -> tuple[list[str], list[str]]:
+    from sklearn.cluster import KMeans
+
+    values = (np.random.default_rng(0).standard_normal(n) * 0.05).astype(np.float32)
+    lines = [
+        "### 1-D k-means against scikit-learn",
+        "",
+        f"{n:,} float32 values (normal). scikit-learn's KMeans with n_init=1, tol=1e-4, "
+        "max_iter=300 from the same linear start; penjing's `kmeans_1d` with the same "
+        "stopping rule (and, apart, with its default tol=1e-7, up to 3,000 iterations). "
+        f"Median seconds of {rounds} round(s) that alternate the two; inertia = sum of squared "
+        f"distances to the centroid; {torch.get_num_threads()} threads each.",
+        "",
+        "| k | method | seconds | iterations | inertia | scikit-learn / ours |",
+        "|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    column = values.reshape(-1, 1)
+    for k in KMEANS_TARGETS:
+        init = np.linspace(values.min(), values.max(), k).reshape(-1, 1)
+        found: dict[str, object] = {}
+
+        def sk(k=k, init=init, found=found):
+            t = time.perf_counter()
+            found["sk"] = KMeans(k, init=init, n_init=1, tol=1e-4, max_iter=300).fit(column)
+            return time.perf_counter() - t
+
+        def ours(k=k, found=found, **kwargs):
+            t = time.perf_counter()
+            found[str(kwargs)] = kmeans_1d(values, k, init="linear", **kwargs)
+            return time.perf_counter() - t
+
+        same = {"tol": 1e-4, "max_iter": 300}
+        sk_times, ours_times, default_times = alternating(
+            [sk, lambda same=same: ours(**same), ours], rounds)
+        sk_s = statistics.median(sk_times)
+        km = found["sk"]
+        lines.append(f"| {k} | scikit-learn | {sk_s:.3f} | {km.n_iter_} | {km.inertia_:.4g} "
+                     "| 1.0 |")
+        for label, times, key in (("penjing, same tol", ours_times, str(same)),
+                                  ("penjing, default", default_times, "{}")):
+            r = found[key]
+            residual = values.astype(np.float64) - r.centroids[r.labels]
+            ratio = sk_s / statistics.median(times)
+            lines.append(f"| {k} | {label} | {statistics.median(times):.3f} | {r.iterations} "
+                         f"| {float(residual @ residual):.4g} | **{ratio:.0f}×** |")
+            if label == "penjing, same tol":
+                target = KMEANS_TARGETS[k]
+                verdicts.append(f"1-D k-means of {n:,} values, k = {k}: {ratio:.0f}× "
+                                f"scikit-learn's speed, target ≥ {target}×: "
+                                f"{'met' if ratio >= target else '**missed**'}")
+    return lines, verdicts
+
+
+def help_section(repeats: int) -> tuple[list[str], list[str]]:
+    penjing = Path(sys.executable).with_name("penjing")
+    lines = ["### The command line's help", "",
+             f"Wall time of a fresh process, median of {repeats}.", "",
+             "| command | seconds |", "|---|---|"]
+    verdicts = []
+    for args in (["-h"], ["--version"], ["prune", "-h"]):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run([str(penjing), *args], capture_output=True, check=True)
+            times.append(time.perf_counter() - t)
+        seconds = statistics.median(times)
+        lines.append(f"| `penjing {' '.join(args)}` | {seconds:.2f} |")
+        if args == ["-h"]:
+            verdicts.append(f"`penjing -h` in {seconds:.2f} s, target < {HELP_TARGET_S:g} s: "
+                            f"{'met' if seconds < HELP_TARGET_S else '**missed**'}")
+    return lines, verdicts
+
+
+def gmlp_like(width: int = 128, tokens: int = 196, depth: int = 30) -> torch.nn.Module:
+    """A gMLP-shaped network (timm's gmlp_ti16_224: 30 blocks, width 128, 196 tokens):
+    channel projections around a spatial gating unit that splits the channels in two and
+    mixes tokens with a Linear across them."""
+    from torch import nn
+
+    class Gate(nn.Module):
+        def __init__(self, dim: int):
+            super().__init__()
+            self.norm = nn.LayerNorm(dim // 2)
+            self.proj = nn.Linear(tokens, tokens)
+
+        def forward(self, x):
+            u, v = x.chunk(2, dim=-1)
+            v = self.proj(self.norm(v).transpose(-1, -2)).transpose(-1, -2)
+            return u * v
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(width)
+            self.fc1 = nn.Linear(width, 6 * width)
+            self.gate = Gate(6 * width)
+            self.fc2 = nn.Linear(3 * width, width)
+
+        def forward(self, x):
+            return x + self.fc2(self.gate(torch.nn.functional.gelu(self.fc1(self.norm(x)))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, width, 16, stride=16)
+            self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
+            self.norm = nn.LayerNorm(width)
+            self.head = nn.Linear(width, 1000)
+
+        def forward(self, x):
+            x = self.stem(x).flatten(2).transpose(1, 2)
+            return self.head(self.norm(self.blocks(x)).mean(1))
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def prune_seconds(model: torch.nn.Module, x: torch.Tensor, head: list[str], rounds: int) -> float:
+    from penjing.prune import channels_
+
+    times = []
+    for _ in range(rounds):
+        work = copy.deepcopy(model)
+        t = time.perf_counter()
+        channels_(work, x, ratio=0.5, ignored_layers=head)
+        times.append(time.perf_counter() - t)
+        del work
+    return statistics.median(times)
+
+
+def prune_section(rounds: int, quick: bool) -> tuple[list[str], list[str]]:
+    lines = ["### Graph + prune", "",
+             "Wall time of `penjing.prune.channels_(model, x, ratio=0.5, ignored_layers=head)` "
+             "(tracing, grouping, L1 scores, cutting 50 % of every group in place, checking "
+             f"the pruned model), batch 1 at 224×224, random weights; median of {rounds}, the "
+             "model copy not counted.", "",
+             "| model | M params | seconds |", "|---|---|---|"]
+    verdicts = []
+    x = torch.randn(1, 3, 224, 224)
+    cases = [("gMLP-shaped, 30 blocks (no torchvision needed)", gmlp_like, ["head"])]
+    try:
+        import torchvision
+    except ImportError:
+        torchvision = None
+        lines.append("| torchvision models | – | not measured: torchvision is not installed "
+                     "here (`.venv-zoo` has it) |")
+    if torchvision is not None:
+        names = ["resnet50"] if quick else ["resnet50", "regnet_y_128gf"]
+        for name in names:
+            head = ["fc"]
+            cases.append((f"torchvision {name}",
+                          lambda name=name: torchvision.models.get_model(name).eval(), head))
+    for label, build, head in cases:
+        model = build()
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        seconds = prune_seconds(model, x, head, rounds)
+        lines.append(f"| {label} | {params:.1f} | {seconds:.2f} |")
+        print(lines[-1], flush=True)
+        if "regnet_y_128gf" in label:
+            verdicts.append(f"graph + prune of regnet_y_128gf in {seconds:.1f} s, target ≤ "
+                            f"{PRUNE_TARGET_S:g} s: "
+                            f"{'met' if seconds <= PRUNE_TARGET_S else '**missed**'}")
+        del model
+    return lines, verdicts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, no BENCHMARKS.md")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="parts: prune coders kmeans help (a partial run prints only)")
+    args = parser.parse_args()
+    parts = args.only or ["prune", "coders", "kmeans", "help"]
+    os.chdir(ROOT)
+    lines = ["## How long the tools take", ""]
+    verdicts: list[str] = []
+    if "prune" in parts:
+        body, found = prune_section(1 if args.quick else 3, args.quick)
+        lines += body + [""]
+        verdicts += found
+    if "coders" in parts:
+        body = coder_section(args.quick)
+        lines += body + [""]
+    if "kmeans" in parts:
+        body, found = kmeans_section(1_000_000 if args.quick else 10_000_000,
+                                     1 if args.quick else 3)
+        lines += body + [""]
+        verdicts += found
+    if "help" in parts:
+        body, found = help_section(3 if args.quick else 5)
+        lines += body + [""]
+        verdicts += found
+    lines += ["### Targets", ""] + [f"- {v}." for v in verdicts]
+    text = "\n".join(lines)
+    print(text)
+    write_section("speed", text, quick=args.quick or args.only is not None)
+
+
+if __name__ == "__main__":
+    main()
