@@ -107,15 +107,72 @@ class UnionFind:
         self._link(PIN, x)
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Unite a[i] with b[i] for every i (arrays broadcast against each other)."""
+        """Unite a[i] with b[i] for every i (arrays broadcast against each other).
+
+        The pairs are taken in a fixed order (by a[i], then b[i]), and only the pairs that
+        join two sets change anything: the others find their elements together already.
+        Which pairs join is a matter of the order alone (the minimum spanning forest of the
+        pairs weighted by their place in it), so it is found for all pairs at once, and only
+        those go through `union`, in order: the sets and the reasons recorded are the same
+        as if every pair had, at the cost of a Python call per joined set, not per pair.
+        """
         a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
         a, b = a.ravel(), b.ravel()
         differ = a != b
         # one int64 key per pair: np.unique on a flat array, not on rows
         keys = np.unique(a[differ] * len(self.parent) + b[differ])
-        for x, y in zip((keys // len(self.parent)).tolist(), (keys % len(self.parent)).tolist(),
-                        strict=True):
-            self.union(x, y)
+        x, y = keys // len(self.parent), keys % len(self.parent)
+        pinning = (x == PIN) | (y == PIN)
+        joins = np.zeros(len(keys), dtype=bool)
+        # the shadow forest takes the pairs without PIN; a pair the shadow forest finds
+        # together, the main forest (which has every union the shadow has) does too
+        joins[~pinning] = self._joining(self.shadow, x[~pinning], y[~pinning])
+        if pinning.any():  # a pair with PIN pins its other element unless that already is
+            joins |= pinning & self._joining(self.parent, x, y)
+        for p, q in zip(x[joins].tolist(), y[joins].tolist(), strict=True):
+            self.union(p, q)
+
+    def _joining(self, parent: list[int], x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Which pairs (x[i], y[i]), united in order in `parent`'s forest, join two sets.
+
+        Those are the minimum spanning forest of the pairs with pair i weighing i, which
+        Borůvka's rounds find with array operations: every set takes its lightest pair to
+        another set, and the sets so joined merge, until no pair joins two sets."""
+        count = len(x)
+        chosen = np.zeros(count, dtype=bool)
+        if count == 0:
+            return chosen
+        ends, inverse = np.unique(np.concatenate([x, y]), return_inverse=True)
+        roots = np.array([self._find(parent, e) for e in ends.tolist()], dtype=np.int64)
+        sets = np.unique(roots, return_inverse=True)[1]  # each end's set, numbered from 0
+        u, v = sets[inverse[:count]], sets[inverse[count:]]
+        pair = np.arange(count)
+        merged = np.arange(sets.max() + 1)  # each set's merged set, by its lowest number
+        while True:
+            u, v = merged[u], merged[v]
+            live = u != v
+            if not live.any():
+                return chosen
+            u, v, pair = u[live], v[live], pair[live]
+            lightest = np.full(len(merged), count)
+            np.minimum.at(lightest, u, pair)
+            np.minimum.at(lightest, v, pair)
+            joined = np.nonzero(lightest < count)[0]
+            where = np.searchsorted(pair, lightest[joined])  # pair stays sorted
+            chosen[pair[where]] = True
+            # each joined set points to the set across its lightest pair; two sets that
+            # chose the same pair point to each other, and the lower one stays a root
+            ids = np.arange(len(merged))
+            to = merged.copy()
+            to[joined] = np.where(u[where] == joined, v[where], u[where])
+            mutual = (to[to] == ids) & (ids < to)
+            to[mutual] = ids[mutual]
+            while True:
+                up = to[to]
+                if np.array_equal(up, to):
+                    break
+                to = up
+            merged = to
 
     def pin(self, labels: np.ndarray | torch.Tensor, why: str | None = None) -> None:
         """Keep every element in `labels`; `why` (default: the op being labelled) is
