@@ -30,10 +30,10 @@ def _per_index(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _gather(per_index: torch.Tensor, part: Slice) -> torch.Tensor:
     """Σ per_index over each channel's indices, for all channels at once."""
-    sizes = [len(idx) for idx in part.indices]
-    flat = torch.from_numpy(np.concatenate(part.indices).astype(np.int64))
-    channel = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes))
-    total = torch.zeros(len(sizes), dtype=per_index.dtype)
+    channels, each = part.indices.shape
+    flat = torch.from_numpy(part.indices.reshape(-1).astype(np.int64))
+    channel = torch.from_numpy(np.repeat(np.arange(channels), each))
+    total = torch.zeros(channels, dtype=per_index.dtype)
     return total.index_add_(0, channel, per_index[flat])
 
 
