@@ -22,7 +22,7 @@ from penjing.core import history
 from penjing.core.counting import count_macs
 from penjing.core.modes import eval_mode
 from penjing.errors import PenjingWarning, UnsupportedLayerError
-from penjing.prune.structural.criteria import Criterion, resolve
+from penjing.prune.structural.criteria import Criterion, resolve, shared_sums
 from penjing.prune.structural.explain import pinned
 from penjing.prune.structural.graph import DependencyGraph, dependency_graph
 from penjing.prune.structural.groups import Group
@@ -161,6 +161,12 @@ def score_groups(
     if callable(prepare):
         prepare(model)
     roles = CHANNEL_STRUCTURES[structure]
+    with shared_sums():
+        return _scored(model, graph, score, ignored, roles, structure)
+
+
+def _scored(model: nn.Module, graph: DependencyGraph, score: Criterion, ignored: list[str],
+            roles: tuple[str, ...] | None, structure: str) -> list[tuple[Group, torch.Tensor]]:
     scored = []
     for group in graph.groups():
         owners = [s.fqn for s in group.slices if s.role in ("out", "dw", "norm")]
