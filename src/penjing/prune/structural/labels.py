@@ -125,9 +125,11 @@ class UnionFind:
         # the shadow forest takes the pairs without PIN; a pair the shadow forest finds
         # together, the main forest (which has every union the shadow has) does too
         roots, u, v = self._numbered(self.shadow, x[~pinning], y[~pinning])
-        if not pinning.any() and not any(r in self.why for r in roots.tolist()):
-            self._merge(self.shadow, roots, u, v)  # a set with no reasons is not pinned
-            self._merge(self.parent, *self._numbered(self.parent, x, y))
+        if not pinning.any() and self.why.keys().isdisjoint(roots.tolist()):
+            # A set with no reasons is not pinned, and the main forest differs from the
+            # shadow only in what is pinned: the same sets, the same roots, in both.
+            self._merge(self.shadow, roots, u, v)
+            self._merge(self.parent, roots, u, v)
             return
         joins = np.zeros(len(keys), dtype=bool)
         joins[~pinning] = self._spanning(u, v, len(roots))[0]
