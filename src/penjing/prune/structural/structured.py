@@ -268,8 +268,13 @@ def _run_once(model: nn.Module, inputs: tuple) -> None:
     A copy of the model on the meta device is run first: it checks every shape without
     the arithmetic (a forward pass of a large model takes seconds on a CPU), and leaves the
     model itself untouched. A model that does not run there (an op without a meta kernel,
-    a tensor made on the CPU in forward, Python that reads tensor values) is run for real.
+    a tensor made on the CPU in forward, Python that reads tensor values) is run for real,
+    and so is one with forward hooks, which may belong to objects a copy should not copy.
     """
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        with torch.no_grad(), eval_mode(model):
+            model(*inputs)
+        return
     meta = {id(t): nn.Parameter(t.detach().to("meta"), t.requires_grad)
             if isinstance(t, nn.Parameter) else t.to("meta")
             for t in [*model.parameters(), *model.buffers()]}
