@@ -144,9 +144,27 @@ def read(text: object) -> list[dict]:
 _ATTR = "_penjing_history"
 
 
+_ATOMS = (int, float, str, bool, type(None))
+
+
+def _copied(value: Any) -> Any:
+    """A deep copy of a record: plain dicts, lists and tuples are copied item by item
+    (copy.deepcopy takes seconds on the hundreds of thousands of indices a large
+    model's channel changes keep), anything else by copy.deepcopy."""
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind is dict:
+        return {k: _copied(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        items = [v if type(v) in _ATOMS else _copied(v) for v in value]
+        return items if kind is list else tuple(items)
+    return copy.deepcopy(value)
+
+
 def steps(model: nn.Module) -> list[dict]:
     """A copy of the steps recorded on `model`, oldest first (empty for an untouched model)."""
-    return copy.deepcopy(model.__dict__.get(_ATTR, []))
+    return _copied(model.__dict__.get(_ATTR, []))
 
 
 def record(model: nn.Module, step: dict) -> None:
@@ -154,7 +172,7 @@ def record(model: nn.Module, step: dict) -> None:
     if not isinstance(step, dict) or step.get("op") not in registry.ops():
         op = step.get("op") if isinstance(step, dict) else step
         raise ValueError(f"unknown history op {op!r}; one of {registry.ops()}")
-    model.__dict__.setdefault(_ATTR, []).append(copy.deepcopy(step))
+    model.__dict__.setdefault(_ATTR, []).append(_copied(step))
 
 
 def carry(source: nn.Module, target: nn.Module) -> nn.Module:

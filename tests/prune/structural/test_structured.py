@@ -329,3 +329,27 @@ def test_bad_granularity_ratios_and_scores_are_errors():
         channels(model, x, criterion=lambda m, g: torch.zeros(2))
     with pytest.raises(ValueError, match=r"macs must be the fraction of MACs to keep"):
         pj.prune.ratio_for_macs(model, x, 0.0)
+
+
+class _ReadsAValue(nn.Module):
+    """Runs on the CPU but not on the meta device (item() reads a value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) * float(x.abs().sum().item() >= 0)
+
+
+def test_the_first_forward_check_falls_back_to_a_real_run_and_leaves_the_model_alone():
+    from penjing.prune.structural.structured import _run_once
+
+    x = torch.randn(1, 3, 4, 4)
+    model = _ReadsAValue().eval()
+    _run_once(model, (x,))  # no meta run: the real one passes
+    assert model.conv.weight.device.type == "cpu"
+    broken = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(5, 2, 1)).eval()
+    with pytest.raises(RuntimeError):
+        _run_once(broken, (x,))
+    assert all(p.device.type == "cpu" for p in broken.parameters())

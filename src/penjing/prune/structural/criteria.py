@@ -10,7 +10,9 @@ group it cannot score (e.g. no BatchNorm for "bn"); that group is kept.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -24,16 +26,30 @@ Criterion = Callable[[nn.Module, Group], "torch.Tensor | None"]
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 
 
-def _per_index(values: torch.Tensor, dim: int) -> torch.Tensor:
-    return values.detach().movedim(dim, 0).reshape(values.shape[dim], -1).sum(dim=1)
+def _per_index(values: torch.Tensor, dim: int,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum over every dim but `dim`, one per index along `dim`. Where the rows are no
+    view of `values`, they are copied into `scratch` if it fits (what reshape would copy,
+    in the same layout, so the same sums)."""
+    moved = values.detach().movedim(dim, 0)
+    try:
+        rows = moved.view(values.shape[dim], -1)
+    except RuntimeError:  # not a view: reshape copies
+        if (scratch is None or scratch.numel() < moved.numel() or scratch.dtype != moved.dtype
+                or scratch.device != moved.device):
+            rows = moved.reshape(values.shape[dim], -1)
+        else:
+            rows = scratch[: moved.numel()].view(moved.shape).copy_(moved)
+            rows = rows.view(values.shape[dim], -1)
+    return rows.sum(dim=1)
 
 
 def _gather(per_index: torch.Tensor, part: Slice) -> torch.Tensor:
     """Σ per_index over each channel's indices, for all channels at once."""
-    sizes = [len(idx) for idx in part.indices]
-    flat = torch.from_numpy(np.concatenate(part.indices).astype(np.int64))
-    channel = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes))
-    total = torch.zeros(len(sizes), dtype=per_index.dtype)
+    channels, each = part.indices.shape
+    flat = torch.from_numpy(part.indices.reshape(-1).astype(np.int64))
+    channel = torch.from_numpy(np.repeat(np.arange(channels), each))
+    total = torch.zeros(channels, dtype=per_index.dtype)
     return total.index_add_(0, channel, per_index[flat])
 
 
@@ -57,7 +73,7 @@ def _powers(model: nn.Module, group: Group, p: int) -> torch.Tensor:
     column as important.
     """
     parts = _weight_slices(model, group)
-    sums = [_gather(_per_index(_power(w.detach().float(), p), s.dim), s) for s, w in parts]
+    sums = [_gather(_index_powers(w, s.dim, p), s) for s, w in parts]
     depthwise = [i for i, (s, _) in enumerate(parts) if s.role == "dw"]
     pointwise = [i for i, (s, _) in enumerate(parts)
                  if s.role == "in" and _is_pointwise(model.get_submodule(s.fqn))]
@@ -72,7 +88,60 @@ def _powers(model: nn.Module, group: Group, p: int) -> torch.Tensor:
     return total
 
 
-def _power(w: torch.Tensor, p: int) -> torch.Tensor:
+# Σ|w|^p per index of weights, kept while `shared_sums` is open (score_groups opens it):
+# a weight's filters and its input channels are in two groups, and one |w|^p for both
+# halves the passes over the weights, which are most of the time scoring takes.
+_SHARED: ContextVar[dict | None] = ContextVar("penjing_shared_sums", default=None)
+
+
+@contextmanager
+def shared_sums() -> Iterator[None]:
+    """Within this block, the L1 and L2 criteria compute |w|^p of a weight once, with its
+    per-index sums along dims 0 and 1, for every group that reads the weight."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _index_powers(weight: torch.Tensor, dim: int, p: int) -> torch.Tensor:
+    """Σ|w|^p over every dim but `dim`, one sum per index along `dim`."""
+    shared = _SHARED.get()
+    key = (id(weight), weight._version, p)
+    if shared is not None and (key, dim) in shared:
+        return shared[(key, dim)]
+    w = weight.detach().float()
+    # |w|^p and the copy a reshape may need go into one reused buffer: a fresh tensor for
+    # each large weight costs about as much again in page faults as the arithmetic
+    scratch = _scratch(2 * w.numel(), w.device, shared)
+    powered = _power(w, p, scratch[: w.numel()])
+    found = _per_index(powered, dim, scratch[w.numel():])
+    if shared is not None:
+        shared[(key, dim)] = found
+        for other in {0, 1} - {dim}:
+            if other < powered.dim():
+                shared[(key, other)] = _per_index(powered, other, scratch[w.numel():])
+    return found
+
+
+def _scratch(size: int, device: torch.device, shared: dict | None) -> torch.Tensor:
+    """A float32 buffer of at least `size` elements, kept in `shared` for the next weight."""
+    found = shared.get("scratch") if shared is not None else None
+    if found is None or found.numel() < size or found.device != device:
+        found = torch.empty(size, device=device)
+        if shared is not None:
+            shared["scratch"] = found
+    return found
+
+
+def _power(w: torch.Tensor, p: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """|w|^p, written into the start of `scratch` where it fits (the same values, the
+    same strides as a new tensor would have)."""
+    if (scratch is not None and p in (1, 2) and w.is_contiguous() and w.dtype == scratch.dtype
+            and w.device == scratch.device and w.numel() <= scratch.numel()):
+        out = scratch[: w.numel()].view(w.shape)
+        return torch.abs(w, out=out) if p == 1 else torch.square(w, out=out)
     return w.abs() if p == 1 else w.square() if p == 2 else w.abs() ** p
 
 

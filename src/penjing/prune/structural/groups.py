@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ class Slice:
     name: str  # "weight", "bias", "running_mean", ... or "" for an attribute-only layer
     dim: int
     role: str  # "out" (makes the channel), "in" (reads it), "norm" or "dw" (per channel)
-    indices: tuple[np.ndarray, ...]  # one array per channel of the group
+    # row c: the indices channel c owns (every channel of a group owns as many of a slice)
+    indices: np.ndarray
 
     def tensor(self, model: nn.Module) -> torch.Tensor | None:
         if not self.name:
@@ -69,30 +70,52 @@ class Group:
 
 
 def build_groups(graph: DependencyGraph) -> list[Group]:
-    """Split the graph's coupled sets into groups of channels with the same footprint."""
-    owned: dict[int, dict[tuple, np.ndarray]] = {}
+    """Split the graph's coupled sets into groups of channels with the same footprint.
+
+    A set's footprint is the slots it has indices in, in slot order, with how many in
+    each. All sets' footprints are found at once, slot by slot: each footprint so far is a
+    number, and a slot gives the sets it holds a new number for each (number, count) it
+    sees, so two sets end with one number exactly when their footprints are the same.
+    """
     slots = sorted(graph.slots.values(), key=lambda s: s.order)
-    for slot in slots:
+    size = len(graph.sets.parent)
+    footprint = np.zeros(size, dtype=np.int64)  # 0: in no slot yet
+    steps = [(0, -1, 0)]  # footprint number → (the one before, slot, count there)
+    start = np.full(size, len(slots))  # the first slot a set is in
+    made = np.zeros(size, dtype=bool)  # a layer makes the set's channels (out or dw)
+    found = []  # per slot: its positions by set, and where each set's positions begin
+    for i, slot in enumerate(slots):
         roots = graph.sets.roots(slot.labels)
         order = np.argsort(roots, kind="stable")
-        uniq, starts = np.unique(roots[order], return_index=True)
-        for root, idx in zip(uniq, np.split(order, starts[1:]), strict=True):
-            if root != PIN:
-                owned.setdefault(int(root), {})[(slot.fqn, slot.name, slot.dim)] = idx
-    by_footprint: dict[Any, list[int]] = {}
-    for root, parts in owned.items():
-        if not any(graph.slots[key].role in ("out", "dw") for key in parts):
-            continue  # no layer makes these channels (a parameter read alone): nothing to cut
-        footprint = tuple((key, len(idx)) for key, idx in parts.items())
-        by_footprint.setdefault(footprint, []).append(root)
+        sets, begins, counts = np.unique(roots[order], return_index=True, return_counts=True)
+        free = sets != PIN
+        sets, begins, counts = sets[free], begins[free], counts[free]
+        found.append((order, sets, begins))
+        # one int64 key per (footprint so far, count): counts are below the slot's length
+        pairs, new = np.unique(footprint[sets] * (len(roots) + 1) + counts, return_inverse=True)
+        steps += [(int(k) // (len(roots) + 1), i, int(k) % (len(roots) + 1))
+                  for k in pairs.tolist()]
+        footprint[sets] = len(steps) - len(pairs) + new.reshape(-1)
+        start[sets] = np.minimum(start[sets], i)
+        if slot.role in ("out", "dw"):
+            made[sets] = True
+    # no layer makes a set only read (a parameter read alone): nothing to cut
+    channels = np.nonzero((footprint > 0) & made)[0]
+    # channels in the order the slots first meet them; a group's channels share that slot
+    channels = channels[np.argsort(start[channels], kind="stable")]
+    numbers, first = np.unique(footprint[channels], return_index=True)
     groups = []
-    for footprint, roots in by_footprint.items():
+    for number in numbers[np.argsort(first, kind="stable")].tolist():
+        members = channels[footprint[channels] == number]
+        path = []
+        while number:
+            number, i, count = steps[number]
+            path.append((i, count))
         slices = []
-        for key, _ in footprint:
-            slot = graph.slots[key]
+        for i, count in reversed(path):
+            slot, (order, sets, begins) = slots[i], found[i]
+            rows = begins[np.searchsorted(sets, members)]
             slices.append(Slice(slot.fqn, slot.name, slot.dim, slot.role,
-                                tuple(owned[r][key] for r in roots)))
-        groups.append(Group(tuple(roots), tuple(slices)))
-    first = {(s.fqn, s.name, s.dim): s.order for s in slots}
-    groups.sort(key=lambda g: min(first[(s.fqn, s.name, s.dim)] for s in g.slices))
+                                order[rows[:, None] + np.arange(count)]))
+        groups.append(Group(tuple(members.tolist()), tuple(slices)))
     return groups

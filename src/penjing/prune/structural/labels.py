@@ -107,15 +107,99 @@ class UnionFind:
         self._link(PIN, x)
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        """Unite a[i] with b[i] for every i (arrays broadcast against each other)."""
+        """Unite a[i] with b[i] for every i (arrays broadcast against each other).
+
+        The pairs are taken in a fixed order (by a[i], then b[i]). When no pinned set is
+        among them, only the sets change, and the merged sets are the same in any order:
+        they are merged at once. Otherwise the reasons pinned sets carry move with every
+        union, so the pairs go through `union` one by one, but only those that join two
+        sets: the others change nothing, and which they are follows from the order alone.
+        """
         a, b = np.broadcast_arrays(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
         a, b = a.ravel(), b.ravel()
         differ = a != b
         # one int64 key per pair: np.unique on a flat array, not on rows
         keys = np.unique(a[differ] * len(self.parent) + b[differ])
-        for x, y in zip((keys // len(self.parent)).tolist(), (keys % len(self.parent)).tolist(),
-                        strict=True):
-            self.union(x, y)
+        x, y = keys // len(self.parent), keys % len(self.parent)
+        pinning = (x == PIN) | (y == PIN)
+        # the shadow forest takes the pairs without PIN; a pair the shadow forest finds
+        # together, the main forest (which has every union the shadow has) does too
+        roots, u, v = self._numbered(self.shadow, x[~pinning], y[~pinning])
+        if not pinning.any() and self.why.keys().isdisjoint(roots.tolist()):
+            # A set with no reasons is not pinned, and the main forest differs from the
+            # shadow only in what is pinned: the same sets, the same roots, in both.
+            self._merge(self.shadow, roots, u, v)
+            self._merge(self.parent, roots, u, v)
+            return
+        joins = np.zeros(len(keys), dtype=bool)
+        joins[~pinning] = self._spanning(u, v, len(roots))[0]
+        if pinning.any():  # a pair with PIN pins its other element unless that already is
+            main, mu, mv = self._numbered(self.parent, x, y)
+            joins |= pinning & self._spanning(mu, mv, len(main))[0]
+        for p, q in zip(x[joins].tolist(), y[joins].tolist(), strict=True):
+            self.union(p, q)
+
+    def _numbered(self, parent: list[int], x: np.ndarray,
+                  y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The roots of the sets that the pairs (x[i], y[i]) meet in `parent`'s forest,
+        sorted, and each pair's two sets as positions in them."""
+        ends, inverse = np.unique(np.concatenate([x, y]), return_inverse=True)
+        found = np.array([self._find(parent, e) for e in ends.tolist()], dtype=np.int64)
+        roots, sets = np.unique(found, return_inverse=True)
+        sets = sets.reshape(-1)
+        return roots, sets[inverse[:len(x)]], sets[inverse[len(x):]]
+
+    def _merge(self, parent: list[int], roots: np.ndarray, u: np.ndarray,
+               v: np.ndarray) -> None:
+        """Unite the sets u[i] and v[i] (positions in `roots`) in `parent`'s forest at once,
+        each merged set rooted at its lowest root, as `_link` roots it."""
+        merged = self._spanning(u, v, len(roots))[1]
+        lowest = np.full(len(roots), np.iinfo(np.int64).max)
+        np.minimum.at(lowest, merged, roots)
+        new = lowest[merged]
+        moved = new != roots
+        for root, to in zip(roots[moved].tolist(), new[moved].tolist(), strict=True):
+            parent[root] = to
+        if moved.any():
+            self._all = None
+
+    @staticmethod
+    def _spanning(u: np.ndarray, v: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """For the pairs (u[i], v[i]) of sets numbered below `count`, united in order:
+        which pairs join two sets, and the number of the merged set each set ends in.
+
+        The joining pairs are the minimum spanning forest of the pairs with pair i
+        weighing i, which Borůvka's rounds find with array operations: every set takes its
+        lightest pair to another set, and the sets so joined merge, until no pair joins
+        two sets."""
+        chosen = np.zeros(len(u), dtype=bool)
+        ids = np.arange(count)
+        merged = ids.copy()  # each set's merged set, as the number of one of its sets
+        pair = np.arange(len(u))
+        while True:
+            u, v = merged[u], merged[v]
+            live = u != v
+            if not live.any():
+                return chosen, merged
+            u, v, pair = u[live], v[live], pair[live]
+            lightest = np.full(count, len(chosen))
+            np.minimum.at(lightest, u, pair)
+            np.minimum.at(lightest, v, pair)
+            joined = np.nonzero(lightest < len(chosen))[0]
+            where = np.searchsorted(pair, lightest[joined])  # pair stays sorted
+            chosen[pair[where]] = True
+            # each joined set points to the set across its lightest pair; two sets that
+            # chose the same pair point to each other, and the lower one stays a root
+            to = merged.copy()
+            to[joined] = np.where(u[where] == joined, v[where], u[where])
+            mutual = (to[to] == ids) & (ids < to)
+            to[mutual] = ids[mutual]
+            while True:
+                up = to[to]
+                if np.array_equal(up, to):
+                    break
+                to = up
+            merged = to
 
     def pin(self, labels: np.ndarray | torch.Tensor, why: str | None = None) -> None:
         """Keep every element in `labels`; `why` (default: the op being labelled) is

@@ -22,7 +22,7 @@ from penjing.core import history
 from penjing.core.counting import count_macs
 from penjing.core.modes import eval_mode
 from penjing.errors import PenjingWarning, UnsupportedLayerError
-from penjing.prune.structural.criteria import Criterion, resolve
+from penjing.prune.structural.criteria import Criterion, resolve, shared_sums
 from penjing.prune.structural.explain import pinned
 from penjing.prune.structural.graph import DependencyGraph, dependency_graph
 from penjing.prune.structural.groups import Group
@@ -161,6 +161,12 @@ def score_groups(
     if callable(prepare):
         prepare(model)
     roles = CHANNEL_STRUCTURES[structure]
+    with shared_sums():
+        return _scored(model, graph, score, ignored, roles, structure)
+
+
+def _scored(model: nn.Module, graph: DependencyGraph, score: Criterion, ignored: list[str],
+            roles: tuple[str, ...] | None, structure: str) -> list[tuple[Group, torch.Tensor]]:
     scored = []
     for group in graph.groups():
         owners = [s.fqn for s in group.slices if s.role in ("out", "dw", "norm")]
@@ -237,8 +243,7 @@ def _apply_checked_(model: nn.Module, changes: list[Change], example_inputs: Any
     apply_(model, changes)
     inputs = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
     try:
-        with torch.no_grad(), eval_mode(model):
-            model(*inputs)
+        _run_once(model, inputs)
     except Exception as err:
         for fqn, (parameters, buffers, attributes) in saved.items():
             module = touched[fqn]
@@ -255,6 +260,35 @@ def _apply_checked_(model: nn.Module, changes: list[Change], example_inputs: Any
             "probably reads a per-channel tensor that was not cut with its channels: keep that "
             "layer whole with ignored_layers=[...] (--skip), or give it a rule with "
             "penjing.prune.register_op") from err
+
+
+def _run_once(model: nn.Module, inputs: tuple) -> None:
+    """Run `model` once on `inputs` in eval mode under no_grad; raises what the run raises.
+
+    A copy of the model on the meta device is run first: it checks every shape without
+    the arithmetic (a forward pass of a large model takes seconds on a CPU), and leaves the
+    model itself untouched. A model that does not run there (an op without a meta kernel,
+    a tensor made on the CPU in forward, Python that reads tensor values) is run for real,
+    and so is one with forward hooks, which may belong to objects a copy should not copy.
+    """
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        with torch.no_grad(), eval_mode(model):
+            model(*inputs)
+        return
+    meta = {id(t): nn.Parameter(t.detach().to("meta"), t.requires_grad)
+            if isinstance(t, nn.Parameter) else t.to("meta")
+            for t in [*model.parameters(), *model.buffers()]}
+    recorded = model.__dict__.get(history._ATTR)
+    meta[id(recorded)] = recorded  # the copy runs once: it need not copy the history
+    try:
+        copied = copy.deepcopy(model, meta)
+        with torch.no_grad(), eval_mode(copied):
+            copied(*(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs))
+        return
+    except Exception:  # noqa: BLE001 - any failure on meta: the real run below decides
+        pass
+    with torch.no_grad(), eval_mode(model):
+        model(*inputs)
 
 
 def _warn_nothing_removed(graph: DependencyGraph, scored: int) -> None:

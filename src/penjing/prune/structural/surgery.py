@@ -52,7 +52,7 @@ def plan(graph: DependencyGraph, removed: Iterable[int]) -> list[Change]:
                     f"pruning would remove every channel of {slot.fqn}.{slot.name}; keep at "
                     "least one channel per group (lower the ratio)"
                 )
-            changes.append(Change(slot.fqn, slot.name, slot.dim, tuple(int(i) for i in kept)))
+            changes.append(Change(slot.fqn, slot.name, slot.dim, tuple(kept.tolist())))
     return changes
 
 
