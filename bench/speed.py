@@ -4,14 +4,16 @@ k-means against scikit-learn, and the command line's help.
 Writes the `speed` section of BENCHMARKS.md. Run on a quiet machine:
 `.venv/bin/python bench/speed.py` (`--quick`: small sizes, prints only). Ratios against
 scikit-learn are medians of rounds that alternate the two tools, so both see the same load.
-The graph + prune rows need torchvision (`make zoo` builds `.venv-zoo`, which has it; run
-this script there to measure them: `.venv-zoo/bin/python bench/speed.py`).
+The torchvision rows of graph + prune run in `.venv-zoo` (`make zoo` builds it: torchvision
+has no wheel for the project's CPU torch) when this interpreter has no torchvision.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import os
 import statistics
 import subprocess
@@ -171,39 +173,60 @@ def prune_seconds(model: torch.nn.Module, x: torch.Tensor, head: list[str], roun
     return statistics.median(times)
 
 
+def prune_rows(rounds: int, quick: bool) -> list[tuple[str, float, float]]:
+    """(model, M params, median seconds) of graph + prune; torchvision's models where it
+    is installed."""
+    x = torch.randn(1, 3, 224, 224)
+    cases = [("gMLP-shaped, 30 blocks", gmlp_like, ["head"])]
+    with contextlib.suppress(ImportError):
+        import torchvision
+
+        for name in ["resnet50"] if quick else ["resnet50", "regnet_y_128gf"]:
+            cases.append((f"torchvision {name}",
+                          lambda name=name: torchvision.models.get_model(name).eval(), ["fc"]))
+    rows = []
+    for label, build, head in cases:
+        model = build()
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        rows.append((label, params, prune_seconds(model, x, head, rounds)))
+        print(f"{label}: {rows[-1][2]:.2f} s", file=sys.stderr, flush=True)
+        del model
+    return rows
+
+
 def prune_section(rounds: int, quick: bool) -> tuple[list[str], list[str]]:
+    """Graph + prune times; where this interpreter has no torchvision, `.venv-zoo` (made by
+    `make zoo`, which has it) measures them."""
+    where = f"torch {torch.__version__}"
+    try:
+        import torchvision  # noqa: F401
+        rows = prune_rows(rounds, quick)
+    except ImportError:
+        zoo = ROOT / ".venv-zoo" / "bin" / "python"
+        if not zoo.exists():
+            rows = prune_rows(rounds, quick)
+        else:
+            args = [str(zoo), str(Path(__file__)), "--prune-rows", str(rounds)]
+            done = subprocess.run(args + (["--quick"] if quick else []), check=True,
+                                  capture_output=True, text=True)
+            found = json.loads(done.stdout.strip().splitlines()[-1])
+            rows, where = [tuple(r) for r in found["rows"]], found["where"]
     lines = ["### Graph + prune", "",
              "Wall time of `penjing.prune.channels_(model, x, ratio=0.5, ignored_layers=head)` "
              "(tracing, grouping, L1 scores, cutting 50 % of every group in place, checking "
              f"the pruned model), batch 1 at 224×224, random weights; median of {rounds}, the "
-             "model copy not counted.", "",
+             f"model copy not counted; {where}.", "",
              "| model | M params | seconds |", "|---|---|---|"]
     verdicts = []
-    x = torch.randn(1, 3, 224, 224)
-    cases = [("gMLP-shaped, 30 blocks (no torchvision needed)", gmlp_like, ["head"])]
-    try:
-        import torchvision
-    except ImportError:
-        torchvision = None
-        lines.append("| torchvision models | – | not measured: torchvision is not installed "
-                     "here (`.venv-zoo` has it) |")
-    if torchvision is not None:
-        names = ["resnet50"] if quick else ["resnet50", "regnet_y_128gf"]
-        for name in names:
-            head = ["fc"]
-            cases.append((f"torchvision {name}",
-                          lambda name=name: torchvision.models.get_model(name).eval(), head))
-    for label, build, head in cases:
-        model = build()
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        seconds = prune_seconds(model, x, head, rounds)
+    for label, params, seconds in rows:
         lines.append(f"| {label} | {params:.1f} | {seconds:.2f} |")
-        print(lines[-1], flush=True)
         if "regnet_y_128gf" in label:
             verdicts.append(f"graph + prune of regnet_y_128gf in {seconds:.1f} s, target ≤ "
                             f"{PRUNE_TARGET_S:g} s: "
                             f"{'met' if seconds <= PRUNE_TARGET_S else '**missed**'}")
-        del model
+    if not any("torchvision" in r[0] for r in rows):
+        lines.append("| torchvision models | – | not measured: no torchvision here and no "
+                     "`.venv-zoo` (`make zoo` builds it) |")
     return lines, verdicts
 
 
@@ -212,7 +235,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, no BENCHMARKS.md")
     parser.add_argument("--only", nargs="*", default=None,
                         help="parts: prune coders kmeans help (a partial run prints only)")
+    parser.add_argument("--prune-rows", type=int, metavar="ROUNDS", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prune_rows:  # run by prune_section in .venv-zoo: one line of JSON
+        rows = prune_rows(args.prune_rows, args.quick)
+        print(json.dumps({"rows": rows, "where": f"torch {torch.__version__}, torchvision "
+                          f"{__import__('torchvision').__version__} in .venv-zoo"}))
+        return
     parts = args.only or ["prune", "coders", "kmeans", "help"]
     os.chdir(ROOT)
     lines = ["## How long the tools take", ""]
