@@ -319,28 +319,30 @@ def _decode_scalar(state, payload, n, precision, sym, slot_freq, slot_bias):
 def _decode_lockstep(state, payload, n, precision, sym, slot_freq, slot_bias):
     """Decode every lane at once, one symbol per lane per numpy step (long streams).
 
-    Each step keeps its slots and maps them to symbols once at the end; every array a
-    step writes is preallocated, so a step is a handful of numpy calls and no allocation
-    beyond the lanes that read a word. The table gathers use mode="clip" (a slot is below
-    2^precision, the tables' length): numpy buffers `out` under the default mode, which
-    cost a third of the time.
+    Every array a step writes is preallocated (the symbols go straight into their row of
+    the output), so a step is a handful of numpy calls and no allocation beyond the lanes
+    that read a word. The table gathers use mode="clip" (a slot is below 2^precision, the
+    tables' length): numpy buffers `out` under the default mode, which cost a third of
+    the time.
     """
     lanes = state.size
     steps = -(-n // lanes)
-    slots = np.empty((steps, lanes), dtype=np.uint32)
+    out = np.empty(steps * lanes, dtype=np.uint16)
+    rows = out.reshape(steps, lanes)
     mask = np.uint32((1 << precision) - 1)
     p, low, sixteen = np.uint32(precision), np.uint32(_LOW), np.uint32(16)
     pos = 0
     last = n - (steps - 1) * lanes
     x = state
+    slot = np.empty(lanes, dtype=np.uint32)
     tmp = np.empty(lanes, dtype=np.uint32)
     need = np.empty(lanes, dtype=bool)
-    take_freq, take_bias = slot_freq.take, slot_bias.take
+    take_sym, take_freq, take_bias = sym.take, slot_freq.take, slot_bias.take
     for t in range(steps):
         if t == steps - 1 and last < lanes:
-            x, tmp, need = state[:last], tmp[:last], need[:last]
-        slot = slots[t, : x.size]
+            x, slot, tmp, need = state[:last], slot[:last], tmp[:last], need[:last]
         np.bitwise_and(x, mask, out=slot)
+        take_sym(slot, out=rows[t, : x.size], mode="clip")
         x >>= p
         take_freq(slot, out=tmp, mode="clip")
         x *= tmp
@@ -354,7 +356,7 @@ def _decode_lockstep(state, payload, n, precision, sym, slot_freq, slot_bias):
                 raise ValueError("rANS payload ends before its symbols do: corrupt stream")
             x[reads] = (x[reads] << sixteen) | payload[pos:end]
             pos = end
-    return sym.take(slots.reshape(-1)[:n], mode="clip"), pos, state
+    return out[:n], pos, state
 
 
 def coded_bits(symbols: np.ndarray) -> int:
