@@ -1,5 +1,6 @@
-"""How long penjing's own tools take: graph + prune of large models, rANS decoding, 1-D
-k-means against scikit-learn, and the command line's help.
+"""How long penjing's own tools take (graph + prune of large models, rANS decoding, 1-D
+k-means against scikit-learn, the command line's help), and how fast a model with half its
+channels removed runs against its MACs.
 
 Writes the `speed` section of BENCHMARKS.md. Run on a quiet machine:
 `.venv/bin/python bench/speed.py` (`--quick`: small sizes, prints only). Ratios against
@@ -18,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -230,11 +232,133 @@ def prune_section(rounds: int, quick: bool) -> tuple[list[str], list[str]]:
     return lines, verdicts
 
 
+PRUNED_MODELS = ("vgg", "resnet20", "mobilenetv2")
+PRUNED_SLACK = 0.05  # target: latency ratio <= MACs ratio + this
+
+
+def _forms(dense: torch.nn.Module, small: torch.nn.Module) -> dict[str, tuple]:
+    """The two models as they are, with BatchNorm folded, and folded in channels-last."""
+    from penjing.quant.linear.fold import fold_bn_
+
+    forms = {"eager": (dense, small)}
+    folded = tuple(copy.deepcopy(m) for m in (dense, small))
+    for m in folded:
+        fold_bn_(m)
+    forms["eager, BN folded"] = folded
+    forms["eager, BN folded, channels-last"] = tuple(
+        copy.deepcopy(m).to(memory_format=torch.channels_last) for m in folded)
+    return forms
+
+
+def conv_ratios(dense: torch.nn.Module, small: torch.nn.Module, x: torch.Tensor,
+                repeats: int) -> list[tuple[str, int, float, float]]:
+    """Per kind of convolution (weight shapes, input side, stride): how many, the MACs
+    ratio and the latency ratio of the pruned one alone, on the inputs it gets in the
+    model (BatchNorm folded)."""
+    from penjing.core.counting import latency
+
+    def inputs(model):
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, i[0])))
+                 for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    kinds: dict[str, list] = {}
+    for (a, xa), (b, xb) in zip(inputs(dense), inputs(small), strict=True):
+        key = (f"{tuple(a.weight.shape)} → {tuple(b.weight.shape)}, {xa.shape[-1]}×"
+               f"{xa.shape[-2]}, stride {a.stride[0]}")
+        macs = b.weight.numel() / a.weight.numel()
+        t = [latency(m, xi, warmup=2, repeats=repeats) for m, xi in ((a, xa), (b, xb))]
+        entry = kinds.setdefault(key, [0, macs, 0.0, 0.0])
+        entry[0] += 1
+        entry[2] += t[0]
+        entry[3] += t[1]
+    return [(k, n, macs, small_s / dense_s) for k, (n, macs, dense_s, small_s) in kinds.items()]
+
+
+def pruned_section(batches: tuple[int, ...], rounds: int, repeats: int
+                   ) -> tuple[list[str], list[str]]:
+    from penjing import models, prune
+    from penjing.core.counting import count_macs, latency
+    from penjing.export import onnx, ort_latency
+
+    lines = [
+        "### Half the channels removed: latency against MACs",
+        "",
+        "Every prunable group of the MNIST-sized models loses 50 % of its channels (L1, per "
+        "layer). Latency ratio = pruned / dense, each the median of "
+        f"{rounds} rounds that alternate the two, {repeats} runs a round, 1 thread (torch "
+        "and ONNX Runtime, FP32); ONNX Runtime folds BatchNorm itself. Target: a ratio at "
+        f"most the MACs ratio + {PRUNED_SLACK}.",
+        "",
+        "| model | batch | MACs ratio | form | dense ms | pruned ms | latency ratio | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts, breakdown = [], []
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in PRUNED_MODELS:
+                torch.manual_seed(0)
+                dense = models.create(name).eval()
+                x1 = torch.randn(1, 1, 28, 28)
+                small = prune.channels(dense, x1, ratio=0.5).eval()
+                macs = count_macs(small, x1) / count_macs(dense, x1)
+                forms = _forms(dense, small)
+                for batch in batches:
+                    x = torch.randn(batch, 1, 28, 28)
+                    timed = {}
+                    for form, pair in forms.items():
+                        xx = (x.contiguous(memory_format=torch.channels_last)
+                              if "channels-last" in form else x)
+                        timed[form] = [statistics.median(r) for r in alternating(
+                            [lambda m=m, xx=xx: latency(m, xx, warmup=2, repeats=repeats)
+                             for m in pair], rounds)]
+                    paths = [onnx(m, Path(tmp) / f"{name}_{i}_{batch}.onnx", x)
+                             for i, m in enumerate((dense, small))]
+                    timed["ONNX Runtime"] = [statistics.median(r) for r in alternating(
+                        [lambda p=p, x=x: ort_latency(p, x, threads=1, repeats=repeats,
+                                                      warmup=3) for p in paths], rounds)]
+                    for form, (a, b) in timed.items():
+                        ok = b / a <= macs + PRUNED_SLACK
+                        lines.append(f"| {name} | {batch} | {macs:.3f} | {form} | {1e3 * a:.2f} "
+                                     f"| {1e3 * b:.2f} | **{b / a:.2f}** | "
+                                     f"{'met' if ok else 'missed'} |")
+                        print(lines[-1], flush=True)
+                    ratios = {f: b / a for f, (a, b) in timed.items()}
+                    eager = min((f for f in ratios if f.startswith("eager")), key=ratios.get)
+                    both = max(ratios[eager], ratios["ONNX Runtime"])
+                    verdicts.append(
+                        f"{name} at half its channels, batch {batch}: eager "
+                        f"{ratios[eager]:.2f} (best form: {eager}), ONNX Runtime "
+                        f"{ratios['ONNX Runtime']:.2f}, target ≤ MACs {macs:.3f} + "
+                        f"{PRUNED_SLACK} in both: "
+                        f"{'met' if both <= macs + PRUNED_SLACK else '**missed**'}")
+                if name == "resnet20":
+                    folded = forms["eager, BN folded"]
+                    breakdown = conv_ratios(*folded, torch.randn(32, 1, 28, 28), repeats)
+    finally:
+        torch.set_num_threads(before)
+    lines += ["", "Where ResNet-20's time goes (batch 32, BatchNorm folded): each kind of "
+              "convolution timed alone, pruned against dense, on the inputs it gets in the "
+              "model.", "",
+              "| convolution (dense → pruned weight, input, stride) | count | MACs ratio "
+              "| latency ratio |", "|---|---|---|---|"]
+    lines += [f"| {k} | {n} | {m:.2f} | {r:.2f} |" for k, n, m, r in breakdown]
+    return lines, verdicts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, no BENCHMARKS.md")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="parts: prune coders kmeans help (a partial run prints only)")
+                        help="parts: prune coders kmeans help pruned (a partial run prints "
+                             "only)")
     parser.add_argument("--prune-rows", type=int, metavar="ROUNDS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.prune_rows:  # run by prune_section in .venv-zoo: one line of JSON
@@ -242,9 +366,9 @@ def main() -> None:
         print(json.dumps({"rows": rows, "where": f"torch {torch.__version__}, torchvision "
                           f"{__import__('torchvision').__version__} in .venv-zoo"}))
         return
-    parts = args.only or ["prune", "coders", "kmeans", "help"]
+    parts = args.only or ["prune", "coders", "kmeans", "help", "pruned"]
     os.chdir(ROOT)
-    lines = ["## How long the tools take", ""]
+    lines = ["## Speed: the tools, and pruned models against their MACs", ""]
     verdicts: list[str] = []
     if "prune" in parts:
         body, found = prune_section(1 if args.quick else 3, args.quick)
@@ -262,10 +386,16 @@ def main() -> None:
         body, found = help_section(3 if args.quick else 5)
         lines += body + [""]
         verdicts += found
+    if "pruned" in parts:
+        body, found = pruned_section((1, 32), 3 if args.quick else 7, 5 if args.quick else 20)
+        lines += body + [""]
+        verdicts += found
     lines += ["### Targets", ""] + [f"- {v}." for v in verdicts]
     text = "\n".join(lines)
     print(text)
-    write_section("speed", text, quick=args.quick or args.only is not None)
+    write_section("speed", text, quick=args.quick or args.only is not None,
+                  reproduce="`make bench-speed` (it builds `.venv-zoo`, where the torchvision "
+                            "rows run)")
 
 
 if __name__ == "__main__":
