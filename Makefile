@@ -24,9 +24,11 @@ $(TEST_STAMP): $(PY) pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/penjing demo --model lenet300 --out-dir runs/demo
 
-# One pytest-xdist worker per core (each on one thread); the long end-to-end checks
-# (marked slow) start first. `make test TEST_ARGS="-n 0"` runs in one process.
-TEST_ARGS ?= -n auto --dist worksteal
+# One pytest-xdist worker per core, at most 4 (each holds its own torch and transformers,
+# ~0.6 GB), each on one thread; the long end-to-end checks (marked slow) start first.
+# `make test TEST_ARGS="-n 0"` runs in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+TEST_ARGS ?= -n $(TEST_WORKERS) --dist worksteal
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q $(TEST_ARGS)
 
