@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -160,3 +161,31 @@ def latencies(paths: dict, x, rounds: int, per_round: int, *, threads: int = 2,
                 s.run(None, feeds[k])
                 times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def alternating(timers: list, rounds: int) -> list[list[float]]:
+    """Each timer's results over `rounds` rounds that take turns, so that a slow spell on a
+    shared machine hits every timer alike."""
+    results: list[list[float]] = [[] for _ in timers]
+    for _ in range(rounds):
+        for k, timer in enumerate(timers):
+            results[k].append(timer())
+    return results
+
+
+def alternating_medians(timers: list, rounds: int) -> list[float]:
+    """Median of each timer's results over `rounds` rounds that take turns."""
+    return [statistics.median(r) for r in alternating(timers, rounds)]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to `n` inside the block, restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, write_section
+from common import ROOT, alternating, alternating_medians, torch_threads, write_section
 from sensitivity import coder_section
 
 from penjing.quant import kmeans_1d
@@ -33,15 +33,6 @@ from penjing.quant import kmeans_1d
 KMEANS_TARGETS = {32: 100, 256: 30}  # scikit-learn's time / ours, same stopping rule
 PRUNE_TARGET_S = 5.0  # graph + prune of regnet_y_128gf
 HELP_TARGET_S = 1.0
-
-
-def alternating(timers: list, rounds: int) -> list[list[float]]:
-    """Each timer's results over `rounds` rounds that take turns."""
-    results: list[list[float]] = [[] for _ in timers]
-    for _ in range(rounds):
-        for k, timer in enumerate(timers):
-            results[k].append(timer())
-    return results
 
 
 def kmeans_section(n: int, rounds: int) -> tuple[list[str], list[str]]:
@@ -299,51 +290,46 @@ def pruned_section(batches: tuple[int, ...], rounds: int, repeats: int
         "|---|---|---|---|---|---|---|---|",
     ]
     verdicts, breakdown = [], []
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in PRUNED_MODELS:
-                torch.manual_seed(0)
-                dense = models.create(name).eval()
-                x1 = torch.randn(1, 1, 28, 28)
-                small = prune.channels(dense, x1, ratio=0.5).eval()
-                macs = count_macs(small, x1) / count_macs(dense, x1)
-                forms = _forms(dense, small)
-                for batch in batches:
-                    x = torch.randn(batch, 1, 28, 28)
-                    timed = {}
-                    for form, pair in forms.items():
-                        xx = (x.contiguous(memory_format=torch.channels_last)
-                              if "channels-last" in form else x)
-                        timed[form] = [statistics.median(r) for r in alternating(
-                            [lambda m=m, xx=xx: latency(m, xx, warmup=2, repeats=repeats)
-                             for m in pair], rounds)]
-                    paths = [onnx(m, Path(tmp) / f"{name}_{i}_{batch}.onnx", x)
-                             for i, m in enumerate((dense, small))]
-                    timed["ONNX Runtime"] = [statistics.median(r) for r in alternating(
-                        [lambda p=p, x=x: ort_latency(p, x, threads=1, repeats=repeats,
-                                                      warmup=3) for p in paths], rounds)]
-                    for form, (a, b) in timed.items():
-                        ok = b / a <= macs + PRUNED_SLACK
-                        lines.append(f"| {name} | {batch} | {macs:.3f} | {form} | {1e3 * a:.2f} "
-                                     f"| {1e3 * b:.2f} | **{b / a:.2f}** | "
-                                     f"{'met' if ok else 'missed'} |")
-                        print(lines[-1], flush=True)
-                    ratios = {f: b / a for f, (a, b) in timed.items()}
-                    eager = min((f for f in ratios if f.startswith("eager")), key=ratios.get)
-                    both = max(ratios[eager], ratios["ONNX Runtime"])
-                    verdicts.append(
-                        f"{name} at half its channels, batch {batch}: eager "
-                        f"{ratios[eager]:.2f} (best form: {eager}), ONNX Runtime "
-                        f"{ratios['ONNX Runtime']:.2f}, target ≤ MACs {macs:.3f} + "
-                        f"{PRUNED_SLACK} in both: "
-                        f"{'met' if both <= macs + PRUNED_SLACK else '**missed**'}")
-                if name == "resnet20":
-                    folded = forms["eager, BN folded"]
-                    breakdown = conv_ratios(*folded, torch.randn(32, 1, 28, 28), repeats)
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(1), tempfile.TemporaryDirectory() as tmp:
+        for name in PRUNED_MODELS:
+            torch.manual_seed(0)
+            dense = models.create(name).eval()
+            x1 = torch.randn(1, 1, 28, 28)
+            small = prune.channels(dense, x1, ratio=0.5).eval()
+            macs = count_macs(small, x1) / count_macs(dense, x1)
+            forms = _forms(dense, small)
+            for batch in batches:
+                x = torch.randn(batch, 1, 28, 28)
+                timed = {}
+                for form, pair in forms.items():
+                    xx = (x.contiguous(memory_format=torch.channels_last)
+                          if "channels-last" in form else x)
+                    timed[form] = alternating_medians(
+                        [lambda m=m, xx=xx: latency(m, xx, warmup=2, repeats=repeats)
+                         for m in pair], rounds)
+                paths = [onnx(m, Path(tmp) / f"{name}_{i}_{batch}.onnx", x)
+                         for i, m in enumerate((dense, small))]
+                timed["ONNX Runtime"] = alternating_medians(
+                    [lambda p=p, x=x: ort_latency(p, x, threads=1, repeats=repeats,
+                                                  warmup=3) for p in paths], rounds)
+                for form, (a, b) in timed.items():
+                    ok = b / a <= macs + PRUNED_SLACK
+                    lines.append(f"| {name} | {batch} | {macs:.3f} | {form} | {1e3 * a:.2f} "
+                                 f"| {1e3 * b:.2f} | **{b / a:.2f}** | "
+                                 f"{'met' if ok else 'missed'} |")
+                    print(lines[-1], flush=True)
+                ratios = {f: b / a for f, (a, b) in timed.items()}
+                eager = min((f for f in ratios if f.startswith("eager")), key=ratios.get)
+                both = max(ratios[eager], ratios["ONNX Runtime"])
+                verdicts.append(
+                    f"{name} at half its channels, batch {batch}: eager "
+                    f"{ratios[eager]:.2f} (best form: {eager}), ONNX Runtime "
+                    f"{ratios['ONNX Runtime']:.2f}, target ≤ MACs {macs:.3f} + "
+                    f"{PRUNED_SLACK} in both: "
+                    f"{'met' if both <= macs + PRUNED_SLACK else '**missed**'}")
+            if name == "resnet20":
+                folded = forms["eager, BN folded"]
+                breakdown = conv_ratios(*folded, torch.randn(32, 1, 28, 28), repeats)
     lines += ["", "Where ResNet-20's time goes (batch 32, BatchNorm folded): each kind of "
               "convolution timed alone, pruned against dense, on the inputs it gets in the "
               "model.", "",

@@ -9,7 +9,6 @@ alternate the dense and the pruned model, so both see the same machine load.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import tempfile
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import write_section
+from common import alternating_medians, torch_threads, write_section
 from torch import nn
 
 from penjing import data, models, prune
@@ -30,25 +29,6 @@ VGG_TARGET = 0.45  # latency after / before for the VGG at half its channels
 # One thread for torch and ONNX Runtime alike: on a shared machine two OpenMP threads
 # that wait for each other turn a 25 ms forward into 300 ms; one thread stays steady.
 THREADS = 1
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def alternating(timers: list, rounds: int) -> list[float]:
-    """Median of each timer's results over `rounds` rounds that take turns."""
-    results: list[list[float]] = [[] for _ in timers]
-    for _ in range(rounds):
-        for k, timer in enumerate(timers):
-            results[k].append(timer())
-    return [statistics.median(r) for r in results]
 
 
 def speed_section(batch_sizes: tuple[int, ...], rounds: int, repeats: int) -> tuple[list, dict]:
@@ -78,10 +58,10 @@ def speed_section(batch_sizes: tuple[int, ...], rounds: int, repeats: int) -> tu
                 paths = [onnx(m, Path(tmp) / f"{name}_{i}.onnx", x) for i, m in
                          enumerate((dense, small))]
                 with torch_threads(THREADS):
-                    eager = alternating([lambda m=m, x=x: latency(m, x, warmup=2,
+                    eager = alternating_medians([lambda m=m, x=x: latency(m, x, warmup=2,
                                                                   repeats=repeats)
                                          for m in (dense, small)], rounds)
-                ort = alternating([lambda p=p, x=x: ort_latency(p, x, threads=THREADS,
+                ort = alternating_medians([lambda p=p, x=x: ort_latency(p, x, threads=THREADS,
                                                                 repeats=repeats, warmup=3)
                                    for p in paths], rounds)
                 ratios[name, batch] = (eager[1] / eager[0], ort[1] / ort[0])
@@ -252,7 +232,7 @@ def granularity_section(dense: nn.Module, loaders, reg_epochs: int, finetune: in
             prune.compact_(model)
         model.eval()
         with torch_threads(THREADS):
-            times = alternating([lambda m=m: latency(m, x, warmup=2, repeats=repeats)
+            times = alternating_medians([lambda m=m: latency(m, x, warmup=2, repeats=repeats)
                                  for m in (dense, model)], rounds)
         lines.append(
             f"| {label} | {acc:.2%} | {count_macs(model, x1):,} "
