@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -191,19 +192,15 @@ def prune_section(rounds: int, quick: bool) -> tuple[list[str], list[str]]:
     """Graph + prune times; where this interpreter has no torchvision, `.venv-zoo` (made by
     `make zoo`, which has it) measures them."""
     where = f"torch {torch.__version__}"
-    try:
-        import torchvision  # noqa: F401
+    zoo = ROOT / ".venv-zoo" / "bin" / "python"
+    if importlib.util.find_spec("torchvision") is not None or not zoo.exists():
         rows = prune_rows(rounds, quick)
-    except ImportError:
-        zoo = ROOT / ".venv-zoo" / "bin" / "python"
-        if not zoo.exists():
-            rows = prune_rows(rounds, quick)
-        else:
-            args = [str(zoo), str(Path(__file__)), "--prune-rows", str(rounds)]
-            done = subprocess.run(args + (["--quick"] if quick else []), check=True,
-                                  capture_output=True, text=True)
-            found = json.loads(done.stdout.strip().splitlines()[-1])
-            rows, where = [tuple(r) for r in found["rows"]], found["where"]
+    else:
+        args = [str(zoo), str(Path(__file__)), "--prune-rows", str(rounds)]
+        done = subprocess.run(args + (["--quick"] if quick else []), check=True,
+                              capture_output=True, text=True)
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+        rows, where = [tuple(r) for r in found["rows"]], found["where"]
     lines = ["### Graph + prune", "",
              "Wall time of `penjing.prune.channels_(model, x, ratio=0.5, ignored_layers=head)` "
              "(tracing, grouping, L1 scores, cutting 50 % of every group in place, checking "
